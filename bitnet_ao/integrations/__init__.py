@@ -1,0 +1,1 @@
+"""Integrations of bitnet_ao with training frameworks."""

@@ -1,0 +1,95 @@
+"""The torch implementation of the ``bitnet_ao`` ops: ``torch._int_mm`` plus fused elementwise work.
+
+On CPU an eager chain of elementwise ops is as slow as the matmul it feeds (a 4096x2048 row-wise
+quantization: ~70 ms eager, ~2.5 ms fused), so tensors of ``COMPILE_MIN_NUMEL`` elements or more run the
+reference bodies compiled by inductor (``dynamic=True``: one compile per dtype and op variant, not per
+shape). Smaller tensors run the same bodies eagerly, where compiling would cost more than it saves.
+
+This module is also the fallback for any device without a dedicated backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+#: Tensors with at least this many elements take the compiled path. ``BITNET_AO_COMPILE_MIN_NUMEL``
+#: overrides it (0: always compile; a huge number: never).
+COMPILE_MIN_NUMEL = int(os.environ.get("BITNET_AO_COMPILE_MIN_NUMEL", 1 << 16))
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _run(fn: Callable, numel: int, *args):
+    """Run ``fn`` compiled when the work is big enough to pay for it, else eagerly."""
+    if numel >= COMPILE_MIN_NUMEL:
+        return _compiled(fn)(*args)
+    return fn(*args)
+
+
+def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _run(reference.quantize_rowwise, x.numel(), x, eps)
+
+
+def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _run(reference.quantize_colwise_scaled, g.numel(), g, row_scale, eps)
+
+
+def weight_stats(w: Tensor) -> Tensor:
+    return _run(reference.weight_stats, w.numel(), w)
+
+
+def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
+    return _run(reference.ternarize, w.numel(), w, scale, transpose)
+
+
+def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
+    return _run(reference.binarize, w.numel(), w, center, transpose)
+
+
+def _int_mm_supported(a: Tensor, b: Tensor) -> bool:
+    if a.device.type == "cpu":
+        return True
+    # cuBLASLt int8 GEMM constraints (CUDA fallback until the Triton kernels take over).
+    m, k = a.shape
+    n = b.shape[1]
+    return m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def scaled_int8_mm(
+    a: Tensor,
+    b: Tensor,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    acc = torch._int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
+    return _run(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
+
+
+def scaled_int8_mm_packed(
+    a: Tensor,
+    b_packed: Tensor,
+    k: int,
+    transpose_b: bool,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    # Unpack once into the layout _int_mm is fastest with (B row-major), then run the plain matmul.
+    b = _run(reference.unpack_i2_in_i8, b_packed.numel(), b_packed, k)
+    b = b.t().contiguous() if transpose_b else b
+    return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)

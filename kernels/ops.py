@@ -1,0 +1,218 @@
+"""The ``bitnet_ao`` primitives as ``torch.library`` custom ops.
+
+Each op has one name, a fake implementation (so ``torch.compile`` and FSDP2 trace through it without graph
+breaks) and a real implementation that forwards to a *backend* module holding functions of the same names:
+``cpu`` (``torch._int_mm`` + compiled elementwise, the default everywhere) or a backend registered with
+:func:`register_backend` (the Triton kernels register themselves for CUDA). :func:`use_backend` forces one,
+which is how the Triton kernels are tested on CPU under ``TRITON_INTERPRET=1``.
+
+The math each op must reproduce is in ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import cpu
+
+_BACKENDS: dict[str, ModuleType] = {"torch": cpu}
+#: Backend used for a device type when none is forced; devices not listed use "torch".
+_DEVICE_DEFAULTS: dict[str, str] = {}
+_forced_backend: str | None = None
+
+
+def register_backend(name: str, module: ModuleType, default_for: tuple[str, ...] = ()) -> None:
+    """Make ``module`` available as backend ``name`` and the default for the given device types."""
+    _BACKENDS[name] = module
+    for device_type in default_for:
+        _DEVICE_DEFAULTS[device_type] = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every op on backend ``name`` inside the block, whatever the device."""
+    global _forced_backend
+    if name not in _BACKENDS:
+        raise ValueError(f"bitnet_ao.kernels: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def backend_for(t: Tensor) -> ModuleType:
+    return _BACKENDS[_forced_backend or _DEVICE_DEFAULTS.get(t.device.type, "torch")]
+
+
+def _check_2d(name: str, t: Tensor, what: str) -> None:
+    torch._check(t.dim() == 2, lambda: f"bitnet_ao.{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def _check_float(name: str, t: Tensor, what: str) -> None:
+    torch._check(
+        t.dtype.is_floating_point,
+        lambda: f"bitnet_ao.{name}: {what} must be a floating-point tensor, got {t.dtype}",
+    )
+
+
+# --- activations and output gradients: per-row int8 ---------------------------------------------------
+
+
+@torch.library.custom_op("bitnet_ao::quantize_rowwise", mutates_args=())
+def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row int8 quantization: ``(x_q int8 (M, K), s float32 (M,))``, see ``reference.quantize_rowwise``."""
+    _check_2d("quantize_rowwise", x, "x")
+    _check_float("quantize_rowwise", x, "x")
+    return backend_for(x).quantize_rowwise(x, eps)
+
+
+@quantize_rowwise.register_fake
+def _(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_2d("quantize_rowwise", x, "x")
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+# --- weight-gradient operand: grad_output * s_x, per-column int8 ----------------------------------------
+
+
+@torch.library.custom_op("bitnet_ao::quantize_colwise_scaled", mutates_args=())
+def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``g * row_scale[:, None]`` quantized per column: ``(g_q int8 (M, N), s float32 (N,))``."""
+    _check_2d("quantize_colwise_scaled", g, "g")
+    _check_float("quantize_colwise_scaled", g, "g")
+    return backend_for(g).quantize_colwise_scaled(g, row_scale, eps)
+
+
+@quantize_colwise_scaled.register_fake
+def _(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check_2d("quantize_colwise_scaled", g, "g")
+    return g.new_empty(g.shape, dtype=torch.int8), g.new_empty(g.shape[1], dtype=torch.float32)
+
+
+# --- weights: abs-mean statistics, ternary / binary values ------------------------------------------------
+
+
+@torch.library.custom_op("bitnet_ao::weight_stats", mutates_args=())
+def weight_stats(w: Tensor) -> Tensor:
+    """``(sum |w|, sum w)`` in float64, shape ``(2,)``: the all-reducible form of the weight scales."""
+    _check_float("weight_stats", w, "weight")
+    return backend_for(w).weight_stats(w)
+
+
+@weight_stats.register_fake
+def _(w: Tensor) -> Tensor:
+    return w.new_empty(2, dtype=torch.float64)
+
+
+@torch.library.custom_op("bitnet_ao::ternarize", mutates_args=())
+def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
+    """Ternary int8 weight ``clamp(round(w / max(scale, 1e-5)), -1, 1)``; ``transpose`` writes ``(K, N)``."""
+    _check_2d("ternarize", w, "weight")
+    _check_float("ternarize", w, "weight")
+    return backend_for(w).ternarize(w, scale, transpose)
+
+
+@ternarize.register_fake
+def _(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
+    shape = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
+    return w.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("bitnet_ao::binarize", mutates_args=())
+def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
+    """Binary int8 weight ``sign(w - center)`` (0 -> +1); ``transpose`` writes ``(K, N)``."""
+    _check_2d("binarize", w, "weight")
+    _check_float("binarize", w, "weight")
+    return backend_for(w).binarize(w, center, transpose)
+
+
+@binarize.register_fake
+def _(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
+    shape = (w.shape[1], w.shape[0]) if transpose else tuple(w.shape)
+    return w.new_empty(shape, dtype=torch.int8)
+
+
+# --- the matmul: int8 x int8 -> int32, scaled epilogue ------------------------------------------------------
+
+
+def _check_mm(a: Tensor, b: Tensor) -> None:
+    _check_2d("scaled_int8_mm", a, "a")
+    _check_2d("scaled_int8_mm", b, "b")
+    torch._check(
+        a.dtype == torch.int8 and b.dtype == torch.int8,
+        lambda: f"bitnet_ao.scaled_int8_mm: a and b must be int8, got {a.dtype} and {b.dtype}",
+    )
+    torch._check(
+        a.shape[1] == b.shape[0],
+        lambda: f"bitnet_ao.scaled_int8_mm: inner dimensions differ, a {tuple(a.shape)} @ b {tuple(b.shape)}",
+    )
+
+
+@torch.library.custom_op("bitnet_ao::scaled_int8_mm", mutates_args=())
+def scaled_int8_mm(
+    a: Tensor,
+    b: Tensor,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``(a @ b)`` exactly in int32, times ``row_scale[:, None] * col_scale[None, :] * scale``, cast to
+    ``out_dtype``, plus ``bias``. The layout (NT forward, NN grad_input, TN grad_weight) is read from the
+    strides of ``a`` and ``b``: pass transposed views, not copies."""
+    _check_mm(a, b)
+    return backend_for(a).scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)
+
+
+@scaled_int8_mm.register_fake
+def _(a, b, row_scale, col_scale, scale, bias, out_dtype):
+    _check_mm(a, b)
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("bitnet_ao::scaled_int8_mm_packed", mutates_args=())
+def scaled_int8_mm_packed(
+    a: Tensor,
+    b_packed: Tensor,
+    k: int,
+    transpose_b: bool,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """:func:`scaled_int8_mm` with ``B`` 2-bit packed as ``(N, ceil(k / 4))`` int8 (``reference.pack_i2_in_i8``).
+    ``transpose_b=True`` computes ``a (M, k) @ B.T``; ``False`` computes ``a (M, N) @ B``."""
+    _check_packed(a, b_packed, k, transpose_b)
+    return backend_for(a).scaled_int8_mm_packed(
+        a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype
+    )
+
+
+def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool) -> None:
+    _check_2d("scaled_int8_mm_packed", a, "a")
+    _check_2d("scaled_int8_mm_packed", b_packed, "b_packed")
+    torch._check(
+        b_packed.shape[1] == (k + 3) // 4,
+        lambda: f"bitnet_ao.scaled_int8_mm_packed: b_packed {tuple(b_packed.shape)} does not hold k={k} columns",
+    )
+    inner = k if transpose_b else b_packed.shape[0]
+    torch._check(
+        a.shape[1] == inner,
+        lambda: f"bitnet_ao.scaled_int8_mm_packed: a {tuple(a.shape)} needs {inner} columns",
+    )
+
+
+@scaled_int8_mm_packed.register_fake
+def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype):
+    _check_packed(a, b_packed, k, transpose_b)
+    n = b_packed.shape[0] if transpose_b else k
+    return a.new_empty((a.shape[0], n), dtype=out_dtype)

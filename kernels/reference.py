@@ -1,0 +1,175 @@
+"""The BitNet b1.58 numerics contract as plain torch code.
+
+Every implementation of a ``bitnet_ao`` op (the compiled CPU path, the Triton kernels) must produce the same
+int8 values and int32 accumulations as these functions, bit for bit, and allclose scales and outputs.
+
+The functions are written so they can also be handed to ``torch.compile``: the CPU backend compiles exactly
+these bodies, so the fast path and the contract cannot drift apart.
+
+Conventions (see docs/design.md):
+- ``round`` is round-half-to-even (``torch.round``), all quantization math runs in float32.
+- Scales are float32: one per row for activations and ``grad_output``, one per column for the folded
+  ``grad_output * s_x`` of the weight gradient, one scalar for the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Lower bound on the activation absmax before dividing by 127 (BitNet FAQ / spec §1).
+ACTIVATION_EPS = 1e-5
+#: Lower bound on the weight abs-mean before dividing by it (spec §1).
+WEIGHT_EPS = 1e-5
+#: Lower bound on a gradient absmax. Gradients are routinely far below 1e-5 (a mean loss over many tokens),
+#: so the activation bound would flush them to zero; this one only avoids 0/0 on all-zero rows.
+GRADIENT_EPS = 1e-30
+
+INT8_MAX = 127
+
+
+def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8 quantization of a 2-D float tensor.
+
+    ``s[m] = max(max_k |x[m, k]|, eps) / 127`` and ``x_q = clamp(round(x / s[m]), -128, 127)``.
+    Returns ``(x_q int8 (M, K), s float32 (M,))``.
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=1).clamp(min=eps) / INT8_MAX
+    x_q = (xf / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return x_q, scale
+
+
+def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Fold ``row_scale`` into ``g`` and quantize per column (the INT8 weight-gradient operand).
+
+    ``g' = g * row_scale[:, None]``, ``s[n] = max(max_m |g'[m, n]|, eps) / 127``,
+    ``g'_q = clamp(round(g' / s[n]), -128, 127)``. Returns ``(g'_q int8 (M, N), s float32 (N,))``.
+    With ``row_scale = s_x`` this makes ``g'_q.T @ x_q * s[:, None]`` approximate ``g.T @ (x_q * s_x)``
+    with a single quantization of the gradient.
+    """
+    gs = g.float() * row_scale[:, None]
+    if gs.shape[0] == 0:
+        absmax = gs.new_zeros(gs.shape[1])
+    else:
+        absmax = gs.abs().amax(dim=0)
+    scale = absmax.clamp(min=eps) / INT8_MAX
+    g_q = (gs / scale[None, :]).round().clamp(-128, 127).to(torch.int8)
+    return g_q, scale
+
+
+def weight_stats(w: Tensor) -> Tensor:
+    """``(sum |w|, sum w)`` accumulated in float64, shape ``(2,)``.
+
+    Sums (not means) so that shards can be all-reduced and divided by the global element count: the
+    sharded scale then equals the single-device scale (spec §3).
+    """
+    return torch.stack([w.abs().sum(dtype=torch.float64), w.sum(dtype=torch.float64)])
+
+
+def weight_scales_from_stats(stats: Tensor, numel: int) -> tuple[Tensor, Tensor]:
+    """``(s_w, alpha)`` as float32 scalars: the abs-mean scale and the mean (the binary-weight centre)."""
+    means = stats / numel
+    return means[0].float(), means[1].float()
+
+
+def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
+    """BitNet b1.58 weight: ``clamp(round(w / max(scale, 1e-5)), -1, 1)`` as int8.
+
+    ``transpose=True`` writes ``W_q.T`` contiguous, the ``(K, N)`` layout the forward matmul wants.
+    """
+    q = (w.float() / scale.clamp(min=WEIGHT_EPS)).round().clamp(-1, 1).to(torch.int8)
+    return q.t().contiguous() if transpose else q
+
+
+def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
+    """Original 1-bit BitNet weight: ``sign(w - center)`` with 0 mapped to +1, as int8 in {-1, +1}."""
+    q = torch.where(w.float() - center >= 0, 1, -1).to(torch.int8)
+    return q.t().contiguous() if transpose else q
+
+
+def int8_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact integer ``a @ b`` for int8 operands, returned as int32 (computed in int64, never overflows)."""
+    return torch.mm(a.long(), b.long()).to(torch.int32)
+
+
+def scale_output(
+    acc: Tensor,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Epilogue of every scaled int8 matmul: ``acc * row[:, None] * col[None, :] * scale`` in float32, cast to
+    ``out_dtype``, then ``+ bias`` in ``out_dtype`` (spec §1 forward)."""
+    out = acc.float()
+    if row_scale is not None:
+        out = out * row_scale[:, None]
+    if col_scale is not None:
+        out = out * col_scale[None, :]
+    if scale is not None:
+        out = out * scale
+    out = out.to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out
+
+
+def scaled_int8_mm(
+    a: Tensor,
+    b: Tensor,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``scale_output(int8_mm(a, b), ...)``: the reference for all three layouts (NT, NN, TN are just strides)."""
+    return scale_output(int8_mm(a, b), row_scale, col_scale, scale, bias, out_dtype)
+
+
+# --- 2-bit packing: four int2 values per int8 byte ------------------------------------------------------
+
+
+def pack_i2_in_i8(x: Tensor) -> Tensor:
+    """Pack int8 values in ``{-2, -1, 0, 1}`` four to a byte along the last dimension.
+
+    Value ``4 j + i`` of a row goes to bits ``2 i .. 2 i + 1`` of byte ``j`` as 2-bit two's complement
+    (``-1 -> 0b11``, ``0 -> 0b00``, ``1 -> 0b01``, ``-2 -> 0b10``). A last dimension that is not a multiple of
+    4 is zero-padded, so the result has ``ceil(K / 4)`` bytes per row.
+    """
+    k = x.shape[-1]
+    pad = (-k) % 4
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    v = x.reshape(*x.shape[:-1], -1, 4).to(torch.int32) & 0b11
+    packed = v[..., 0] | (v[..., 1] << 2) | (v[..., 2] << 4) | (v[..., 3] << 6)
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def unpack_i2_in_i8(packed: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_i2_in_i8`: int8 values in ``{-2, -1, 0, 1}``, last dimension trimmed to ``k``."""
+    # Shift the wanted two bits to the top of the byte, then an arithmetic right shift sign-extends them.
+    shifted = torch.stack([packed << (6 - 2 * i) for i in range(4)], dim=-1)
+    values = (shifted >> 6).reshape(*packed.shape[:-1], -1)
+    return values[..., :k]
+
+
+def scaled_int8_mm_packed(
+    a: Tensor,
+    b_packed: Tensor,
+    k: int,
+    transpose_b: bool,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """Scaled int8 matmul with a 2-bit packed ``(N, ceil(k / 4))`` weight ``B`` (the FSDP2 all-gather output).
+
+    ``transpose_b=True``: ``a (M, k) @ B.T`` (forward, NT). ``transpose_b=False``: ``a (M, N) @ B`` (grad_input, NN).
+    """
+    b = unpack_i2_in_i8(b_packed, k)
+    return scaled_int8_mm(a, b.t() if transpose_b else b, row_scale, col_scale, scale, bias, out_dtype)
