@@ -49,10 +49,7 @@ def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[T
     with a single quantization of the gradient.
     """
     gs = g.float() * row_scale[:, None]
-    if gs.shape[0] == 0:
-        absmax = gs.new_zeros(gs.shape[1])
-    else:
-        absmax = gs.abs().amax(dim=0)
+    absmax = gs.new_zeros(gs.shape[1]) if gs.shape[0] == 0 else gs.abs().amax(dim=0)
     scale = absmax.clamp(min=eps) / INT8_MAX
     g_q = (gs / scale[None, :]).round().clamp(-128, 127).to(torch.int8)
     return g_q, scale

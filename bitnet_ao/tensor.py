@@ -1,0 +1,127 @@
+"""``BitNetTrainingLinearWeight``: the high-precision master weight that makes ``F.linear`` a BitNet linear.
+
+The optimizer, ``state_dict``, ``.to()``, ``deepcopy`` and in-place updates see the master weight: every aten
+op is run on it, and in-place ops write into it. Only ``F.linear`` is different: it quantizes on the fly and
+runs the INT8 autograd function of ``linear.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from .config import BitNetTrainingConfig
+from .linear import bitnet_linear
+
+aten = torch.ops.aten
+
+# Ops whose result is the weight itself in another form (a copy, a view, another device or dtype): the result
+# stays a BitNet weight so that module.to(), deepcopy, detach and FSDP's views keep the recipe.
+_KEEP_SUBCLASS = {
+    aten.detach.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.empty_like.default,
+    aten.view.default,
+    aten.t.default,
+    aten.slice.Tensor,
+    aten.split.Tensor,
+    aten.as_strided.default,
+    aten._pin_memory.default,
+    aten.new_zeros.default,
+    aten.new_empty.default,
+    aten.new_empty_strided.default,
+}
+
+
+class BitNetTrainingLinearWeight(Tensor):
+    """A linear weight trained the BitNet way. Holds the master weight in ``_data`` and the recipe in ``config``.
+
+    Build it with ``quantize_(model, bitnet_training())`` rather than directly.
+    """
+
+    _data: Tensor
+    config: BitNetTrainingConfig
+
+    @staticmethod
+    def __new__(cls, data: Tensor, config: BitNetTrainingConfig) -> BitNetTrainingLinearWeight:
+        return Tensor._make_wrapper_subclass(
+            cls,
+            data.shape,
+            strides=data.stride(),
+            storage_offset=data.storage_offset(),
+            dtype=data.dtype,
+            device=data.device,
+            layout=data.layout,
+            requires_grad=data.requires_grad,
+        )
+
+    def __init__(self, data: Tensor, config: BitNetTrainingConfig) -> None:
+        self._data = data
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r}, config={self.config})"
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple[BitNetTrainingConfig]]:
+        return ["_data"], (self.config,)
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner: dict[str, Tensor], meta: tuple, outer_size, outer_stride):
+        return cls(inner["_data"], *meta)
+
+    def _stable_hash_for_caching(self) -> str:
+        # Key for torch.compile's AOT autograd cache: everything a compiled graph specializes on, no data.
+        meta = (tuple(self.shape), self._data.stride(), self.dtype, self.device.type, self.requires_grad, self.config)
+        return hashlib.blake2b(repr(meta).encode(), digest_size=16).hexdigest()
+
+    def __reduce_ex__(self, protocol: int):
+        # Pickle as (master weight, config): loadable with torch.load(weights_only=True) once bitnet_ao is
+        # imported (the class and config are registered as safe globals below).
+        return (_rebuild_bitnet_weight, (self._data, self.config, self.requires_grad))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return bitnet_linear(*args, **kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        config = _common_config(args, kwargs)
+        out = func(*pytree.tree_map_only(cls, _unwrap, args), **pytree.tree_map_only(cls, _unwrap, kwargs))
+        if func._schema.is_mutable and isinstance(args[0], cls):
+            # In-place update (optimizer step, copy_ from load_state_dict): the wrapper is the result.
+            return args[0]
+        if func in _KEEP_SUBCLASS:
+            return pytree.tree_map_only(Tensor, lambda t: cls(t, config), out)
+        return out
+
+
+def _unwrap(t: BitNetTrainingLinearWeight) -> Tensor:
+    return t._data
+
+
+def _common_config(args: Any, kwargs: Any) -> BitNetTrainingConfig:
+    configs = {t.config for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, BitNetTrainingLinearWeight)}
+    if len(configs) != 1:
+        raise ValueError(f"BitNetTrainingLinearWeight: an op mixes weights with different configs: {configs}")
+    return configs.pop()
+
+
+def _rebuild_bitnet_weight(
+    data: Tensor, config: BitNetTrainingConfig, requires_grad: bool
+) -> BitNetTrainingLinearWeight:
+    return BitNetTrainingLinearWeight(data, config).requires_grad_(requires_grad)
+
+
+torch.serialization.add_safe_globals([BitNetTrainingLinearWeight, BitNetTrainingConfig, _rebuild_bitnet_weight])
