@@ -8,7 +8,6 @@ runs the INT8 autograd function of ``linear.py``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,25 +96,19 @@ class BitNetTrainingLinearWeight(Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        config = _common_config(args, kwargs)
         out = func(*pytree.tree_map_only(cls, _unwrap, args), **pytree.tree_map_only(cls, _unwrap, kwargs))
         if func._schema.is_mutable and isinstance(args[0], cls):
-            # In-place update (optimizer step, copy_ from load_state_dict): the wrapper is the result.
+            # In-place update (optimizer step, copy_ from load_state_dict): the wrapper, with its own recipe,
+            # is the result; a checkpoint carries weights, not the recipe.
             return args[0]
         if func in _KEEP_SUBCLASS:
-            return pytree.tree_map_only(Tensor, lambda t: cls(t, config), out)
+            # All of these are unary in the weight: the result keeps its recipe.
+            return pytree.tree_map_only(Tensor, lambda t: cls(t, args[0].config), out)
         return out
 
 
 def _unwrap(t: BitNetTrainingLinearWeight) -> Tensor:
     return t._data
-
-
-def _common_config(args: Any, kwargs: Any) -> BitNetTrainingConfig:
-    configs = {t.config for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, BitNetTrainingLinearWeight)}
-    if len(configs) != 1:
-        raise ValueError(f"BitNetTrainingLinearWeight: an op mixes weights with different configs: {configs}")
-    return configs.pop()
 
 
 def _rebuild_bitnet_weight(

@@ -1,0 +1,56 @@
+"""Spec §1 written out again, independently of ``bitnet_ao``, in the style of the BitNet FAQ's fake-quant code.
+
+Tests compare the library against these functions, never against the library's own reference module.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def act_quant(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8: returns (integer values as float32, scale per row)."""
+    x = x.float()
+    s = x.abs().max(dim=-1).values.clamp(min=eps) / 127
+    return torch.clamp(torch.round(x / s.unsqueeze(-1)), -128, 127), s
+
+
+def ternary_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """BitNet b1.58: abs-mean scale (accumulated in float64, stored float32) and values in {-1, 0, 1}."""
+    s = w.double().abs().mean().float()
+    return torch.clamp(torch.round(w.float() / s.clamp(min=1e-5)), -1, 1), s
+
+
+def binary_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Original BitNet: sign(w - mean(w)) with 0 -> +1, scale mean(|w|)."""
+    alpha = w.double().mean().float()
+    q = torch.sign(w.float() - alpha)
+    q[q == 0] = 1
+    return q, w.double().abs().mean().float()
+
+
+class FakeQuantBitLinear(nn.Linear):
+    """The FAQ's BitLinear without its built-in RMSNorm (placement is the surgery's job): straight-through
+    fake quantization, ``y = x_fq @ W_fq.T + b`` computed in the activation dtype."""
+
+    def __init__(self, *args, weights: str = "ternary", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weights = weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, s = act_quant(x)
+        x_fq = (q * s.unsqueeze(-1)).to(x.dtype)
+        wq, sw = (ternary_weight if self.weights == "ternary" else binary_weight)(self.weight)
+        w_fq = (wq * sw).to(self.weight.dtype)
+        x_ste = x + (x_fq - x).detach()
+        w_ste = self.weight + (w_fq - self.weight).detach()
+        return F.linear(x_ste, w_ste, self.bias)
+
+
+def snr_db(approx: Tensor, exact: Tensor) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``exact`` in decibels."""
+    exact = exact.double()
+    noise = (approx.double() - exact).pow(2).sum()
+    return float(10 * torch.log10(exact.pow(2).sum() / noise))

@@ -1,0 +1,202 @@
+"""The ``bitnet_ao`` custom ops against spec §1 (tests/spec_reference.py), on the CPU backend.
+
+Every op runs twice: eagerly (small tensors) and through the inductor-compiled path that large tensors take
+(``COMPILE_MIN_NUMEL`` forced to 0), and both must give the spec's int8 values bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitnet_ao import kernels
+from bitnet_ao.kernels import cpu, reference
+from tests.spec_reference import act_quant, binary_weight, ternary_weight
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def cpu_path(request, monkeypatch):
+    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0 if request.param == "compiled" else 1 << 62)
+    return request.param
+
+
+def _rows_with_ties(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose absmax is 127 so that x / s hits exact .5 ties: rounding must go half-to-even."""
+    x = torch.randn(m, k) * 40
+    x[:, 0] = 127.0
+    x[:, 1:6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -3.5])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (13, 33), (64, 96)])
+def test_quantize_rowwise_matches_spec(cpu_path, dtype, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype) * 3
+    x_q, s = kernels.quantize_rowwise(x, reference.ACTIVATION_EPS)
+    q_ref, s_ref = act_quant(x)
+    assert x_q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(x_q, q_ref.to(torch.int8))
+    assert torch.equal(s, s_ref)
+
+
+def test_quantize_rowwise_rounds_half_to_even(cpu_path):
+    x = _rows_with_ties(3, 40, torch.float32)
+    x_q, _ = kernels.quantize_rowwise(x, reference.ACTIVATION_EPS)
+    assert x_q[0, 1:6].tolist() == [0, 2, 2, 0, -4]
+
+
+def test_quantize_rowwise_zero_and_strided_rows(cpu_path):
+    x = torch.randn(40, 24)[::2, ::3]  # non-contiguous view
+    x[1] = 0
+    x_q, s = kernels.quantize_rowwise(x, reference.ACTIVATION_EPS)
+    q_ref, s_ref = act_quant(x)
+    assert torch.equal(x_q, q_ref.to(torch.int8)) and torch.equal(s, s_ref)
+    assert torch.equal(x_q[1], torch.zeros_like(x_q[1]))
+
+
+def test_quantize_rowwise_empty():
+    x_q, s = kernels.quantize_rowwise(torch.empty(0, 16), reference.ACTIVATION_EPS)
+    assert x_q.shape == (0, 16) and s.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_colwise_scaled_matches_spec(cpu_path, dtype):
+    torch.manual_seed(1)
+    g = (torch.randn(37, 20) * 1e-3).to(dtype)
+    s_x = torch.rand(37) * 0.1
+    g_q, s = kernels.quantize_colwise_scaled(g, s_x, reference.GRADIENT_EPS)
+    # Quantizing the columns of g * s_x is quantizing the rows of its transpose.
+    q_ref, s_ref = act_quant((g.float() * s_x[:, None]).t(), eps=reference.GRADIENT_EPS)
+    assert torch.equal(g_q, q_ref.t().to(torch.int8))
+    assert torch.equal(s, s_ref)
+
+
+def test_quantize_colwise_scaled_empty_batch():
+    g_q, s = kernels.quantize_colwise_scaled(torch.empty(0, 5), torch.empty(0), reference.GRADIENT_EPS)
+    assert g_q.shape == (0, 5) and s.shape == (5,) and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_ternarize_matches_spec(cpu_path, dtype, transpose):
+    torch.manual_seed(2)
+    w = (torch.randn(48, 33) * 0.02).to(dtype)
+    stats = kernels.weight_stats(w)
+    s_w, _ = reference.weight_scales_from_stats(stats, w.numel())
+    q_ref, s_ref = ternary_weight(w)
+    assert s_w.dtype == torch.float32 and torch.equal(s_w, s_ref)
+    w_q = kernels.ternarize(w, s_w, transpose)
+    expected = q_ref.to(torch.int8)
+    assert torch.equal(w_q, expected.t() if transpose else expected)
+    assert not transpose or w_q.is_contiguous()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_binarize_matches_spec(cpu_path, transpose):
+    torch.manual_seed(3)
+    w = torch.randn(40, 24) * 0.02 + 0.01
+    w[0, 0] = w.double().mean().float()  # exactly the centre: must map to +1
+    s_w, alpha = reference.weight_scales_from_stats(kernels.weight_stats(w), w.numel())
+    q_ref, s_ref = binary_weight(w)
+    assert torch.equal(s_w, s_ref)
+    w_q = kernels.binarize(w, alpha, transpose)
+    expected = q_ref.to(torch.int8)
+    assert torch.equal(w_q, expected.t() if transpose else expected)
+    assert set(w_q.unique().tolist()) == {-1, 1}
+
+
+def test_weight_scale_all_zero_weight_gives_zeros():
+    w = torch.zeros(8, 8)
+    s_w, _ = reference.weight_scales_from_stats(kernels.weight_stats(w), w.numel())
+    assert torch.equal(kernels.ternarize(w, s_w, False), torch.zeros(8, 8, dtype=torch.int8))
+
+
+def _int8(*shape):
+    return torch.randint(-128, 128, shape, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("layout", ["NT", "NN", "TN"])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_scaled_int8_mm_layouts(cpu_path, layout, out_dtype):
+    torch.manual_seed(4)
+    m, k, n = 19, 45, 23
+    a = _int8(m, k) if layout != "TN" else _int8(k, m).t()
+    b = _int8(n, k).t() if layout == "NT" else _int8(k, n)
+    row, col, scale = torch.rand(m), torch.rand(n), torch.tensor(0.37)
+    bias = torch.randn(n).to(out_dtype)
+    out = kernels.scaled_int8_mm(a, b, row, col, scale, bias, out_dtype)
+    exact = a.double() @ b.double()  # small enough to be exact in float64
+    expected = (exact * row.double()[:, None] * col.double()[None, :] * 0.37).to(out_dtype) + bias
+    assert out.dtype == out_dtype
+    # One rounding step of out_dtype at the output's magnitude (bias addition can cancel to near zero).
+    atol = torch.finfo(out_dtype).eps * expected.float().abs().max().item()
+    torch.testing.assert_close(out.float(), expected.float(), rtol=torch.finfo(out_dtype).eps, atol=atol)
+
+
+def test_scaled_int8_mm_accumulates_exactly_in_int32():
+    # Large K with extreme values: any accumulation narrower than int32 (or in float) would be off.
+    k = 4096
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    b = torch.full((k, 3), -128, dtype=torch.int8)
+    b[0, 0] = 127
+    out = kernels.scaled_int8_mm(a, b, None, None, None, None, torch.float64)
+    exact = (a.long() @ b.long()).double()
+    assert torch.equal(out, exact)
+
+
+def test_scaled_int8_mm_empty_and_single_row():
+    b = _int8(8, 5)
+    assert kernels.scaled_int8_mm(_int8(0, 8), b, torch.rand(0), None, None, None, torch.float32).shape == (0, 5)
+    a = _int8(1, 8)
+    out = kernels.scaled_int8_mm(a, b, None, None, None, None, torch.float32)
+    assert torch.equal(out, (a.long() @ b.long()).float())
+
+
+@pytest.mark.parametrize("k", [5, 32, 33])
+@pytest.mark.parametrize("transpose_b", [True, False])
+def test_scaled_int8_mm_packed_matches_unpacked(k, transpose_b):
+    torch.manual_seed(5)
+    n = 11
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    a = _int8(6, k if transpose_b else n)
+    out = kernels.scaled_int8_mm_packed(
+        a, reference.pack_i2_in_i8(w), k, transpose_b, None, None, None, None, torch.float32
+    )
+    b = w.t() if transpose_b else w
+    assert torch.equal(out, (a.long() @ b.long()).float())
+
+
+def test_ops_reject_bad_input():
+    with pytest.raises(RuntimeError, match="must be int8"):
+        kernels.scaled_int8_mm(torch.zeros(2, 3), _int8(3, 2), None, None, None, None, torch.float32)
+    with pytest.raises(RuntimeError, match="inner dimensions"):
+        kernels.scaled_int8_mm(_int8(2, 3), _int8(4, 2), None, None, None, None, torch.float32)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        kernels.quantize_rowwise(_int8(2, 3), 1e-5)
+    with pytest.raises(RuntimeError, match="2-D"):
+        kernels.ternarize(torch.randn(2, 3, 4), torch.tensor(1.0), False)
+
+
+def _opcheck_cases():
+    torch.manual_seed(6)
+    x, w, s = torch.randn(9, 12), torch.randn(10, 12), torch.tensor(0.5)
+    a, b = _int8(9, 12), _int8(12, 10)
+    packed = reference.pack_i2_in_i8(torch.randint(-1, 2, (10, 12), dtype=torch.int8))
+    return [
+        (kernels.quantize_rowwise, (x, 1e-5)),
+        (kernels.quantize_colwise_scaled, (x, torch.rand(9), 1e-30)),
+        (kernels.weight_stats, (w,)),
+        (kernels.ternarize, (w, s, True)),
+        (kernels.binarize, (w, s, False)),
+        (kernels.scaled_int8_mm, (a, b, torch.rand(9), torch.rand(10), s, torch.randn(10), torch.bfloat16)),
+        (kernels.scaled_int8_mm_packed, (a, packed, 12, True, torch.rand(9), None, s, None, torch.float32)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)

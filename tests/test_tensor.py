@@ -1,0 +1,116 @@
+"""``BitNetTrainingLinearWeight`` behaves like the plain weight everywhere but ``F.linear``."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+
+from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, unquantize_
+
+
+def _quantized(dtype: torch.dtype = torch.float32, **config) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False)).to(dtype)
+    quantize_(model, bitnet_training(**config))
+    return model
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_optimizer_updates_master_weight_in_place():
+    model = _quantized()
+    weight = model[0].weight
+    before = weight._data.clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert model[0].weight is weight and isinstance(weight, BitNetTrainingLinearWeight)
+    assert not torch.equal(weight._data, before)
+    # Optimizer state is plain: no quantization recipe leaks into exp_avg / exp_avg_sq.
+    assert all(type(v) is torch.Tensor for v in opt.state[weight].values())
+
+
+def test_state_dict_roundtrip_weights_only_into_quantized_and_plain():
+    model = _quantized(weights="binary")
+    sd = _roundtrip(model.state_dict())
+    assert isinstance(sd["0.weight"], BitNetTrainingLinearWeight)
+    assert sd["0.weight"].config == model[0].weight.config
+
+    fresh = _quantized()
+    for p in fresh.parameters():
+        p.data.zero_()
+    fresh.load_state_dict(sd)
+    plain = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False))
+    plain.load_state_dict(sd)
+    for name, p in model.named_parameters():
+        loaded = dict(fresh.named_parameters())[name]
+        data = p._data if isinstance(p, BitNetTrainingLinearWeight) else p
+        assert torch.equal(loaded._data if isinstance(loaded, BitNetTrainingLinearWeight) else loaded, data)
+        assert type(dict(plain.named_parameters())[name]) is nn.Parameter
+        assert torch.equal(dict(plain.named_parameters())[name], data)
+
+
+def test_plain_state_dict_loads_into_quantized_model():
+    torch.manual_seed(1)
+    plain = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False))
+    model = _quantized()
+    model.load_state_dict(_roundtrip(plain.state_dict()))
+    assert isinstance(model[0].weight, BitNetTrainingLinearWeight)
+    assert torch.equal(model[0].weight._data, plain[0].weight)
+
+
+def test_deepcopy_detach_clone_to():
+    model = _quantized()
+    w = model[0].weight
+    for other in (copy.deepcopy(model)[0].weight, w.detach(), w.clone()):
+        assert isinstance(other, BitNetTrainingLinearWeight) and torch.equal(other._data, w._data)
+        assert other._data.data_ptr() != w._data.data_ptr() or other is not w
+    assert copy.deepcopy(model)[0].weight.requires_grad
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert isinstance(bf16[0].weight, BitNetTrainingLinearWeight) and bf16[0].weight.dtype == torch.bfloat16
+    assert bf16[0].weight._data.dtype == torch.bfloat16
+    assert bf16(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_plain_ops_return_plain_tensors():
+    w = _quantized()[0].weight
+    assert type(w * 2) is torch.Tensor and torch.equal(w * 2, w._data * 2)
+    assert type(w.sum()) is torch.Tensor
+
+
+def test_unquantize_restores_plain_linear():
+    model = _quantized()
+    expected = model[0].weight._data.clone()
+    unquantize_(model)
+    assert type(model[0].weight) is nn.Parameter and torch.equal(model[0].weight, expected)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(model[0](x), x @ expected.t() + model[0].bias)
+
+
+def test_requantize_replaces_config():
+    model = _quantized()
+    quantize_(model, bitnet_training(int8_grad_weight=False))
+    assert model[0].weight.config.int8_grad_weight is False
+    assert type(model[0].weight._data) is torch.Tensor
+
+
+def test_quantize_rejects_integer_weight_naming_the_module():
+    layer = nn.Linear(4, 4)
+    layer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"Linear\(in_features=4, out_features=4.*int8"):
+        quantize_(layer, bitnet_training())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="ternary"):
+        bitnet_training(weights="quaternary")
