@@ -1,0 +1,124 @@
+"""One linear layer, forward + backward: BitNet (bitnet_ao) against BF16 ``nn.Linear`` and torchao's prototype.
+
+Everything runs in one process on the same inputs, so the printed ratios compare like with like. Times are the
+median of ``--iters`` timed iterations after ``--warmup`` untimed ones (the first BitNet call on CPU compiles
+its fused quantization helpers). Saved-for-backward bytes count what autograd keeps between forward and
+backward, not counting the parameters themselves (they are alive anyway).
+
+    python benchmarks/bench_linear.py                      # CPU, the three Llama-like shapes, bf16
+    python benchmarks/bench_linear.py --device cuda --shapes 8192,4096,14336
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+
+from bitnet_ao import bitnet_training
+
+DEFAULT_SHAPES = ["4096,2048,5632", "4096,5632,2048", "4096,2048,2048"]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int) -> float:
+    """Median seconds of one forward + backward."""
+    times = []
+    for i in range(warmup + iters):
+        _sync(x.device.type)
+        start = time.perf_counter()
+        layer(x).backward(grad)
+        _sync(x.device.type)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        layer.weight.grad = None
+        x.grad = None
+    return statistics.median(times)
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward in one forward, parameters excluded, each storage counted once."""
+    param_storages = {_storage(p).data_ptr() for p in layer.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = _storage(t)
+        if storage.data_ptr() not in param_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(storages.values())
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage behind ``t``; for a weight subclass, the storage of the plain tensor it wraps."""
+    while hasattr(t, "_data"):
+        t = t._data
+    return t.untyped_storage()
+
+
+def torchao_prototype(layer: nn.Module) -> nn.Module | None:
+    """torchao's prototype BitNet (INT8 forward only), or None where this torchao has none."""
+    try:
+        from torchao.prototype.quantized_training import bitnet_training as prototype_bitnet
+    except ImportError:
+        return None
+    quantize_(layer, prototype_bitnet())
+    return layer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="M,K,N triples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    variants: dict[str, Callable[[nn.Module], nn.Module | None]] = {
+        "bf16 nn.Linear": lambda m: m,
+        "torchao prototype bitnet": torchao_prototype,
+        "bitnet_ao (defaults)": lambda m: quantize_(m, bitnet_training()) or m,
+        "bitnet_ao (high-precision backward)": lambda m: quantize_(
+            m, bitnet_training(int8_grad_input=False, int8_grad_weight=False)
+        )
+        or m,
+    }
+    print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
+    header = f"{'M,K,N':>16} {'variant':<36} {'ms':>9} {'x BF16':>7} {'saved MiB':>10} {'x BF16':>7}"
+    print(header)
+    print("-" * len(header))
+    for shape in args.shapes:
+        m, k, n = (int(v) for v in shape.split(","))
+        torch.manual_seed(0)
+        base = nn.Linear(k, n, bias=False, device=args.device, dtype=dtype)
+        x = torch.randn(m, k, device=args.device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(m, n, device=args.device, dtype=dtype)
+        baseline_t = baseline_b = None
+        for name, make in variants.items():
+            layer = make(copy.deepcopy(base))
+            if layer is None:
+                print(f"{shape:>16} {name:<36} {'n/a':>9}")
+                continue
+            t = time_fwd_bwd(layer, x, grad, args.warmup, args.iters)
+            b = saved_bytes(layer, x)
+            baseline_t, baseline_b = baseline_t or t, baseline_b or b
+            print(f"{shape:>16} {name:<36} {t * 1e3:9.1f} {baseline_t / t:7.2f} {b / 2**20:10.2f} {b / baseline_b:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
