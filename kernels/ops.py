@@ -50,6 +50,12 @@ def backend_for(t: Tensor) -> ModuleType:
     return _BACKENDS[_forced_backend or _DEVICE_DEFAULTS.get(t.device.type, "torch")]
 
 
+def right_operand_k_contiguous(t: Tensor) -> bool:
+    """Whether the backend for ``t`` wants the right matmul operand ``b`` contiguous along the reduction dim
+    (a transposed view of a row-major ``(N, K)``) rather than row-major ``(K, N)``."""
+    return backend_for(t).RIGHT_OPERAND_K_CONTIGUOUS
+
+
 def _check_2d(name: str, t: Tensor, what: str) -> None:
     torch._check(t.dim() == 2, lambda: f"bitnet_ao.{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
 

@@ -86,8 +86,12 @@ def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
 
 
 def int8_mm(a: Tensor, b: Tensor) -> Tensor:
-    """Exact integer ``a @ b`` for int8 operands, returned as int32 (computed in int64, never overflows)."""
-    return torch.mm(a.long(), b.long()).to(torch.int32)
+    """Exact integer ``a @ b`` for int8 operands, returned as int32.
+
+    Computed in float64, which every device implements: each product is at most 2**14 in magnitude, so any sum
+    of them with K < 2**39 terms is an integer float64 holds exactly.
+    """
+    return torch.mm(a.double(), b.double()).to(torch.int32)
 
 
 def scale_output(

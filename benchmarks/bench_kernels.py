@@ -1,0 +1,207 @@
+"""The bitnet_ao kernels against their torch counterparts, one process, same inputs.
+
+What it measures (median of ``--iters`` timed calls after ``--warmup`` untimed ones; the contenders of one row
+are called in turn, so load from other processes slows them alike):
+
+1. Scaled INT8 matmul per layout, NT (forward ``x_q @ W_q.T``), NN (grad_input ``g_q @ W_q``) and TN
+   (grad_weight ``g'_q.T @ x_q``), operands passed as strided views exactly as the BitNet linear passes them:
+   ``bitnet_ao.kernels.scaled_int8_mm`` (the Triton kernel on CUDA, the torch backend on CPU; it includes the
+   scaled epilogue) in TOPS, against ``torch._int_mm`` (bare int32 result) and a BF16 ``torch.mm`` in TFLOPS.
+2. Quantization kernels in GB/s of the minimum traffic (each input read once, each output written once) and, when
+   a peak is known, as a fraction of the memory-bandwidth peak (``--peak-gbps``; H100 SXM by default on CUDA).
+3. One BitNet linear (``quantize_(nn.Linear, bitnet_training())``), forward + backward, against a BF16
+   ``nn.Linear``.
+
+Every ratio is measured in the same process. On CUDA the defaults are Llama-7B/8B shapes (M = 8192 tokens); on CPU
+(the default without a GPU) the shapes are scaled down so the whole run stays under two minutes on 2 cores, and the
+kernels run on the torch backend (the Triton interpreter is switched off: its timings mean nothing).
+
+    python benchmarks/bench_kernels.py                           # CPU, small shapes
+    python benchmarks/bench_kernels.py --device cuda             # M = 8192, (K, N) from Llama-7B/8B
+    python benchmarks/bench_kernels.py --device cuda --m 4096 --kn 4096,4096 --peak-gbps 2039   # A100 80GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+# Interpreted Triton kernels would be timed instead of compiled ones; make sure the real thing runs.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torchao.quantization import quantize_  # noqa: E402
+
+from bitnet_ao import bitnet_training, kernels  # noqa: E402
+from bitnet_ao.kernels import reference  # noqa: E402
+
+GPU_M = 8192
+GPU_KN = ["4096,4096", "4096,14336", "14336,4096"]  # attention projections, MLP up, MLP down
+CPU_M = 512
+CPU_KN = ["1024,1024", "1024,3584", "3584,1024"]  # the same aspect ratios, scaled down
+H100_PEAK_GBPS = 3350.0
+
+
+def median_seconds(fns: list[Callable[[], object]], device: str, warmup: int, iters: int) -> list[float]:
+    """Median wall time of each ``fn()``, synchronizing the device around each call.
+
+    The functions are called in turn, iteration by iteration, so that whatever else the machine is doing slows
+    them alike and the ratios between them stay meaningful."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + iters):
+        for fn, fn_times in zip(fns, times, strict=True):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _int8(*shape: int, device: str) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, dtype=torch.int8, device=device)
+
+
+def layout_operands(layout: str, m: int, k: int, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a (M, K)`` and ``b (K, N)`` with the strides the BitNet linear uses for this matmul."""
+    if layout == "NT":
+        return _int8(m, k, device=device), _int8(n, k, device=device).t()
+    if layout == "NN":
+        return _int8(m, k, device=device), _int8(k, n, device=device)
+    return _int8(k, m, device=device).t(), _int8(k, n, device=device)
+
+
+def bench_matmuls(m: int, kns: list[tuple[int, int]], device: str, warmup: int, iters: int) -> list[list[str]]:
+    rows = []
+    for layout in ("NT", "NN", "TN"):
+        for k, n in kns:
+            a, b = layout_operands(layout, m, k, n, device)
+            row_scale = torch.rand(m, device=device)
+            scale = torch.tensor(0.01, device=device)
+            a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            ops = 2 * m * n * k
+            ours = functools.partial(kernels.scaled_int8_mm, a, b, row_scale, None, scale, None, torch.bfloat16)
+            bf16 = functools.partial(torch.mm, a_bf16, b_bf16)
+            int_mm = functools.partial(torch._int_mm, a, b)
+            try:  # cuBLASLt INT8 has layout and size constraints; a layout it refuses is reported, not fatal
+                int_mm()
+            except RuntimeError:
+                int_mm = None
+            calls = [ours, bf16] + ([int_mm] if int_mm else [])
+            tops = [ops / t / 1e12 for t in median_seconds(calls, device, warmup, iters)]
+            t_ours, t_bf16, t_int_mm = tops[0], tops[1], (tops[2] if int_mm else None)
+            rows.append(
+                [layout, f"{m}x{k}x{n}", f"{t_ours:.3g}", f"{t_int_mm:.3g}" if t_int_mm else "n/a", f"{t_bf16:.3g}",
+                 f"{t_ours / t_int_mm:.2f}x" if t_int_mm else "n/a", f"{t_ours / t_bf16:.2f}x"]
+            )  # fmt: skip
+    return rows
+
+
+def bench_quantization(
+    m: int, kns: list[tuple[int, int]], device: str, peak_gbps: float | None, warmup: int, iters: int
+) -> list[list[str]]:
+    rows = []
+    seen: set[tuple[str, tuple[int, int]]] = set()
+    for k, n in kns:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        g = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        s_x = torch.rand(m, device=device)
+        s_w = w.float().abs().mean()
+        cases = [  # name, shape, call, bytes read + written once
+            ("quantize_rowwise", (m, k), functools.partial(kernels.quantize_rowwise, x, reference.ACTIVATION_EPS),
+             m * k * 3 + m * 4),
+            ("quantize_colwise_scaled", (m, n),
+             functools.partial(kernels.quantize_colwise_scaled, g, s_x, reference.GRADIENT_EPS),
+             m * n * 3 + m * 4 + n * 4),
+            ("weight_stats", (n, k), functools.partial(kernels.weight_stats, w), n * k * 2),
+            ("ternarize (K, N)", (n, k), functools.partial(kernels.ternarize, w, s_w, True), n * k * 3),
+        ]  # fmt: skip
+        for name, shape, fn, nbytes in cases:
+            if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
+                continue
+            seen.add((name, shape))
+            (t,) = median_seconds([fn], device, warmup, iters)
+            gbps = nbytes / t / 1e9
+            peak = f"{gbps / peak_gbps:.1%}" if peak_gbps else "n/a"
+            rows.append([name, "x".join(map(str, shape)), f"{t * 1e3:.3f}", f"{gbps:.1f}", peak])
+    return rows
+
+
+def _forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
+    layer(x).backward(grad)
+
+
+def bench_linear(m: int, kns: list[tuple[int, int]], device: str, warmup: int, iters: int) -> list[list[str]]:
+    rows = []
+    for k, n in kns:
+        bf16 = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        bitnet = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        bitnet.load_state_dict(bf16.state_dict())
+        quantize_(bitnet, bitnet_training())
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        calls = [functools.partial(_forward_backward, layer, x, grad) for layer in (bitnet, bf16)]
+        times = median_seconds(calls, device, warmup, iters)
+        rows.append([f"{m}x{k}x{n}", f"{times[0] * 1e3:.2f}", f"{times[1] * 1e3:.2f}", f"{times[1] / times[0]:.2f}x"])
+    return rows
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table, ready to paste into docs/benchmarks.md."""
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--m", type=int, help=f"tokens (default {GPU_M} on CUDA, {CPU_M} on CPU)")
+    parser.add_argument("--kn", nargs="+", help="K,N pairs (default Llama-7B/8B on CUDA, scaled down on CPU)")
+    parser.add_argument("--peak-gbps", type=float, help=f"memory-bandwidth peak (default {H100_PEAK_GBPS} on CUDA)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+
+    gpu = args.device == "cuda"
+    if not gpu:
+        # Compile the CPU backend's fused helpers in this process: a pool of compile workers would keep running
+        # beside the first timed calls on a 2-core machine.
+        torch._inductor.config.compile_threads = 1
+    m = args.m or (GPU_M if gpu else CPU_M)
+    kns = [tuple(int(v) for v in kn.split(",")) for kn in (args.kn or (GPU_KN if gpu else CPU_KN))]
+    peak = args.peak_gbps or (H100_PEAK_GBPS if gpu else None)
+    device_name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    backend = kernels.backend_for(torch.empty(0, device=args.device)).__name__.rsplit(".", 1)[-1]
+    print(f"bitnet_ao kernels on {device_name} (backend module: {backend}), torch {torch.__version__}")
+
+    print_table(
+        "Scaled INT8 matmul (TOPS; BF16 in TFLOPS)",
+        ["layout", "MxKxN", "bitnet_ao", "torch._int_mm", "BF16 mm", "vs _int_mm", "vs BF16"],
+        bench_matmuls(m, kns, args.device, args.warmup, args.iters),
+    )
+    print_table(
+        "Quantization, bf16 input (" + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
+        ["kernel", "shape", "ms", "GB/s", "of peak"],
+        bench_quantization(m, kns, args.device, peak, args.warmup, args.iters),
+    )
+    print_table(
+        "BitNet linear forward + backward vs BF16 nn.Linear (ms)",
+        ["MxKxN", "BitNet", "BF16", "speedup"],
+        bench_linear(m, kns, args.device, args.warmup, args.iters),
+    )
+
+
+if __name__ == "__main__":
+    main()

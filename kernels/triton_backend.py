@@ -1,0 +1,26 @@
+"""The Triton backend of the ``bitnet_ao`` ops: the module ``kernels/__init__.py`` registers for CUDA tensors.
+
+It holds the same function names and signatures as ``cpu.py`` (``ops.py`` dispatches by name); the kernels and
+their launchers live in ``triton_quant.py`` (quantization, memory-bound) and ``triton_mm.py`` (the scaled INT8
+matmuls). Forcing it on CPU tensors (``ops.use_backend("triton")``) needs ``TRITON_INTERPRET=1`` set before
+``bitnet_ao.kernels`` is first imported; that is how the kernels are tested without a GPU.
+"""
+
+from .triton_mm import scaled_int8_mm, scaled_int8_mm_packed
+from .triton_quant import binarize, quantize_colwise_scaled, quantize_rowwise, ternarize, weight_stats
+
+#: Layout of the right operand ``b`` (``(K, N)``) that the matmul is fastest with: 8-bit tensor-core MMAs on
+#: Hopper take only operands contiguous along the reduction dimension (see docs/kernels.md), so ``b``
+#: should be a transposed view of a row-major ``(N, K)``.
+RIGHT_OPERAND_K_CONTIGUOUS = True
+
+__all__ = [
+    "RIGHT_OPERAND_K_CONTIGUOUS",
+    "binarize",
+    "quantize_colwise_scaled",
+    "quantize_rowwise",
+    "scaled_int8_mm",
+    "scaled_int8_mm_packed",
+    "ternarize",
+    "weight_stats",
+]
