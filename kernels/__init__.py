@@ -4,41 +4,51 @@ The ops live under ``torch.ops.bitnet_ao``; the Python names below call the same
 When Triton is installed (the ``triton`` extra), its kernels register as the default backend for CUDA tensors.
 """
 
-import importlib.util
+if __name__ != "bitnet_ao.kernels":
+    # This folder is also importable as a top-level ``kernels`` when a checkout's root is on sys.path (running
+    # from the repository, pytest's rootdir), and other libraries probe that name (transformers imports any
+    # ``kernels`` it finds, looking for the Hub kernels package). A second copy would register every
+    # torch.library op twice, so the top-level name hands out the one real package instead.
+    import importlib
+    import sys
 
-from . import reference
-from .ops import (
-    backend_for,
-    binarize,
-    quantize_colwise_scaled,
-    quantize_rowwise,
-    register_backend,
-    right_operand_k_contiguous,
-    scaled_int8_mm,
-    scaled_int8_mm_packed,
-    ternarize,
-    use_backend,
-    weight_stats,
-)
+    sys.modules[__name__] = importlib.import_module("bitnet_ao.kernels")
+else:
+    import importlib.util
 
-# Triton is optional: without it every device uses the torch backend. find_spec rather than try/except so a
-# genuine error inside the Triton backend is not mistaken for "Triton is not installed".
-if importlib.util.find_spec("triton") is not None:
-    from . import triton_backend
+    from . import reference
+    from .ops import (
+        backend_for,
+        binarize,
+        quantize_colwise_scaled,
+        quantize_rowwise,
+        register_backend,
+        right_operand_k_contiguous,
+        scaled_int8_mm,
+        scaled_int8_mm_packed,
+        ternarize,
+        use_backend,
+        weight_stats,
+    )
 
-    register_backend("triton", triton_backend, default_for=("cuda",))
+    # Triton is optional: without it every device uses the torch backend. find_spec rather than try/except so a
+    # genuine error inside the Triton backend is not mistaken for "Triton is not installed".
+    if importlib.util.find_spec("triton") is not None:
+        from . import triton_backend
 
-__all__ = [
-    "backend_for",
-    "binarize",
-    "quantize_colwise_scaled",
-    "quantize_rowwise",
-    "reference",
-    "register_backend",
-    "right_operand_k_contiguous",
-    "scaled_int8_mm",
-    "scaled_int8_mm_packed",
-    "ternarize",
-    "use_backend",
-    "weight_stats",
-]
+        register_backend("triton", triton_backend, default_for=("cuda",))
+
+    __all__ = [
+        "backend_for",
+        "binarize",
+        "quantize_colwise_scaled",
+        "quantize_rowwise",
+        "reference",
+        "register_backend",
+        "right_operand_k_contiguous",
+        "scaled_int8_mm",
+        "scaled_int8_mm_packed",
+        "ternarize",
+        "use_backend",
+        "weight_stats",
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 from collections.abc import Callable
 
 import torch
@@ -29,35 +30,46 @@ RIGHT_OPERAND_K_CONTIGUOUS = False
 
 
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+def _compiled(fn: Callable, variant: tuple) -> Callable:
+    # Dynamo keeps at most `recompile_limit` (8) graphs per code object, and one body can meet more variants in a
+    # process (three dtypes, two eps values, transposed or not, which optional scales...): past the limit a
+    # fullgraph compile fails. A private copy of the code object per variant gives each variant its own cache.
+    code_copy = fn.__code__.replace()
+    copy = types.FunctionType(code_copy, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return torch.compile(copy, dynamic=True, fullgraph=True)
 
 
-def _run(fn: Callable, numel: int, *args):
-    """Run ``fn`` compiled when the work is big enough to pay for it, else eagerly."""
+def _variant(args: tuple) -> tuple:
+    """What a compiled graph specializes on, besides sizes: dtypes, ranks, layouts and the non-tensor args."""
+    return tuple((a.dtype, a.dim(), a.is_contiguous()) if isinstance(a, Tensor) else a for a in args)
+
+
+def run_fused(fn: Callable, numel: int, *args):
+    """Run the elementwise/reduction body ``fn`` compiled by inductor when ``numel`` (the size of the work) is
+    at least ``COMPILE_MIN_NUMEL``, else eagerly. Also used outside the ops, e.g. by ``surgery.RMSNorm``."""
     if numel >= COMPILE_MIN_NUMEL:
-        return _compiled(fn)(*args)
+        return _compiled(fn, _variant(args))(*args)
     return fn(*args)
 
 
 def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _run(reference.quantize_rowwise, x.numel(), x, eps)
+    return run_fused(reference.quantize_rowwise, x.numel(), x, eps)
 
 
 def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return _run(reference.quantize_colwise_scaled, g.numel(), g, row_scale, eps)
+    return run_fused(reference.quantize_colwise_scaled, g.numel(), g, row_scale, eps)
 
 
 def weight_stats(w: Tensor) -> Tensor:
-    return _run(reference.weight_stats, w.numel(), w)
+    return run_fused(reference.weight_stats, w.numel(), w)
 
 
 def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
-    return _run(reference.ternarize, w.numel(), w, scale, transpose)
+    return run_fused(reference.ternarize, w.numel(), w, scale, transpose)
 
 
 def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
-    return _run(reference.binarize, w.numel(), w, center, transpose)
+    return run_fused(reference.binarize, w.numel(), w, center, transpose)
 
 
 def _int_mm_supported(a: Tensor, b: Tensor) -> bool:
@@ -79,7 +91,7 @@ def scaled_int8_mm(
     out_dtype: torch.dtype,
 ) -> Tensor:
     acc = torch._int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
-    return _run(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
+    return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
 
 
 def scaled_int8_mm_packed(
@@ -94,6 +106,6 @@ def scaled_int8_mm_packed(
     out_dtype: torch.dtype,
 ) -> Tensor:
     # Unpack once into the layout _int_mm is fastest with (B row-major), then run the plain matmul.
-    b = _run(reference.unpack_i2_in_i8, b_packed.numel(), b_packed, k)
+    b = run_fused(reference.unpack_i2_in_i8, b_packed.numel(), b_packed, k)
     b = b.t().contiguous() if transpose_b else b
     return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)

@@ -200,3 +200,16 @@ def _opcheck_cases():
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+def test_compiled_path_survives_more_variants_than_dynamos_recompile_limit(monkeypatch):
+    """A training process meets many variants of one body (dtypes x eps x layouts); the compiled path must not hit
+    dynamo's per-code-object recompile limit (8), which is a hard error under fullgraph."""
+    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0)
+    torch.manual_seed(7)
+    x = torch.randn(6, 10)
+    for dtype in DTYPES:
+        for eps in (1e-5, 1e-7, 1e-30):
+            x_q, s = kernels.quantize_rowwise(x.to(dtype), eps)
+            q_ref, s_ref = act_quant(x.to(dtype), eps=eps)
+            assert torch.equal(x_q, q_ref.to(torch.int8)) and torch.equal(s, s_ref)
