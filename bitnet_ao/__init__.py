@@ -6,7 +6,18 @@ quantize_(model, bitnet_training())
 """
 
 from .config import BitNetTrainingConfig, bitnet_training
+from .fsdp import BitNetPackedLinearWeight, precompute_bitnet_scale_for_fsdp
+from .packing import pack_i2_in_i8, unpack_i2_in_i8
 from .tensor import BitNetTrainingLinearWeight
 from .utils import unquantize_
 
-__all__ = ["BitNetTrainingConfig", "BitNetTrainingLinearWeight", "bitnet_training", "unquantize_"]
+__all__ = [
+    "BitNetPackedLinearWeight",
+    "BitNetTrainingConfig",
+    "BitNetTrainingLinearWeight",
+    "bitnet_training",
+    "pack_i2_in_i8",
+    "precompute_bitnet_scale_for_fsdp",
+    "unpack_i2_in_i8",
+    "unquantize_",
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import fsdp, kernels
 from .config import BitNetTrainingConfig
 from .kernels.reference import ACTIVATION_EPS, GRADIENT_EPS, weight_scales_from_stats
 
@@ -41,11 +41,16 @@ def quantize_weight(w: Tensor, s_w: Tensor, alpha: Tensor | None, transpose: boo
 
 
 def _operand_scales(weight: Tensor, config: BitNetTrainingConfig) -> tuple[Tensor, Tensor | None]:
+    if isinstance(weight, fsdp.BitNetPackedLinearWeight):
+        # Quantized with the global scale before the all-gather; a binary weight's centre is already spent.
+        return weight.scale, None
     return weight_scales(weight._data, config)
 
 
 def _operand_int8(weight: Tensor, s_w: Tensor, alpha: Tensor | None) -> Tensor:
     """The ``(N, K)`` int8 weight, for the high-precision ``grad_input``."""
+    if isinstance(weight, fsdp.BitNetPackedLinearWeight):
+        return weight.unpack()
     return quantize_weight(weight._data, s_w, alpha, transpose=False)
 
 
@@ -60,9 +65,18 @@ def _operand_mm(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """``a @ W_q.T`` (``transpose``, the forward) or ``a @ W_q`` (``grad_input``), scaled by ``row_scale * s_w``."""
-    # Transposed, W_q is written as a contiguous (K, N): the row-major operand the int8 matmuls want.
-    w_q = quantize_weight(weight._data, s_w, alpha, transpose)
-    return kernels.scaled_int8_mm(a, w_q, row_scale, None, s_w, bias, out_dtype)
+    if isinstance(weight, fsdp.BitNetPackedLinearWeight):
+        k = weight.shape[1]
+        return kernels.scaled_int8_mm_packed(a, weight.packed, k, transpose, row_scale, None, s_w, bias, out_dtype)
+    # The right operand b is W_q.T (forward) or W_q (grad_input). Write it straight in the layout the backend's
+    # matmul is fastest with: row-major for torch._int_mm on CPU, a transposed view of a row-major tensor
+    # (contiguous along the reduction dim) for the Triton kernels.
+    w = weight._data
+    if kernels.right_operand_k_contiguous(w):
+        b = quantize_weight(w, s_w, alpha, not transpose).t()
+    else:
+        b = quantize_weight(w, s_w, alpha, transpose)
+    return kernels.scaled_int8_mm(a, b, row_scale, None, s_w, bias, out_dtype)
 
 
 class _BitNetLinearFunction(torch.autograd.Function):

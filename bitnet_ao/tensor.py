@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 
+from . import fsdp
 from .config import BitNetTrainingConfig
 from .linear import bitnet_linear
 
@@ -47,6 +49,9 @@ class BitNetTrainingLinearWeight(Tensor):
 
     _data: Tensor
     config: BitNetTrainingConfig
+    #: FSDP2 only: the all-reduced scale statistics of the whole weight, set on the local shard by the
+    #: all-gather hook or ``precompute_bitnet_scale_for_fsdp`` (see fsdp.py). A plain attribute, not flattened.
+    _fsdp_scale_state: fsdp.ScaleState | None = None
 
     @staticmethod
     def __new__(cls, data: Tensor, config: BitNetTrainingConfig) -> BitNetTrainingLinearWeight:
@@ -85,11 +90,33 @@ class BitNetTrainingLinearWeight(Tensor):
         # imported (the class and config are registered as safe globals below).
         return (_rebuild_bitnet_weight, (self._data, self.config, self.requires_grad))
 
+    # FSDP2 all-gather extension (fsdp.py): ternarize with the global scale, pack 2-bit, gather 1/8 of BF16.
+    # The mesh-only form of the hook is deliberate: for the five-argument form, FSDP2 (torch 2.13) requires
+    # every all-gather input of an unevenly sharded weight to have the padded shard's (rows, K) shape, which
+    # no packed input can have; the extra arguments are not needed.
+    def fsdp_pre_all_gather(self, mesh: DeviceMesh) -> tuple[tuple[Tensor], tuple[Tensor, int]]:
+        return fsdp.pre_all_gather(self, mesh)
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[Tensor, ...],
+        metadata: tuple[Tensor, int],
+        param_dtype: torch.dtype,
+        *,
+        out: Tensor | None = None,
+    ) -> tuple[fsdp.BitNetPackedLinearWeight, tuple[Tensor, ...]] | None:
+        return fsdp.post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             return bitnet_linear(*args, **kwargs)
+        if func is Tensor.untyped_storage and torch._guards.TracingContext.try_get() is None:
+            # A wrapper has no storage of its own; eager checkpointers (torchtitan's) compare storages to find
+            # shared tensors, and the storage that matters is the master weight's. torch.compile, which builds
+            # fake tensors from the wrapper's own (empty) storage, keeps seeing that one.
+            return args[0]._data.untyped_storage()
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
 
