@@ -4,6 +4,9 @@ RMSNorm pre-norms, rotary position embeddings, SwiGLU MLP and causal scaled-dot-
 names follow Meta's Llama reference (``layers.N.attention.wq``, ``feed_forward.w1``, ``attention_norm``,
 ``output``...), which is one of the layouts ``bitnet_ao.surgery`` recognizes.
 
+The norms are ``bitnet_ao.surgery.RMSNorm`` (``torch.nn.RMSNorm`` with a fused CPU backward), the same norm
+the BitNet surgery inserts, so that a BF16 vs BitNet comparison does not measure two norm implementations.
+
 The output head is not tied to the embedding: the head stays in high precision while the block linears are
 quantized, and a tied head would make the embedding table a quantization target too.
 """
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bitnet_ao.surgery import RMSNorm
 
 
 @dataclass
@@ -30,9 +35,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(
-                f"ModelConfig: dim={self.dim} must split into n_heads={self.n_heads} heads of even size"
-            )
+            raise ValueError(f"ModelConfig: dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -82,9 +85,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.attention = Attention(config)
-        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -98,7 +101,7 @@ class Transformer(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         cos, sin = rope_tables(config.dim // config.n_heads, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -116,10 +119,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, vocab)``, or the mean cross-entropy against ``targets`` when given."""
-        T = tokens.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"Transformer: sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        seq_len = tokens.shape[1]
+        if seq_len > self.config.max_seq_len:
+            raise ValueError(f"Transformer: sequence of {seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin)

@@ -1,0 +1,1 @@
+"""Benchmarks and the training comparison (run as ``python -m benchmarks.<name>``)."""

@@ -1,0 +1,396 @@
+"""Train the same small Llama in BF16 and as a BitNet b1.58 model, side by side, and compare.
+
+    python benchmarks/pretrain.py                      # the comparison, about 3 minutes on a 2-core CPU
+    python benchmarks/pretrain.py --quantize bitnet --no-int8-grad-weight --steps 200
+    python benchmarks/pretrain.py --preset llama2-1b   # GPU
+
+Both runs use the same data, seed and initial weights, and the same precision setup: float32 master weights
+under bfloat16 autocast (BitNet linears run their INT8 matmuls and return bfloat16 under autocast). The BitNet
+run first applies the BitNet model changes (``bitnet_ao.surgery``, ``--no-surgery`` to skip), then
+``quantize_`` on every block linear; embeddings and the output head stay in high precision.
+
+Throughput counts the steps after the first ``TIMING_WARMUP`` (which include compilation: the BitNet CPU path
+compiles its elementwise helpers once per process) and excludes evaluation. Writes ``results.json`` and
+``loss_curves.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/pretrain.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+from tqdm import tqdm
+
+from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
+from benchmarks.model import ModelConfig, Transformer
+from bitnet_ao import bitnet_training
+from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
+
+#: Steps left out of the throughput figure: compilation and allocator warm-up happen here.
+TIMING_WARMUP = 3
+#: The reported final training loss is the mean over this many last steps (one batch is noisy).
+FINAL_LOSS_WINDOW = 10
+
+# Model shape and training length. Command-line flags override the training settings.
+PRESETS: dict[str, dict] = {
+    # Matmul-dominated so that the INT8 speed shows on CPU: M = batch * seq = 2048 tokens per step and 1024-wide
+    # layers (attention and norms cost ~T and ~1 per token and channel, the matmuls ~dim). Sized so that the
+    # BF16 + BitNet comparison takes about 3 minutes on a 2-core machine.
+    "cpu-default": dict(
+        model=dict(dim=1024, n_layers=3, n_heads=8, hidden_dim=2816),
+        steps=50, batch_size=16, seq_len=128, lr=1.5e-3, eval_every=25, eval_batches=4, compile=False,
+    ),
+    # For tests: seconds on a CPU.
+    "tiny": dict(
+        model=dict(dim=64, n_layers=2, n_heads=4, hidden_dim=192),
+        steps=40, batch_size=4, seq_len=64, lr=3e-3, eval_every=20, eval_batches=2, compile=False,
+    ),
+    # Llama-2-1B-sized (TinyLlama's 1.1B shapes, byte vocabulary, full multi-head attention), one GPU.
+    "llama2-1b": dict(
+        model=dict(dim=2048, n_layers=22, n_heads=32, hidden_dim=5632),
+        steps=1000, batch_size=4, seq_len=2048, lr=3e-4, eval_every=250, eval_batches=8, compile=True,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: BF16 (``quantize=False``) or BitNet with its options."""
+
+    name: str
+    quantize: bool
+    int8_grad_input: bool = True
+    int8_grad_weight: bool = True
+    weights: str = "ternary"
+    surgery: str | None = None  # a bitnet_ao.surgery placement, or None for no surgery
+
+    @property
+    def label(self) -> str:
+        if not self.quantize:
+            return "BF16"
+        backward = {(True, True): "INT8 bwd", (False, False): "BF16 bwd"}.get(
+            (self.int8_grad_input, self.int8_grad_weight),
+            f"INT8 bwd ({'grad_input' if self.int8_grad_input else 'grad_weight'} only)",
+        )
+        norms = {"faq": "FAQ norms", "subln": "subln norms", None: "no surgery"}[self.surgery]
+        weights = "b1.58" if self.weights == "ternary" else "binary"
+        return f"BitNet {weights}, {backward}, {norms}"
+
+
+def run_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """The runs asked for: the comparison unless ``--quantize`` names a single one."""
+    bf16 = RunSpec("bf16", quantize=False)
+    surgery = args.placement if args.surgery else None
+    bitnet = RunSpec("bitnet", True, args.int8_grad_input, args.int8_grad_weight, args.weights, surgery)
+    if args.ablate:
+        return [
+            bf16,
+            bitnet,
+            dataclasses.replace(bitnet, name="bitnet-no-surgery", surgery=None),
+            dataclasses.replace(bitnet, name="bitnet-subln", surgery="subln"),
+            dataclasses.replace(bitnet, name="bitnet-bf16-backward", int8_grad_input=False, int8_grad_weight=False),
+        ]
+    if args.quantize is None or args.compare:
+        return [bf16, bitnet]
+    return [bitnet] if args.quantize == "bitnet" else [bf16]
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup over the first 20% of the steps, then cosine decay to 10% of ``lr``."""
+    warmup = max(1, steps // 5)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linears, embeddings), none on norm gains and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+# --- peak memory: the CUDA allocator's peak, or the process's peak resident set on CPU ----------------------
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        # Writing 5 resets the kernel's resident-set high-water mark (VmHWM) of this process.
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    # No /proc (macOS): the lifetime peak of the process, in bytes on macOS and kB elsewhere.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 2**10
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "peak CUDA memory allocated by the run (torch.cuda.max_memory_allocated)"
+    return "peak resident memory of the whole process during the run (Linux VmHWM, reset before each run)"
+
+
+# --- one run -----------------------------------------------------------------------------------------------
+
+
+def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: torch.device) -> nn.Module:
+    torch.manual_seed(seed)  # the same initial weights for every run
+    model = Transformer(model_config).to(device)
+    if spec.quantize:
+        if spec.surgery:
+            print(apply_bitnet_norms(model, spec.surgery).summary)
+        config = bitnet_training(
+            int8_grad_input=spec.int8_grad_input, int8_grad_weight=spec.int8_grad_weight, weights=spec.weights
+        )
+        quantize_(model, config, filter_fn=quantize_filter)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            losses.append(model(x.to(device), y.to(device)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, data: ByteDataset) -> dict:
+    """Train one run; returns its figures and curves."""
+    device = torch.device(args.device)
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    model = build_model(spec, model_config, args.seed, device)
+    step_fn = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95), fused=True)
+    generator = torch.Generator().manual_seed(args.seed)  # the same batches for every run
+    val_batches = data.val_batches(args.batch_size, args.eval_batches)
+    tokens_per_step = args.batch_size * args.seq_len
+    timing_warmup = min(TIMING_WARMUP, args.steps - 1)
+
+    train_losses: list[float] = []
+    val_losses: list[list] = []  # [step, loss] pairs
+    eval_time = 0.0
+    bar = tqdm(range(args.steps), desc=spec.name, dynamic_ncols=True)
+    for step in bar:
+        if step == timing_warmup:
+            synchronize(device)
+            timed_start, eval_time = time.perf_counter(), 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        x, y = data.train_batch(args.batch_size, generator)
+        step_start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = step_fn(x.to(device), y.to(device))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_losses.append(loss.item())
+        bar.set_postfix(
+            loss=f"{train_losses[-1]:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - step_start):.0f}"
+        )
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            eval_start = time.perf_counter()
+            val_losses.append([step + 1, evaluate(model, val_batches, device)])
+            eval_time += time.perf_counter() - eval_start
+    synchronize(device)
+    timed = time.perf_counter() - timed_start - eval_time
+    return {
+        "name": spec.name,
+        "label": spec.label,
+        "spec": dataclasses.asdict(spec),
+        "final_train_loss": sum(train_losses[-FINAL_LOSS_WINDOW:]) / len(train_losses[-FINAL_LOSS_WINDOW:]),
+        "final_val_loss": val_losses[-1][1],
+        "tokens_per_s": (args.steps - timing_warmup) * tokens_per_step / timed,
+        "peak_memory_mb": peak_memory_mb(device),
+        "time_s": time.perf_counter() - start,
+        "train_losses": train_losses,
+        "val_losses": val_losses,
+    }
+
+
+# --- reporting ---------------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("run", "train loss", "val loss", "tokens/s", "vs BF16", "peak mem (MB)", "time (s)")
+
+
+def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
+    """The table's cells, from the same figures that go to the JSON."""
+    baseline = next((r["tokens_per_s"] for r in runs if not r["spec"]["quantize"]), None)
+    return [
+        (
+            r["name"],
+            f"{r['final_train_loss']:.4f}",
+            f"{r['final_val_loss']:.4f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-",
+            f"{r['peak_memory_mb']:.0f}",
+            f"{r['time_s']:.1f}",
+        )
+        for r in runs
+    ]
+
+
+def format_table(runs: list[dict]) -> str:
+    rows = [TABLE_COLUMNS, *table_rows(runs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    # The run name left-aligned, the figures right-aligned.
+    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
+             for row in rows]  # fmt: skip
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    for i, r in enumerate(runs):
+        color = f"C{i}"
+        losses = r["train_losses"]
+        window = max(1, len(losses) // 25)  # trailing mean: short runs are plotted as they are
+        smooth = [sum(losses[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
+        train_label = f"train (mean of {window} steps)" if window > 1 else "train"
+        ax_loss.plot(range(1, len(losses) + 1), smooth, color=color, label=f"{r['label']}: {train_label}")
+        steps, vals = zip(*r["val_losses"], strict=True)
+        ax_loss.plot(steps, vals, "o--", color=color, label=f"{r['label']}: validation")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=title)
+    ax_loss.legend(fontsize=7)
+    ax_loss.grid(alpha=0.3)
+    names = [r["name"] for r in runs]
+    speeds = [r["tokens_per_s"] for r in runs]
+    bars = ax_speed.bar(names, speeds, color=[f"C{i}" for i in range(len(runs))])
+    ax_speed.bar_label(bars, labels=[cells[4] for cells in table_rows(runs)])
+    ax_speed.set(ylabel="tokens/s (after warm-up)", title="training throughput")
+    ax_speed.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    )
+
+
+# --- command line --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default", help="model size and training length")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quantize", choices=("none", "bitnet"), help="train one model (default: the comparison)")
+    mode.add_argument("--compare", action="store_true", help="BF16 vs BitNet (the default)")
+    mode.add_argument("--ablate", action="store_true", help="the comparison plus BitNet without surgery, "
+                      "with the subln placement, and with a BF16 backward")  # fmt: skip
+    bool_flag = argparse.BooleanOptionalAction
+    p.add_argument("--int8-grad-input", action=bool_flag, default=True, help="INT8 matmul for grad_input")
+    p.add_argument("--int8-grad-weight", action=bool_flag, default=True, help="INT8 matmul for grad_weight")
+    p.add_argument("--weights", choices=("ternary", "binary"), default="ternary")
+    p.add_argument("--surgery", action=bool_flag, default=True, help="BitNet norms (bitnet_ao.surgery)")
+    p.add_argument("--placement", choices=("faq", "subln"), default="faq", help="where the surgery puts norms")
+    p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile the model (preset default)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup + cosine)")
+    p.add_argument("--eval-every", type=int, help="steps between validation losses")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", nargs="+", help="text files or globs, or a Hugging Face dataset name "
+                   "(default: the Python standard library's source)")  # fmt: skip
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the corpus size")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and loss_curves.png")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key, value in preset.items():
+        if key != "model" and getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    model_config = ModelConfig(vocab_size=VOCAB_SIZE, max_seq_len=args.seq_len, **PRESETS[args.preset]["model"])
+    corpus, source = load_corpus(args.data, args.max_bytes)
+    data = ByteDataset(corpus, args.seq_len)
+    device = torch.device(args.device)
+    print(f"data: {source}, {len(data.train):,} training and {len(data.val):,} validation bytes")
+    print(f"model: {model_config}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}")
+
+    runs = [train(spec, args, model_config, data) for spec in run_specs(args)]
+
+    print(format_table(runs))
+    print(f"train loss: mean of the last {FINAL_LOSS_WINDOW} steps; tokens/s: steps after the first "
+          f"{TIMING_WARMUP}, evaluation excluded; peak mem: {memory_note(device)}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(runs, args.out / "loss_curves.png", f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers")
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "data": source,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": dataclasses.asdict(model_config),
+        "notes": {
+            "final_train_loss": f"mean of the last {FINAL_LOSS_WINDOW} steps",
+            "tokens_per_s": f"steps after the first {TIMING_WARMUP}, evaluation excluded",
+            "peak_memory_mb": memory_note(device),
+        },  # fmt: skip
+        "runs": runs,
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'loss_curves.png'}")
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""bitnet_ao.surgery on the three model families it knows: the module tree it leaves (spec §5), and training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization import quantize_
+
+from benchmarks.model import ModelConfig, Transformer
+from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
+from bitnet_ao.surgery import NormedLinear, RMSNorm, apply_bitnet_norms, quantize_filter
+
+ATTN, MLP = ("wq", "wk", "wv", "wo"), ("w1", "w2", "w3")
+
+
+def own_model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=16))
+
+
+def hf_model() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def torchtitan_model() -> nn.Module:
+    """torchtitan's Llama 3 debug model, cut to 2 layers, with SDPA attention: its default FlexAttention has no
+    CPU backward."""
+    llama3 = pytest.importorskip("torchtitan.models.llama3", reason="torchtitan is not importable")
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    config = llama3.llama3_configs["debugmodel"](attn_backend="flex")
+    config.layers = config.layers[:2]
+    for layer in config.layers:
+        layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    torch.manual_seed(0)
+    model = config.build()
+    model.init_states()
+    return model
+
+
+def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    out = model(tokens[:, :-1])
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def train_losses(model: nn.Module, vocab: int, steps: int = 8) -> list[float]:
+    """Fit one small batch with AdamW: a model whose gradients flow drives the loss down."""
+    tokens = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model, tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+# (model factory, block prefix, pre-attention norm, pre-MLP norm, quantizable linears in forward order, untouched)
+FAMILIES = {
+    "own": (
+        own_model, "layers.{}.", "attention_norm", "ffn_norm",
+        [f"attention.{n}" for n in ATTN] + ["feed_forward.w1", "feed_forward.w3", "feed_forward.w2"],
+        ["tok_embeddings", "output", "norm"],
+    ),
+    "hf": (
+        hf_model, "model.layers.{}.", "input_layernorm", "post_attention_layernorm",
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+         "mlp.up_proj", "mlp.down_proj"],
+        ["model.embed_tokens", "lm_head", "model.norm"],
+    ),
+    "torchtitan": (
+        torchtitan_model, "layers.{}.", "attention_norm", "ffn_norm",
+        ["attention.qkv_linear.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2"],
+        ["tok_embeddings", "lm_head", "norm"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_faq_placement_tree_and_training(family: str) -> None:
+    factory, prefix, attn_norm, mlp_norm, linears, untouched = FAMILIES[family]
+    model = factory()
+    modules = dict(model.named_modules())
+    before = {name: modules[name] for name in untouched}
+    originals = {prefix.format(i) + p: modules[prefix.format(i) + p] for i in range(2) for p in linears}
+
+    report = apply_bitnet_norms(model)
+
+    modules = dict(model.named_modules())
+    assert report.inserted == list(originals)
+    assert report.removed == [prefix.format(i) + n for i in range(2) for n in (attn_norm, mlp_norm)]
+    for name in report.removed:
+        assert isinstance(modules[name], nn.Identity), name
+    for name, linear in originals.items():
+        wrapped = modules[name]
+        assert isinstance(wrapped, NormedLinear), name
+        assert wrapped.linear is linear, f"{name}: the original linear must be kept, not copied"
+        assert isinstance(wrapped.norm, nn.RMSNorm) and wrapped.norm.normalized_shape == (linear.in_features,)
+        assert torch.equal(wrapped.norm.weight, torch.ones(linear.in_features)), "unit gain at insertion"
+    for name, module in before.items():
+        assert modules[name] is module, f"{name} must be left untouched"
+    assert sum(isinstance(m, NormedLinear) for m in model.modules()) == len(originals)
+
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    for name, linear in originals.items():
+        assert isinstance(linear.weight, BitNetTrainingLinearWeight), name
+    head = modules["output" if family == "own" else "lm_head"]
+    assert not isinstance(head.weight, BitNetTrainingLinearWeight), "the output head stays in high precision"
+
+    vocab = head.out_features
+    losses = train_losses(model, vocab)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+    norm = modules[next(iter(originals))].norm
+    assert not torch.equal(norm.weight, torch.ones_like(norm.weight)), "the inserted norms must be trained"
+
+
+def test_subln_placement_keeps_prenorms() -> None:
+    model = hf_model()
+    pre = {name: m for name, m in model.named_modules() if name.endswith("layernorm")}
+    report = apply_bitnet_norms(model, placement="subln")
+    assert report.removed == []
+    assert report.inserted == [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")]
+    modules = dict(model.named_modules())
+    assert all(modules[name] is m for name, m in pre.items()), "subln keeps the pre-norms"
+    assert isinstance(modules["model.layers.0.self_attn.q_proj"], nn.Linear)
+    assert modules["model.layers.0.mlp.down_proj"].norm.normalized_shape == (64,)  # the MLP's hidden size
+    tokens = torch.randint(0, 256, (2, 8))
+    assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_subln_own_model_trains_quantized() -> None:
+    model = own_model()
+    apply_bitnet_norms(model, placement="subln")
+    block = model.layers[0]
+    assert isinstance(block.attention_norm, nn.RMSNorm) and isinstance(block.ffn_norm, nn.RMSNorm)
+    assert isinstance(block.attention.wo, NormedLinear) and isinstance(block.feed_forward.w2, NormedLinear)
+    assert type(block.attention.wq) is nn.Linear and type(block.feed_forward.w1) is nn.Linear
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    losses = train_losses(model, 256)
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_report_text() -> None:
+    report = apply_bitnet_norms(own_model())
+    text = str(report).splitlines()
+    assert "14 RMSNorm inserted, 4 norm removed" in text[0]
+    assert "  inserted RMSNorm before layers.0.attention.wq" in text
+    assert "  removed layers.1.ffn_norm" in text
+
+
+def test_quantize_filter_skips_head_and_embeddings() -> None:
+    model = own_model()
+    selected = [name for name, m in model.named_modules() if quantize_filter(m, name)]
+    assert len(selected) == 2 * 7
+    assert "output" not in selected and "tok_embeddings" not in selected
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="no transformer block of Sequential matches a known layout"):
+        apply_bitnet_norms(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    model = own_model()
+    with pytest.raises(ValueError, match="placement must be 'faq' or 'subln', got 'pre'"):
+        apply_bitnet_norms(model, placement="pre")
+    apply_bitnet_norms(model)
+    with pytest.raises(ValueError, match=r"already has BitNet norms \(at layers.0.attention.wq\)"):
+        apply_bitnet_norms(model)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 32), (64, 1024)], ids=["eager", "compiled"])
+def test_rms_norm_matches_torch(shape: tuple[int, ...]) -> None:
+    """The CPU-fused RMSNorm computes what torch.nn.RMSNorm computes, values and gradients, on both of its paths
+    (tensors below the bitnet_ao.kernels compile threshold run eagerly)."""
+    torch.manual_seed(0)
+    ref, new = nn.RMSNorm(shape[-1], eps=1e-5), RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    new.load_state_dict(ref.state_dict())
+    x = (torch.randn(shape) * 3).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(shape)
+    y, y_ref = new(x), ref(x_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(new.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
