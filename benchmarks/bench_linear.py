@@ -93,10 +93,9 @@ def main() -> None:
         "bf16 nn.Linear": lambda m: m,
         "torchao prototype bitnet": torchao_prototype,
         "bitnet_ao (defaults)": lambda m: quantize_(m, bitnet_training()) or m,
-        "bitnet_ao (high-precision backward)": lambda m: quantize_(
-            m, bitnet_training(int8_grad_input=False, int8_grad_weight=False)
-        )
-        or m,
+        "bitnet_ao (high-precision backward)": lambda m: (
+            quantize_(m, bitnet_training(int8_grad_input=False, int8_grad_weight=False)) or m
+        ),
     }
     print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
     header = f"{'M,K,N':>16} {'variant':<36} {'ms':>9} {'x BF16':>7} {'saved MiB':>10} {'x BF16':>7}"
@@ -117,7 +116,9 @@ def main() -> None:
             t = time_fwd_bwd(layer, x, grad, args.warmup, args.iters)
             b = saved_bytes(layer, x)
             baseline_t, baseline_b = baseline_t or t, baseline_b or b
-            print(f"{shape:>16} {name:<36} {t * 1e3:9.1f} {baseline_t / t:7.2f} {b / 2**20:10.2f} {b / baseline_b:7.3f}")
+            print(
+                f"{shape:>16} {name:<36} {t * 1e3:9.1f} {baseline_t / t:7.2f} {b / 2**20:10.2f} {b / baseline_b:7.3f}"
+            )
 
 
 if __name__ == "__main__":
