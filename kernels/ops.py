@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu, reference
 
 _BACKENDS: dict[str, ModuleType] = {"torch": cpu}
 #: Backend used for a device type when none is forced; devices not listed use "torch".
@@ -210,7 +210,7 @@ def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool) -> Non
         b_packed.shape[1] == (k + 3) // 4,
         lambda: f"bitnet_ao.scaled_int8_mm_packed: b_packed {tuple(b_packed.shape)} does not hold k={k} columns",
     )
-    inner = k if transpose_b else b_packed.shape[0]
+    _, inner = reference.packed_matmul_dims(b_packed, k, transpose_b)
     torch._check(
         a.shape[1] == inner,
         lambda: f"bitnet_ao.scaled_int8_mm_packed: a {tuple(a.shape)} needs {inner} columns",
@@ -220,5 +220,5 @@ def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool) -> Non
 @scaled_int8_mm_packed.register_fake
 def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype):
     _check_packed(a, b_packed, k, transpose_b)
-    n = b_packed.shape[0] if transpose_b else k
+    n, _ = reference.packed_matmul_dims(b_packed, k, transpose_b)
     return a.new_empty((a.shape[0], n), dtype=out_dtype)

@@ -157,6 +157,13 @@ def unpack_i2_in_i8(packed: Tensor, k: int) -> Tensor:
     return values[..., :k]
 
 
+def packed_matmul_dims(b_packed: Tensor, k: int, transpose_b: bool) -> tuple[int, int]:
+    """``(out_columns, inner)`` of :func:`scaled_int8_mm_packed` for a ``(N, ceil(k / 4))`` packed ``B``:
+    ``(N, k)`` for ``a @ B.T``, ``(k, N)`` for ``a @ B``."""
+    n = b_packed.shape[0]
+    return (n, k) if transpose_b else (k, n)
+
+
 def scaled_int8_mm_packed(
     a: Tensor,
     b_packed: Tensor,

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import reference
 from .triton_common import INTERPRET, check_tensors
 
 #: How ``B`` is stored, a compile-time switch of the kernel.
@@ -252,8 +253,6 @@ def scaled_int8_mm_packed(
 ) -> Tensor:
     """``reference.scaled_int8_mm_packed``: ``B`` is ``(N, ceil(k / 4))`` 2-bit packed and never unpacked to
     memory. ``transpose_b=True``: ``a (M, k) @ B.T``; ``False``: ``a (M, N) @ B``, output ``(M, k)``."""
-    if transpose_b:
-        n, inner, mode = b_packed.shape[0], k, B_PACKED_T
-    else:
-        n, inner, mode = k, b_packed.shape[0], B_PACKED
+    n, inner = reference.packed_matmul_dims(b_packed, k, transpose_b)
+    mode = B_PACKED_T if transpose_b else B_PACKED
     return _launch("scaled_int8_mm_packed", a, b_packed, n, inner, mode, row_scale, col_scale, scale, bias, out_dtype)
