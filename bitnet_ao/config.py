@@ -44,7 +44,7 @@ bitnet_training = BitNetTrainingConfig
 @register_quantize_module_handler(BitNetTrainingConfig)
 def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) -> nn.Module:
     # Imported here so that importing the config does not pull in the tensor subclass machinery.
-    from .tensor import BitNetTrainingLinearWeight
+    from .tensor import BitNetTrainingLinearWeight, register_checkpoint_hooks
 
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -56,4 +56,5 @@ def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) 
             "master weight (float32, bfloat16 or float16)"
         )
     module.weight = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
+    register_checkpoint_hooks(module)
     return module

@@ -12,8 +12,9 @@ import hashlib
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from . import fsdp
 from .config import BitNetTrainingConfig
@@ -142,6 +143,56 @@ def _rebuild_bitnet_weight(
     data: Tensor, config: BitNetTrainingConfig, requires_grad: bool
 ) -> BitNetTrainingLinearWeight:
     return BitNetTrainingLinearWeight(data, config).requires_grad_(requires_grad)
+
+
+# --- checkpoints: plain master weights in, plain master weights out ----------------------------------------
+# A checkpoint carries weights, not the recipe: every state dict of a quantized module holds the master weight
+# as a plain tensor (same key, dtype and shape as the unquantized model), so safetensors, save_pretrained, the
+# HF Trainer and any other tool that serializes plain tensors work unchanged, and a plain model loads it. The
+# recipe stays on the model: loading writes into the master weight, and a load that assigns the tensor
+# (load_state_dict(assign=True), the meta-device loaders) gets it re-wrapped with the module's config first.
+
+
+def _checkpoint_value(value: Tensor) -> Tensor:
+    """What a checkpoint holds for a state-dict value: the master weight of a BitNet weight, also as the local
+    tensor of an FSDP2-sharded DTensor (whose placements and global shape stay). Other values pass through."""
+    if isinstance(value, BitNetTrainingLinearWeight):
+        return value._data
+    if isinstance(value, DTensor) and isinstance(value._local_tensor, BitNetTrainingLinearWeight):
+        return DTensor.from_local(
+            value._local_tensor._data,
+            value.device_mesh,
+            value.placements,
+            run_check=False,
+            shape=value.shape,
+            stride=value.stride(),
+        )
+    return value
+
+
+def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name, param in module._parameters.items():
+        value = state_dict.get(prefix + name)
+        # state_dict(keep_vars=True) hands out the parameter itself, for code that wants the live object.
+        if value is not None and value is not param:
+            state_dict[prefix + name] = _checkpoint_value(value)
+
+
+def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    # load_state_dict works on its own copy of the dict, so replacing entries does not touch the caller's.
+    for name, param in module._parameters.items():
+        value = state_dict.get(prefix + name)
+        if isinstance(param, BitNetTrainingLinearWeight) and type(value) in (Tensor, nn.Parameter):
+            state_dict[prefix + name] = BitNetTrainingLinearWeight(value.detach(), param.config)
+
+
+def register_checkpoint_hooks(module: nn.Module) -> None:
+    """Make ``module``'s state dicts hold plain master weights and its loads keep the recipe (once per module)."""
+    if getattr(module, "_bitnet_checkpoint_hooks", False):
+        return
+    module.register_state_dict_post_hook(_state_dict_post_hook)
+    module.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
+    module._bitnet_checkpoint_hooks = True
 
 
 torch.serialization.add_safe_globals([BitNetTrainingLinearWeight, BitNetTrainingConfig, _rebuild_bitnet_weight])

@@ -222,6 +222,7 @@ def _dcp(tmp: str) -> dict:
     opt = _optimizer(model)
     _train(model, opt, 2, precompute=True)
     msd, osd = get_state_dict(model, opt)
+    saved_types = sorted({type(v.to_local()).__name__ for v in msd.values()})
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
     uninterrupted = _train(model, opt, 3, precompute=True, first_step=2)
 
@@ -234,7 +235,7 @@ def _dcp(tmp: str) -> dict:
     precompute_bitnet_scale_for_fsdp(resumed_model)
     resumed = _train(resumed_model, resumed_opt, 3, precompute=True, first_step=2)
     kinds = {type(p.to_local()).__name__ for p in resumed_model.parameters()}
-    return {"uninterrupted": uninterrupted, "resumed": resumed, "local_types": sorted(kinds)}
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "local_types": sorted(kinds), "saved": saved_types}
 
 
 def _compiled() -> dict:
@@ -371,7 +372,8 @@ def test_all_gather_moves_an_eighth_of_bf16(results):
 def test_dcp_save_load_resume_equals_uninterrupted(results):
     r = _get(results, "dcp")
     assert r["resumed"] == r["uninterrupted"], r
-    assert "BitNetTrainingLinearWeight" in r["local_types"]
+    assert "BitNetTrainingLinearWeight" in r["local_types"], "loading must keep the recipe"
+    assert r["saved"] == ["Tensor"], "the checkpoint holds plain master-weight shards"
 
 
 def test_compiled_blocks_match_eager(results):
