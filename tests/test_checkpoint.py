@@ -79,9 +79,8 @@ def test_state_dict_holds_plain_master_weights_with_the_plain_models_keys(traine
     for name in _bitnet_names(model):
         assert torch.equal(sd[name], masters[name]), name
     # state_dict(keep_vars=True) still hands out the live parameters (tools that want the objects).
-    assert model.state_dict(keep_vars=True)[_bitnet_names(model)[0]] is dict(model.named_parameters())[
-        _bitnet_names(model)[0]
-    ]
+    name = _bitnet_names(model)[0]
+    assert model.state_dict(keep_vars=True)[name] is dict(model.named_parameters())[name]
 
 
 @pytest.mark.parametrize("into", ["bitnet", "plain"])
