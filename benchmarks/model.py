@@ -4,7 +4,7 @@ RMSNorm pre-norms, rotary position embeddings, SwiGLU MLP and causal scaled-dot-
 names follow Meta's Llama reference (``layers.N.attention.wq``, ``feed_forward.w1``, ``attention_norm``,
 ``output``...), which is one of the layouts ``bitnet_ao.surgery`` recognizes.
 
-The norms are ``bitnet_ao.surgery.RMSNorm`` (``torch.nn.RMSNorm`` with a fused CPU backward), the same norm
+The norms are ``bitnet_ao.norm.RMSNorm`` (``torch.nn.RMSNorm`` with a fused CPU backward), the same norm
 the BitNet surgery inserts, so that a BF16 vs BitNet comparison does not measure two norm implementations.
 
 The output head is not tied to the embedding: the head stays in high precision while the block linears are
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitnet_ao.surgery import RMSNorm
+from bitnet_ao.norm import RMSNorm
 
 
 @dataclass

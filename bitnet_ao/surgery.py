@@ -26,8 +26,8 @@ Placements:
   4 norms per block instead of 7, which matters on CPU where an eager RMSNorm forward and backward costs
   about as much as a 1024-wide INT8 matmul.
 
-Models are recognized by the module names of their transformer blocks (:data:`LAYOUTS`): the Llama of
-``benchmarks/model.py`` (Meta's reference names), torchtitan's Llama 3 and Hugging Face's ``LlamaForCausalLM``.
+Models are recognized by the module names of their transformer blocks (:data:`LAYOUTS`): a Llama with Meta's
+reference names, torchtitan's Llama 3 and Hugging Face's ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
-from bitnet_ao.kernels import cpu as cpu_kernels
+from .norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ _META_MLP = dict(mlp_norm="ffn_norm", mlp_inputs=("feed_forward.w1", "feed_forwa
 
 LAYOUTS: tuple[BlockLayout, ...] = (
     BlockLayout(
-        "Llama (Meta reference names: benchmarks/model.py)",
+        "Llama (Meta reference names)",
         attention_norm="attention_norm",
         attention_inputs=("attention.wq", "attention.wk", "attention.wv"),
         attention_output="attention.wo",
@@ -105,54 +104,6 @@ LAYOUTS: tuple[BlockLayout, ...] = (
         mlp_output="mlp.down_proj",
     ),
 )
-
-
-def _rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``x / rms(x) * weight`` over the last dimension of a 2-D ``x``, in float32, cast back to ``x.dtype``;
-    also returns ``1 / rms(x)`` per row for the backward."""
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype), rstd
-
-
-def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    xhat = x.float() * rstd
-    dxhat = dy.float() * weight.float()
-    dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-    return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        with torch.autocast("cpu", enabled=False):
-            y, rstd = cpu_kernels.run_fused(_rms_norm_forward, x2.numel(), x2, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, None]:
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dweight = cpu_kernels.run_fused(_rms_norm_backward, x2.numel(), dy.reshape(x2.shape), x2, weight, rstd)
-        return dx.view(dy.shape), dweight, None
-
-
-class RMSNorm(nn.RMSNorm):
-    """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward on CPU.
-
-    Why: torch runs RMSNorm's backward on CPU as a chain of eager elementwise ops. At (2048, 1536) in bfloat16
-    that took 24 ms, against 4.7 ms for these bodies compiled by inductor, and the INT8 matmul the norm feeds
-    takes about as long; the FAQ placement has 7 of them per block. Large tensors run compiled and small ones
-    eagerly, by the same rule as the ``bitnet_ao.kernels`` CPU backend. Other devices, and whole-model
-    ``torch.compile``, use ``torch.nn.RMSNorm`` itself.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or self.weight is None or torch.compiler.is_compiling():
-            return super().forward(x)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return _RMSNormFunction.apply(x, self.weight, eps)
 
 
 class NormedLinear(nn.Module):
@@ -264,7 +215,6 @@ __all__ = [
     "LAYOUTS",
     "BlockLayout",
     "NormedLinear",
-    "RMSNorm",
     "SurgeryReport",
     "apply_bitnet_norms",
     "find_blocks",

@@ -10,7 +10,8 @@ from torchao.quantization import quantize_
 
 from benchmarks.model import ModelConfig, Transformer
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
-from bitnet_ao.surgery import NormedLinear, RMSNorm, apply_bitnet_norms, quantize_filter
+from bitnet_ao.norm import RMSNorm
+from bitnet_ao.surgery import NormedLinear, apply_bitnet_norms, quantize_filter
 
 ATTN, MLP = ("wq", "wk", "wv", "wo"), ("w1", "w2", "w3")
 
