@@ -18,6 +18,7 @@ else:
 
     from . import reference
     from .ops import (
+        OPS,
         backend_for,
         binarize,
         quantize_colwise_scaled,
@@ -39,6 +40,7 @@ else:
         register_backend("triton", triton_backend, default_for=("cuda",))
 
     __all__ = [
+        "OPS",
         "backend_for",
         "binarize",
         "quantize_colwise_scaled",

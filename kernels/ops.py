@@ -222,3 +222,15 @@ def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype)
     _check_packed(a, b_packed, k, transpose_b)
     n, _ = reference.packed_matmul_dims(b_packed, k, transpose_b)
     return a.new_empty((a.shape[0], n), dtype=out_dtype)
+
+
+#: Every custom op this module registers, for code that must cover them all (opcheck, docs).
+OPS = (
+    quantize_rowwise,
+    quantize_colwise_scaled,
+    weight_stats,
+    ternarize,
+    binarize,
+    scaled_int8_mm,
+    scaled_int8_mm_packed,
+)
