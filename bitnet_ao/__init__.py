@@ -3,13 +3,16 @@
 from torchao.quantization import quantize_
 from bitnet_ao import bitnet_training
 quantize_(model, bitnet_training())
+
+Importing the package registers the ``quantize_`` handler (``tensor.py``) and installs the FSDP2 all-gather
+extension (``fsdp.py``). The modules import one way only; docs/design.md draws the order.
 """
 
 from .config import BitNetTrainingConfig, bitnet_training
-from .fsdp import BitNetPackedLinearWeight, precompute_bitnet_scale_for_fsdp
+from .fsdp import precompute_bitnet_scale_for_fsdp
+from .packed import BitNetPackedLinearWeight
 from .packing import pack_i2_in_i8, unpack_i2_in_i8
-from .tensor import BitNetTrainingLinearWeight
-from .utils import unquantize_
+from .tensor import BitNetTrainingLinearWeight, unquantize_
 
 __all__ = [
     "BitNetPackedLinearWeight",

@@ -1,14 +1,15 @@
-"""``quantize_(model, bitnet_training(...))``: the config and the handler torchao calls for each selected module."""
+"""``BitNetTrainingConfig``: the BitNet recipe of a linear layer, as the config ``quantize_`` takes.
+
+Only the dataclass lives here, below everything else; the handler ``quantize_`` calls for it is registered
+beside the weight class it builds (``bitnet_ao/tensor.py``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-from torch import nn
 from torchao.core.config import AOBaseConfig
-from torchao.quantization.transform_module import register_quantize_module_handler
 
 WeightKind = Literal["ternary", "binary"]
 
@@ -25,7 +26,7 @@ class BitNetTrainingConfig(AOBaseConfig):
         weights: ``"ternary"`` for BitNet b1.58 ({-1, 0, 1}, abs-mean scale) or ``"binary"`` for the original
             1-bit BitNet ({-1, 1} around the mean).
 
-    The defaults come from the convergence measurement in docs/benchmarks.md.
+    The defaults come from the convergence measurement in docs/benchmarks.md; the math is docs/numerics.md.
     """
 
     int8_grad_input: bool = True
@@ -39,22 +40,3 @@ class BitNetTrainingConfig(AOBaseConfig):
 
 #: Lower-case alias for the ``quantize_`` call, as torchao names its configs.
 bitnet_training = BitNetTrainingConfig
-
-
-@register_quantize_module_handler(BitNetTrainingConfig)
-def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) -> nn.Module:
-    # Imported here so that importing the config does not pull in the tensor subclass machinery.
-    from .tensor import BitNetTrainingLinearWeight, register_checkpoint_hooks
-
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise TypeError(f"bitnet_training: {module!r} has no 2-D weight; only nn.Linear-like modules are supported")
-    data = weight._data if isinstance(weight, BitNetTrainingLinearWeight) else weight.detach()
-    if not data.dtype.is_floating_point:
-        raise TypeError(
-            f"bitnet_training: {module!r} has a {data.dtype} weight; BitNet training needs a floating-point "
-            "master weight (float32, bfloat16 or float16)"
-        )
-    module.weight = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
-    register_checkpoint_hooks(module)
-    return module

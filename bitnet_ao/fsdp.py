@@ -1,4 +1,5 @@
-"""FSDP2 for BitNet weights: a 2-bit packed all-gather with exact global scales (spec §3).
+"""FSDP2 for BitNet weights: a 2-bit packed all-gather with exact global scales (docs/numerics.md, "Weight scales
+under FSDP2").
 
 ``fully_shard`` shards each ``BitNetTrainingLinearWeight`` (the high-precision master weight) along dim 0. Before
 each all-gather, every rank ternarizes (or binarizes) its shard with the scale of the WHOLE weight and packs it
@@ -26,8 +27,9 @@ object of an unevenly sharded weight on the short ranks only (re-padding in its 
 ``load_state_dict``, in ``module._apply``), which drops the state kept on it there; so precomputed states are
 also registered by sharded parameter, the object FSDP2 keeps, and a new shard adopts its parameter's state.
 
-Import note: ``linear.py`` and ``tensor.py`` import this module and it imports them, always as modules, with the
-attributes used only at call time, so any import order works.
+This module installs the extension on :class:`~bitnet_ao.BitNetTrainingLinearWeight` when it is imported
+(``import bitnet_ao`` does): FSDP2 looks the two hooks up as methods of the sharded local tensor, and keeping them
+here keeps every FSDP2 rule in one module, above the weight kinds it uses.
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import kernels, linear, tensor
-from .config import BitNetTrainingConfig
+from . import kernels
 from .kernels import reference
-
-aten = torch.ops.aten
+from .packed import BitNetPackedLinearWeight
+from .private_api import dtensor_local, in_backward
+from .tensor import BitNetTrainingLinearWeight
+from .weight_quant import quantization_from_stats, quantize_weight
 
 
 class ScaleState(NamedTuple):
@@ -75,26 +78,25 @@ class ScaleState(NamedTuple):
 _PRECOMPUTED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _adopt_precomputed(weight: tensor.BitNetTrainingLinearWeight) -> ScaleState | None:
+def _adopt_precomputed(weight: BitNetTrainingLinearWeight) -> ScaleState | None:
     for param, state in list(_PRECOMPUTED.items()):
-        if param._local_tensor is weight:
+        if dtensor_local(param) is weight:
             weight._fsdp_scale_state = state
             return state
     return None
 
 
-def _local_stats(weight: tensor.BitNetTrainingLinearWeight) -> Tensor:
+def _local_stats(weight: BitNetTrainingLinearWeight) -> Tensor:
     """float64 ``(sum |w|, sum w, rows)`` of a shard: the all-reducible form of the scale and element count."""
     w = weight._data
     rows = torch.full((1,), w.shape[0], dtype=torch.float64, device=w.device)
     return torch.cat([kernels.weight_stats(w), rows])
 
 
-def _scale_state(weight: tensor.BitNetTrainingLinearWeight, group: dist.ProcessGroup) -> ScaleState:
+def _scale_state(weight: BitNetTrainingLinearWeight, group: dist.ProcessGroup) -> ScaleState:
     """The state this all-gather quantizes with (see the module docstring); all-reduces only when needed."""
-    state: ScaleState | None = weight._fsdp_scale_state or _adopt_precomputed(weight)
-    in_backward = torch._C._current_graph_task_id() != -1
-    if state is not None and (in_backward or state.fresh()):
+    state: ScaleState | None = getattr(weight, "_fsdp_scale_state", None) or _adopt_precomputed(weight)
+    if state is not None and (in_backward() or state.fresh()):
         return state
     stats = _local_stats(weight)
     dist.all_reduce(stats, group=group)
@@ -104,9 +106,7 @@ def _scale_state(weight: tensor.BitNetTrainingLinearWeight, group: dist.ProcessG
     return weight._fsdp_scale_state
 
 
-def pre_all_gather(
-    weight: tensor.BitNetTrainingLinearWeight, mesh: DeviceMesh
-) -> tuple[tuple[Tensor], tuple[Tensor, int]]:
+def pre_all_gather(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> tuple[tuple[Tensor], tuple[Tensor, int]]:
     """All-gather input: the shard quantized with the global scale, 2-bit packed, ``(P, ceil(K / 4))`` int8.
 
     ``P = ceil(N / world)`` is FSDP2's padded shard height: every rank must contribute the same number of bytes,
@@ -116,17 +116,16 @@ def pre_all_gather(
     """
     state = _scale_state(weight, mesh.get_group())
     n, k = state.rows, weight.shape[1]
-    s_w, alpha = reference.weight_scales_from_stats(state.sums, n * k)
-    center = alpha if weight.config.weights == "binary" else None
-    packed = reference.pack_i2_in_i8(linear.quantize_weight(weight._data, s_w, center, transpose=False))
+    q = quantization_from_stats(state.sums, n * k, weight.config)
+    packed = reference.pack_i2_in_i8(quantize_weight(weight._data, q, transpose=False))
     padded_rows = -(-n // mesh.size())
     if packed.shape[0] != padded_rows:
         packed = F.pad(packed, (0, 0, 0, padded_rows - packed.shape[0]))
-    return (packed,), (s_w, n)
+    return (packed,), (q.scale, n)
 
 
 def post_all_gather(
-    weight: tensor.BitNetTrainingLinearWeight,
+    weight: BitNetTrainingLinearWeight,
     all_gather_outputs: tuple[Tensor, ...],
     metadata: tuple[Tensor, int],
     param_dtype: torch.dtype,
@@ -150,96 +149,6 @@ def post_all_gather(
     return BitNetPackedLinearWeight(packed, scale, weight.shape[1], param_dtype, weight.config), all_gather_outputs
 
 
-class BitNetPackedLinearWeight(Tensor):
-    """An ``(N, K)`` BitNet weight already quantized: values 2-bit packed in ``packed`` ``(N, ceil(K / 4))`` int8
-    and the float32 weight scale ``scale``. The FSDP2 all-gather produces it; ``F.linear`` is its only use.
-
-    Its ``dtype`` is the parameter dtype FSDP2 asked for: the dtype of ``grad_weight``, which is a plain tensor.
-    """
-
-    packed: Tensor
-    scale: Tensor
-    config: BitNetTrainingConfig
-
-    @staticmethod
-    def __new__(
-        cls,
-        packed: Tensor,
-        scale: Tensor,
-        in_features: int,
-        dtype: torch.dtype,
-        config: BitNetTrainingConfig,
-        requires_grad: bool = False,
-    ) -> BitNetPackedLinearWeight:
-        return Tensor._make_wrapper_subclass(
-            cls, (packed.shape[0], in_features), dtype=dtype, device=packed.device, requires_grad=requires_grad
-        )
-
-    def __init__(
-        self,
-        packed: Tensor,
-        scale: Tensor,
-        in_features: int,
-        dtype: torch.dtype,
-        config: BitNetTrainingConfig,
-        requires_grad: bool = False,
-    ) -> None:
-        if packed.dtype != torch.int8 or packed.dim() != 2 or packed.shape[1] != (in_features + 3) // 4:
-            raise ValueError(
-                f"BitNetPackedLinearWeight: packed must be int8 of shape (N, ceil({in_features} / 4)), got "
-                f"{packed.dtype} {tuple(packed.shape)}"
-            )
-        self.packed = packed
-        self.scale = scale
-        self.config = config
-
-    def __repr__(self) -> str:
-        shape = tuple(self.shape)
-        return f"{type(self).__name__}(shape={shape}, dtype={self.dtype}, scale={self.scale}, config={self.config})"
-
-    def __tensor_flatten__(self) -> tuple[list[str], tuple[torch.dtype, BitNetTrainingConfig]]:
-        return ["packed", "scale"], (self.dtype, self.config)
-
-    @classmethod
-    def __tensor_unflatten__(cls, inner: dict[str, Tensor], meta: tuple, outer_size, outer_stride):
-        dtype, config = meta
-        return cls(inner["packed"], inner["scale"], outer_size[1], dtype, config)
-
-    def unpack(self) -> Tensor:
-        """The ``(N, K)`` int8 weight, for the matmuls that want it whole (high-precision ``grad_input``)."""
-        return reference.unpack_i2_in_i8(self.packed, self.shape[1])
-
-    def _same(self, requires_grad: bool = False) -> BitNetPackedLinearWeight:
-        return type(self)(self.packed, self.scale, self.shape[1], self.dtype, self.config, requires_grad)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            return linear.bitnet_linear(*args, **kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        weight = args[0]
-        # detach/alias: nn.Parameter and autograd bookkeeping. as_strided: FSDP2 views the all-gather output as
-        # the unsharded parameter with the original (contiguous) size and stride, i.e. the tensor itself.
-        if func in (aten.detach.default, aten.alias.default):
-            return weight._same()
-        if func is aten.as_strided.default and _is_identity_view(weight, *args[1:], **(kwargs or {})):
-            return weight._same()
-        raise NotImplementedError(
-            f"BitNetPackedLinearWeight (the FSDP2-gathered BitNet weight, shape {tuple(weight.shape)}) only "
-            f"supports F.linear, not {func}; use the sharded master weight for anything else"
-        )
-
-
-def _is_identity_view(weight: Tensor, size, stride, storage_offset: int | None = 0) -> bool:
-    n, k = weight.shape
-    return list(size) == [n, k] and list(stride) == [k, 1] and not storage_offset
-
-
 # --- precomputing every scale with one collective -------------------------------------------------------
 
 
@@ -250,7 +159,7 @@ def _shard_group(param: DTensor, name: str) -> dist.ProcessGroup:
         raise NotImplementedError(
             f"precompute_bitnet_scale_for_fsdp: {name} is placed as {param.placements} on {param.device_mesh}; "
             "only FSDP2/HSDP sharding (one sharded mesh dimension) is supported. Tensor parallelism needs "
-            "per-group weight scales (spec §4)."
+            "per-group weight scales (docs/numerics.md, 'Group scales for tensor parallelism')."
         )
     return param.device_mesh.get_group(shard_dims[0])
 
@@ -275,11 +184,18 @@ def precompute_bitnet_scale_for_fsdp(model: nn.Module | Iterable[nn.Module]) -> 
             if id(param) in seen or not isinstance(param, DTensor):
                 continue
             seen.add(id(param))
-            if isinstance(param._local_tensor, tensor.BitNetTrainingLinearWeight):
+            if isinstance(dtensor_local(param), BitNetTrainingLinearWeight):
                 groups.setdefault(_shard_group(param, name), []).append(param)
     for group, params in groups.items():
-        stats = torch.stack([_local_stats(param._local_tensor) for param in params])
+        stats = torch.stack([_local_stats(dtensor_local(param)) for param in params])
         dist.all_reduce(stats, group=group)
         for param, sums in zip(params, stats, strict=True):
             state = ScaleState(sums[:2], param.shape[0], (weakref.ref(param), param._version))
-            param._local_tensor._fsdp_scale_state = _PRECOMPUTED[param] = state
+            dtensor_local(param)._fsdp_scale_state = _PRECOMPUTED[param] = state
+
+
+# FSDP2 finds its all-gather extension as methods of the sharded local tensor. The mesh-only form of the pre-hook
+# is deliberate: for the five-argument form, FSDP2 (torch 2.13) requires every all-gather input of an unevenly
+# sharded weight to have the padded shard's (rows, K) shape, which no packed input can have.
+BitNetTrainingLinearWeight.fsdp_pre_all_gather = pre_all_gather
+BitNetTrainingLinearWeight.fsdp_post_all_gather = post_all_gather

@@ -1,8 +1,11 @@
-"""``BitNetTrainingLinearWeight``: the high-precision master weight that makes ``F.linear`` a BitNet linear.
+"""``BitNetTrainingLinearWeight``: the high-precision master weight that makes ``F.linear`` a BitNet linear, and
+the ``quantize_`` handler that builds it.
 
-The optimizer, ``state_dict``, ``.to()``, ``deepcopy`` and in-place updates see the master weight: every aten
-op is run on it, and in-place ops write into it. Only ``F.linear`` is different: it quantizes on the fly and
-runs the INT8 autograd function of ``linear.py``.
+The optimizer, ``.to()``, ``deepcopy`` and in-place updates see the master weight: every aten op is run on it,
+and in-place ops write into it. Only ``F.linear`` is different: it runs the BitNet autograd function of
+``linear.py``, which reaches the weight through the :class:`~bitnet_ao.linear.BitNetWeight` methods below.
+State dicts hold the master weight as a plain tensor (see "checkpoints" below). The FSDP2 all-gather extension
+of this class (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``) is installed by ``bitnet_ao/fsdp.py``.
 """
 
 from __future__ import annotations
@@ -11,14 +14,21 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torchao.quantization.transform_module import register_quantize_module_handler
 
-from . import fsdp
+from . import kernels
 from .config import BitNetTrainingConfig
 from .linear import bitnet_linear
+from .private_api import (
+    disable_torch_function_subclass,
+    dtensor_local,
+    is_compiling_with_fake_tensors,
+    make_wrapper_subclass,
+    tree_map_only,
+)
+from .weight_quant import WeightQuantization, quantize_weight, weight_quantization
 
 aten = torch.ops.aten
 
@@ -50,13 +60,10 @@ class BitNetTrainingLinearWeight(Tensor):
 
     _data: Tensor
     config: BitNetTrainingConfig
-    #: FSDP2 only: the all-reduced scale statistics of the whole weight, set on the local shard by the
-    #: all-gather hook or ``precompute_bitnet_scale_for_fsdp`` (see fsdp.py). A plain attribute, not flattened.
-    _fsdp_scale_state: fsdp.ScaleState | None = None
 
     @staticmethod
     def __new__(cls, data: Tensor, config: BitNetTrainingConfig) -> BitNetTrainingLinearWeight:
-        return Tensor._make_wrapper_subclass(
+        return make_wrapper_subclass(
             cls,
             data.shape,
             strides=data.stride(),
@@ -91,47 +98,59 @@ class BitNetTrainingLinearWeight(Tensor):
         # imported (the class and config are registered as safe globals below).
         return (_rebuild_bitnet_weight, (self._data, self.config, self.requires_grad))
 
-    # FSDP2 all-gather extension (fsdp.py): ternarize with the global scale, pack 2-bit, gather 1/8 of BF16.
-    # The mesh-only form of the hook is deliberate: for the five-argument form, FSDP2 (torch 2.13) requires
-    # every all-gather input of an unevenly sharded weight to have the padded shard's (rows, K) shape, which
-    # no packed input can have; the extra arguments are not needed.
-    def fsdp_pre_all_gather(self, mesh: DeviceMesh) -> tuple[tuple[Tensor], tuple[Tensor, int]]:
-        return fsdp.pre_all_gather(self, mesh)
+    # --- the BitNetWeight interface of the autograd function (bitnet_ao/linear.py) ---------------------------
 
-    def fsdp_post_all_gather(
+    def bitnet_quantization(self) -> WeightQuantization:
+        return weight_quantization(self._data, self.config)
+
+    def bitnet_int8(self, q: WeightQuantization) -> Tensor:
+        return quantize_weight(self._data, q, transpose=False)
+
+    def bitnet_mm(
         self,
-        all_gather_outputs: tuple[Tensor, ...],
-        metadata: tuple[Tensor, int],
-        param_dtype: torch.dtype,
-        *,
-        out: Tensor | None = None,
-    ) -> tuple[fsdp.BitNetPackedLinearWeight, tuple[Tensor, ...]] | None:
-        return fsdp.post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+        a: Tensor,
+        q: WeightQuantization,
+        transpose: bool,
+        row_scale: Tensor,
+        bias: Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        # The right operand b is W_q.T (forward) or W_q (grad_input). Write it straight in the layout the backend's
+        # matmul is fastest with (docs/numerics.md#matmul-layouts): row-major for torch._int_mm on CPU, a
+        # transposed view of a row-major tensor (contiguous along the reduction dim) for the Triton kernels.
+        w = self._data
+        if kernels.right_operand_k_contiguous(w):
+            b = quantize_weight(w, q, not transpose).t()
+        else:
+            b = quantize_weight(w, q, transpose)
+        return kernels.scaled_int8_mm(a, b, row_scale, None, q.scale, bias, out_dtype)
+
+    # --- torch function / dispatch ------------------------------------------------------------------------
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             return bitnet_linear(*args, **kwargs)
-        if func is Tensor.untyped_storage and torch._guards.TracingContext.try_get() is None:
+        if func is Tensor.untyped_storage and not is_compiling_with_fake_tensors():
             # A wrapper has no storage of its own; eager checkpointers (torchtitan's) compare storages to find
             # shared tensors, and the storage that matters is the master weight's. torch.compile, which builds
             # fake tensors from the wrapper's own (empty) storage, keeps seeing that one.
             return args[0]._data.untyped_storage()
-        with torch._C.DisableTorchFunctionSubclass():
+        with disable_torch_function_subclass():
             return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*pytree.tree_map_only(cls, _unwrap, args), **pytree.tree_map_only(cls, _unwrap, kwargs))
+        out = func(*tree_map_only(cls, _unwrap, args), **tree_map_only(cls, _unwrap, kwargs))
         if func._schema.is_mutable and isinstance(args[0], cls):
             # In-place update (optimizer step, copy_ from load_state_dict): the wrapper, with its own recipe,
             # is the result; a checkpoint carries weights, not the recipe.
             return args[0]
         if func in _KEEP_SUBCLASS:
             # All of these are unary in the weight: the result keeps its recipe.
-            return pytree.tree_map_only(Tensor, lambda t: cls(t, args[0].config), out)
+            return tree_map_only(Tensor, lambda t: cls(t, args[0].config), out)
         return out
 
 
@@ -158,9 +177,9 @@ def _checkpoint_value(value: Tensor) -> Tensor:
     tensor of an FSDP2-sharded DTensor (whose placements and global shape stay). Other values pass through."""
     if isinstance(value, BitNetTrainingLinearWeight):
         return value._data
-    if isinstance(value, DTensor) and isinstance(value._local_tensor, BitNetTrainingLinearWeight):
+    if isinstance(value, DTensor) and isinstance(dtensor_local(value), BitNetTrainingLinearWeight):
         return DTensor.from_local(
-            value._local_tensor._data,
+            dtensor_local(value)._data,
             value.device_mesh,
             value.placements,
             run_check=False,
@@ -196,3 +215,32 @@ def register_checkpoint_hooks(module: nn.Module) -> None:
 
 
 torch.serialization.add_safe_globals([BitNetTrainingLinearWeight, BitNetTrainingConfig, _rebuild_bitnet_weight])
+
+
+# --- quantize_ and its inverse ----------------------------------------------------------------------------
+
+
+@register_quantize_module_handler(BitNetTrainingConfig)
+def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) -> nn.Module:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"bitnet_training: {module!r} has no 2-D weight; only nn.Linear-like modules are supported")
+    data = weight._data if isinstance(weight, BitNetTrainingLinearWeight) else weight.detach()
+    if not data.dtype.is_floating_point:
+        raise TypeError(
+            f"bitnet_training: {module!r} has a {data.dtype} weight; BitNet training needs a floating-point "
+            "master weight (float32, bfloat16 or float16)"
+        )
+    module.weight = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
+    register_checkpoint_hooks(module)
+    return module
+
+
+def unquantize_(model: nn.Module) -> nn.Module:
+    """Replace every ``BitNetTrainingLinearWeight`` in ``model`` by a plain ``nn.Parameter`` holding its master
+    weight (in place; returns ``model``). The inverse of ``quantize_(model, bitnet_training())``."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, BitNetTrainingLinearWeight):
+                setattr(module, name, nn.Parameter(param._data, requires_grad=param.requires_grad))
+    return model

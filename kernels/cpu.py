@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..private_api import int_mm
 from . import reference
 
 #: Tensors with at least this many elements take the compiled path. ``BITNET_AO_COMPILE_MIN_NUMEL``
@@ -25,7 +26,7 @@ from . import reference
 COMPILE_MIN_NUMEL = int(os.environ.get("BITNET_AO_COMPILE_MIN_NUMEL", 1 << 16))
 
 #: Layout of the right operand ``b`` (``(K, N)``) that the matmul is fastest with: ``torch._int_mm`` on CPU
-#: runs ~1.7x faster with ``b`` row-major (N contiguous) than with a transposed view (spec §7).
+#: runs ~1.7x faster with ``b`` row-major (N contiguous) than with a transposed view (docs/benchmarks.md).
 RIGHT_OPERAND_K_CONTIGUOUS = False
 
 
@@ -90,7 +91,7 @@ def scaled_int8_mm(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    acc = torch._int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
+    acc = int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
     return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
 
 

@@ -9,7 +9,8 @@ memory, the MMA instruction and whether global loads are pipelined (``cp.async``
     python -m bitnet_ao.kernels.triton_aot_check                 # sm_80 and sm_90, two configs per layout
     python -m bitnet_ao.kernels.triton_aot_check --arch 89 --all-configs
 
-It uses Triton's compiler entry points (``ASTSource``, ``GPUTarget``), which are not a stable API (Triton 3.8).
+It uses Triton's compiler entry points (``ASTSource``, ``GPUTarget``), which are not a stable API (see
+``bitnet_ao.private_api``).
 ``TRITON_INTERPRET`` must be unset: interpreted kernels cannot be compiled.
 """
 
@@ -20,11 +21,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from ..private_api import triton_compiler
 from . import triton_mm, triton_quant
 from .triton_common import INTERPRET
+
+ASTSource, GPUTarget = triton_compiler()
 
 #: Problem size the launch specializations are taken from (every stride a multiple of 16, or 1).
 SIZE = 4096

@@ -7,11 +7,12 @@ autotuning (the interpreter would time every config on the CPU).
 
 from __future__ import annotations
 
-import triton
 from torch import Tensor
 
+from ..private_api import triton_interpreting
+
 #: True when the kernels in this package run in Triton's interpreter (CPU tensors allowed, no autotuning).
-INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+INTERPRET: bool = triton_interpreting()
 
 
 def check_tensors(op: str, *tensors: Tensor | None) -> None:

@@ -1,0 +1,111 @@
+"""The package imports one way: every module of bitnet_ao/ and kernels/ imports only modules listed before it in
+:data:`ORDER` (docs/design.md draws the same order). Imports inside functions count too: a lazy import that
+reaches back up is still a cycle, only a hidden one.
+
+Run it alone with ``python -m pytest tests/test_layering.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Every module, lowest first. A new module must be placed here, where its imports allow.
+ORDER = [
+    # leaves: private torch/Triton APIs, the recipe
+    "bitnet_ao.private_api",
+    "bitnet_ao.config",
+    # kernels: the numerics contract as code, the backends, the custom ops
+    "bitnet_ao.kernels.reference",
+    "bitnet_ao.kernels.cpu",
+    "bitnet_ao.kernels.triton_common",
+    "bitnet_ao.kernels.triton_quant",
+    "bitnet_ao.kernels.triton_mm",
+    "bitnet_ao.kernels.triton_backend",
+    "bitnet_ao.kernels.triton_aot_check",
+    "bitnet_ao.kernels.ops",
+    "bitnet_ao.kernels",
+    # weight math and other leaves over the kernels
+    "bitnet_ao.weight_quant",
+    "bitnet_ao.packing",
+    "bitnet_ao.norm",
+    # the autograd function and the weight interface it talks to
+    "bitnet_ao.linear",
+    # weight kinds
+    "bitnet_ao.packed",
+    "bitnet_ao.tensor",
+    # integrations
+    "bitnet_ao.fsdp",
+    "bitnet_ao.surgery",
+    "bitnet_ao",
+    "bitnet_ao.integrations",
+    "bitnet_ao.integrations.torchtitan.converter",
+    "bitnet_ao.integrations.torchtitan.hooks",
+    "bitnet_ao.integrations.torchtitan.config_registry",
+    "bitnet_ao.integrations.torchtitan",
+]
+
+
+def _module_files() -> dict[str, Path]:
+    """Module name -> file, for the installed layout (``kernels/`` is ``bitnet_ao.kernels``)."""
+    files = {}
+    for folder, package in ((ROOT / "bitnet_ao", "bitnet_ao"), (ROOT / "kernels", "bitnet_ao.kernels")):
+        for path in folder.rglob("*.py"):
+            parts = [package, *path.relative_to(folder).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join(parts)] = path
+    return files
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``name`` imports anywhere in its file (module level or inside functions)."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from package import submodule` imports the submodule; `from module import name` the module.
+            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known)
+    found.discard(name)
+    return found
+
+
+def test_every_module_is_placed_in_the_order():
+    assert sorted(_module_files()) == sorted(ORDER), "add new modules to ORDER (and to docs/design.md)"
+
+
+def test_imports_flow_one_way():
+    files = _module_files()
+    rank = {name: i for i, name in enumerate(ORDER)}
+    upward = [
+        f"{name} imports {target}"
+        for name, path in files.items()
+        for target in sorted(_imports(name, path, set(files)))
+        if rank[target] > rank[name]
+    ]
+    assert not upward, "modules importing upward:\n" + "\n".join(upward)
+
+
+def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
+    """The checker itself: it must resolve the import forms the package uses, or the test above proves nothing."""
+    source = "from . import kernels\nfrom ..private_api import int_mm\ndef f():\n    import bitnet_ao.fsdp\n"
+    path = tmp_path / "mod.py"
+    path.write_text(source)
+    known = {"bitnet_ao.kernels", "bitnet_ao.private_api", "bitnet_ao.fsdp", "bitnet_ao"}
+    # Inside bitnet_ao.kernels, `from . import kernels` names no submodule: it imports the package itself.
+    expected = {"bitnet_ao.kernels", "bitnet_ao.private_api", "bitnet_ao.fsdp"}
+    assert _imports("bitnet_ao.kernels.mod", path, known) == expected
+    assert _imports("bitnet_ao.mod", path, known) == {"bitnet_ao.kernels", "bitnet_ao.fsdp"}
