@@ -1,4 +1,4 @@
-"""The model changes BitNet recommends, as an explicit step before ``quantize_`` (spec §5).
+"""The model changes BitNet recommends, as an explicit step before ``quantize_`` (docs/numerics.md#model-changes).
 
 A quantized linear sees its input through a per-token int8 absmax: a few large activations squeeze every
 other value of the token into a handful of levels. The BitNet FAQ therefore normalizes the input of every

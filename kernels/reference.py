@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Lower bound on the activation absmax before dividing by 127 (BitNet FAQ / spec §1).
+#: Lower bound on the activation absmax before dividing by 127 (docs/numerics.md#forward).
 ACTIVATION_EPS = 1e-5
-#: Lower bound on the weight abs-mean before dividing by it (spec §1).
+#: Lower bound on the weight abs-mean before dividing by it (docs/numerics.md#forward).
 WEIGHT_EPS = 1e-5
 #: Lower bound on a gradient absmax. Gradients are routinely far below 1e-5 (a mean loss over many tokens),
 #: so the activation bound would flush them to zero; this one only avoids 0/0 on all-zero rows.
@@ -59,7 +59,7 @@ def weight_stats(w: Tensor) -> Tensor:
     """``(sum |w|, sum w)`` accumulated in float64, shape ``(2,)``.
 
     Sums (not means) so that shards can be all-reduced and divided by the global element count: the
-    sharded scale then equals the single-device scale (spec §3).
+    sharded scale then equals the single-device scale (docs/numerics.md#weight-scales-under-fsdp2).
     """
     return torch.stack([w.abs().sum(dtype=torch.float64), w.sum(dtype=torch.float64)])
 
@@ -103,7 +103,7 @@ def scale_output(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """Epilogue of every scaled int8 matmul: ``acc * row[:, None] * col[None, :] * scale`` in float32, cast to
-    ``out_dtype``, then ``+ bias`` in ``out_dtype`` (spec §1 forward)."""
+    ``out_dtype``, then ``+ bias`` in ``out_dtype`` (docs/numerics.md#forward)."""
     out = acc.float()
     if row_scale is not None:
         out = out * row_scale[:, None]

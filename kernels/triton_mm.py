@@ -2,9 +2,10 @@
 
 One kernel serves all three BitNet matmuls. ``A`` and ``B`` are read through their strides, so the forward
 (``x_q @ W_q.T``, "NT"), grad_input (``g_q @ W_q``, "NN") and grad_weight (``g'_q.T @ x_q``, "TN") run without
-copying an operand into another layout (cuBLAS INT8 is only fast for NT, spec §1). ``B`` can also be the 2-bit
-packed ternary weight (``reference.pack_i2_in_i8``: value ``4 j + i`` of a row in bits ``2 i .. 2 i + 1`` of
-byte ``j``), unpacked in registers tile by tile, so the FSDP2 all-gather output is used as is.
+copying an operand into another layout (cuBLAS INT8 is only fast for NT, docs/numerics.md#matmul-layouts).
+``B`` can also be the 2-bit packed ternary weight (``reference.pack_i2_in_i8``: value ``4 j + i`` of a row in
+bits ``2 i .. 2 i + 1`` of byte ``j``), unpacked in registers tile by tile, so the FSDP2 all-gather output is used
+as is.
 
 The epilogue is ``reference.scale_output`` in the same order: ``acc * row[:, None] * col[None, :] * scale`` in
 float32, cast to the output dtype, then ``+ bias`` added in float32 and rounded once more to the output dtype.

@@ -234,7 +234,8 @@ def weight_stats(w: Tensor) -> Tensor:
     """``reference.weight_stats``: ``(sum |w|, sum w)`` float64 ``(2,)``, deterministic and without host sync.
 
     Fixed tiles each write a float64 partial to their own slot; one program then adds them in order. No atomics,
-    so the same weight gives the same bits on every run (spec §3: sharded and single-device scales must agree).
+    so the same weight gives the same bits on every run: sharded and single-device scales must agree
+    (docs/numerics.md#weight-scales-under-fsdp2).
     """
     check_tensors("weight_stats", w)
     w2 = w if w.dim() == 2 else w.reshape(-1, w.shape[-1] if w.dim() else 1)

@@ -50,7 +50,8 @@ class BitNetLinear(Linear):
     def parallelize(self, parallel_dims) -> None:
         # Tensor parallelism shards the weight into DTensors whose F.linear runs as plain aten matmuls on the
         # local master weight: training would silently fall back to high precision. Also, one abs-mean scale
-        # per whole weight needs an all-reduce per layer under TP (spec section 4, group quantization).
+        # per whole weight needs an all-reduce per layer under TP
+        # (docs/numerics.md#group-scales-for-tensor-parallelism).
         if parallel_dims.tp_enabled:
             raise ValueError(
                 "BitNetLinear does not support tensor parallelism (parallelism.tensor_parallel_degree="
