@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from torchao.quantization import quantize_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.model import ModelConfig, Transformer  # noqa: E402
+from benchmarks.timing import measure  # noqa: E402
 from bitnet_ao import bitnet_training, precompute_bitnet_scale_for_fsdp  # noqa: E402
 
 LLAMA2_7B = {"dim": 4096, "hidden": 11008, "n_layers": 32, "vocab": 32000}
@@ -103,14 +103,10 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
         finally:
             dist.all_gather_single = original
 
-        times = []
-        for _ in range(steps):
-            dist.barrier()
-            start = time.perf_counter()
-            _step(model, opt, tokens, bitnet)
-            dist.barrier()
-            times.append(time.perf_counter() - start)
-        results[name] = {"all_gather_bytes_per_rank_step": sum(sent), "step_s_median": statistics.median(times)}
+        # The barriers time the ranks together: a step ends when the slowest rank's does. Warmed up above.
+        step = functools.partial(_step, model, opt, tokens, bitnet)
+        (step_s,) = measure(step, warmup=0, iters=steps, sync=dist.barrier)
+        results[name] = {"all_gather_bytes_per_rank_step": sum(sent), "step_s_median": step_s}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()

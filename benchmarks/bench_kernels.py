@@ -26,17 +26,19 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 # Interpreted Triton kernels would be timed instead of compiled ones; make sure the real thing runs.
 os.environ.pop("TRITON_INTERPRET", None)
+if not __package__:  # run as `python benchmarks/bench_kernels.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
 
+from benchmarks.timing import measure, synchronize  # noqa: E402
 from bitnet_ao import bitnet_training, kernels  # noqa: E402
 from bitnet_ao.kernels import reference  # noqa: E402
 
@@ -45,25 +47,6 @@ GPU_KN = ["4096,4096", "4096,14336", "14336,4096"]  # attention projections, MLP
 CPU_M = 512
 CPU_KN = ["1024,1024", "1024,3584", "3584,1024"]  # the same aspect ratios, scaled down
 H100_PEAK_GBPS = 3350.0
-
-
-def median_seconds(fns: list[Callable[[], object]], device: str, warmup: int, iters: int) -> list[float]:
-    """Median wall time of each ``fn()``, synchronizing the device around each call.
-
-    The functions are called in turn, iteration by iteration, so that whatever else the machine is doing slows
-    them alike and the ratios between them stay meaningful."""
-    times: list[list[float]] = [[] for _ in fns]
-    for i in range(warmup + iters):
-        for fn, fn_times in zip(fns, times, strict=True):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def _int8(*shape: int, device: str) -> torch.Tensor:
@@ -96,7 +79,8 @@ def bench_matmuls(m: int, kns: list[tuple[int, int]], device: str, warmup: int, 
             except RuntimeError:
                 int_mm = None
             calls = [ours, bf16] + ([int_mm] if int_mm else [])
-            tops = [ops / t / 1e12 for t in median_seconds(calls, device, warmup, iters)]
+            sync = functools.partial(synchronize, device)
+            tops = [ops / t / 1e12 for t in measure(*calls, warmup=warmup, iters=iters, sync=sync)]
             t_ours, t_bf16, t_int_mm = tops[0], tops[1], (tops[2] if int_mm else None)
             rows.append(
                 [layout, f"{m}x{k}x{n}", f"{t_ours:.3g}", f"{t_int_mm:.3g}" if t_int_mm else "n/a", f"{t_bf16:.3g}",
@@ -129,7 +113,7 @@ def bench_quantization(
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
                 continue
             seen.add((name, shape))
-            (t,) = median_seconds([fn], device, warmup, iters)
+            (t,) = measure(fn, warmup=warmup, iters=iters, sync=functools.partial(synchronize, device))
             gbps = nbytes / t / 1e9
             peak = f"{gbps / peak_gbps:.1%}" if peak_gbps else "n/a"
             rows.append([name, "x".join(map(str, shape)), f"{t * 1e3:.3f}", f"{gbps:.1f}", peak])
@@ -150,7 +134,7 @@ def bench_linear(m: int, kns: list[tuple[int, int]], device: str, warmup: int, i
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(m, n, device=device, dtype=torch.bfloat16)
         calls = [functools.partial(_forward_backward, layer, x, grad) for layer in (bitnet, bf16)]
-        times = median_seconds(calls, device, warmup, iters)
+        times = measure(*calls, warmup=warmup, iters=iters, sync=functools.partial(synchronize, device))
         rows.append([f"{m}x{k}x{n}", f"{times[0] * 1e3:.2f}", f"{times[1] * 1e3:.2f}", f"{times[1] / times[0]:.2f}x"])
     return rows
 

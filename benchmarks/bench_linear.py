@@ -13,37 +13,39 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import functools
+import sys
 from collections.abc import Callable
+from pathlib import Path
+
+if not __package__:  # run as `python benchmarks/bench_linear.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
 from torchao.quantization import quantize_
 
+from benchmarks.timing import measure, synchronize
 from bitnet_ao import bitnet_training
 
 DEFAULT_SHAPES = ["4096,2048,5632", "4096,5632,2048", "4096,2048,2048"]
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, warmup: int, iters: int) -> float:
-    """Median seconds of one forward + backward."""
-    times = []
-    for i in range(warmup + iters):
-        _sync(x.device.type)
-        start = time.perf_counter()
-        layer(x).backward(grad)
-        _sync(x.device.type)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    """Median seconds of one forward + backward; the gradients are dropped after each, as ``zero_grad`` does."""
+
+    def drop_grads() -> None:
         layer.weight.grad = None
         x.grad = None
-    return statistics.median(times)
+
+    (seconds,) = measure(
+        lambda: layer(x).backward(grad),
+        warmup=warmup,
+        iters=iters,
+        sync=functools.partial(synchronize, x.device),
+        after=drop_grads,
+    )
+    return seconds
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
 import os
 import platform
@@ -37,8 +35,10 @@ from torch import nn
 from torchao.quantization import quantize_
 from tqdm import tqdm
 
+from benchmarks import report
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.model import ModelConfig, Transformer
+from benchmarks.timing import synchronize
 from bitnet_ao import bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 
@@ -69,6 +69,48 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 
 
+# --- config: the command line and the runs it asks for -------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the training settings not given filled in from ``--preset`` (flags win over presets)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default", help="model size and training length")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quantize", choices=("none", "bitnet"), help="train one model (default: the comparison)")
+    mode.add_argument("--compare", action="store_true", help="BF16 vs BitNet (the default)")
+    mode.add_argument("--ablate", action="store_true", help="the comparison plus BitNet without surgery, "
+                      "with the subln placement, and with a BF16 backward")  # fmt: skip
+    bool_flag = argparse.BooleanOptionalAction
+    p.add_argument("--int8-grad-input", action=bool_flag, default=True, help="INT8 matmul for grad_input")
+    p.add_argument("--int8-grad-weight", action=bool_flag, default=True, help="INT8 matmul for grad_weight")
+    p.add_argument("--weights", choices=("ternary", "binary"), default="ternary")
+    p.add_argument("--surgery", action=bool_flag, default=True, help="BitNet norms (bitnet_ao.surgery)")
+    p.add_argument("--placement", choices=("faq", "subln"), default="faq", help="where the surgery puts norms")
+    p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile the model (preset default)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup + cosine)")
+    p.add_argument("--eval-every", type=int, help="steps between validation losses")
+    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", nargs="+", help="text files or globs, or a Hugging Face dataset name "
+                   "(default: the Python standard library's source)")  # fmt: skip
+    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the corpus size")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and loss_curves.png")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key, value in preset.items():
+        if key != "model" and getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    return args
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: BF16 (``quantize=False``) or BitNet with its options."""
@@ -94,7 +136,10 @@ class RunSpec:
 
 
 def run_specs(args: argparse.Namespace) -> list[RunSpec]:
-    """The runs asked for: the comparison unless ``--quantize`` names a single one."""
+    """The runs asked for: the comparison unless ``--quantize`` names a single one.
+
+    The one place that decides the runs and their order; the first run that is not quantized is the baseline the
+    report's "vs BF16" column divides by (``report.baseline``)."""
     bf16 = RunSpec("bf16", quantize=False)
     surgery = args.placement if args.surgery else None
     bitnet = RunSpec("bitnet", True, args.int8_grad_input, args.int8_grad_weight, args.weights, surgery)
@@ -111,58 +156,11 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     return [bitnet] if args.quantize == "bitnet" else [bf16]
 
 
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warmup over the first 20% of the steps, then cosine decay to 10% of ``lr``."""
-    warmup = max(1, steps // 5)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linears, embeddings), none on norm gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-# --- peak memory: the CUDA allocator's peak, or the process's peak resident set on CPU ----------------------
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        # Writing 5 resets the kernel's resident-set high-water mark (VmHWM) of this process.
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    # No /proc (macOS): the lifetime peak of the process, in bytes on macOS and kB elsewhere.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if platform.system() == "Darwin" else rss / 2**10
-
-
-def memory_note(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "peak CUDA memory allocated by the run (torch.cuda.max_memory_allocated)"
-    return "peak resident memory of the whole process during the run (Linux VmHWM, reset before each run)"
-
-
-# --- one run -----------------------------------------------------------------------------------------------
+# --- model and optimizer -------------------------------------------------------------------------------------
 
 
 def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: torch.device) -> nn.Module:
+    """The model of one run, from the same seeded initial weights, with the BitNet changes ``spec`` asks for."""
     torch.manual_seed(seed)  # the same initial weights for every run
     model = Transformer(model_config).to(device)
     if spec.quantize:
@@ -175,8 +173,71 @@ def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: tor
     return model
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linears, embeddings), none on norm gains and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warmup over the first 20% of the steps, then cosine decay to 10% of ``lr``."""
+    warmup = max(1, steps // 5)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --- measurement: peak memory (time is measured in train) ----------------------------------------------------
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak, so that each run's figure is its own and not the largest run's before it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        # Writing 5 resets the kernel's resident-set high-water mark (VmHWM) of this process.
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak since ``reset_peak_memory``: the CUDA allocator's, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    # No /proc (macOS): the lifetime peak of the process, in bytes on macOS and kB elsewhere.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if platform.system() == "Darwin" else rss / 2**10
+
+
+def measurement_notes(device: torch.device) -> dict[str, str]:
+    """How each figure of a run is measured, keyed like the figures: printed under the table, saved in the JSON.
+
+    Written here, beside the code that measures, so that a change to a measurement changes its description."""
+    if device.type == "cuda":
+        memory = "peak CUDA memory allocated by the run (torch.cuda.max_memory_allocated)"
+    else:
+        memory = "peak resident memory of the whole process during the run (Linux VmHWM, reset before each run)"
+    return {
+        "final_train_loss": f"mean of the last {FINAL_LOSS_WINDOW} steps",
+        "tokens_per_s": f"steps after the first {TIMING_WARMUP}, evaluation excluded",
+        "peak_memory_mb": memory,
+    }
+
+
+# --- training, with evaluation -------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
+    """Mean loss over fixed held-out batches, under the same autocast as training, so runs compare directly."""
     model.eval()
     losses = []
     for x, y in batches:
@@ -184,11 +245,6 @@ def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
             losses.append(model(x.to(device), y.to(device)).item())
     model.train()
     return sum(losses) / len(losses)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, data: ByteDataset) -> dict:
@@ -246,118 +302,11 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
     }
 
 
-# --- reporting ---------------------------------------------------------------------------------------------
-
-TABLE_COLUMNS = ("run", "train loss", "val loss", "tokens/s", "vs BF16", "peak mem (MB)", "time (s)")
-
-
-def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
-    """The table's cells, from the same figures that go to the JSON."""
-    baseline = next((r["tokens_per_s"] for r in runs if not r["spec"]["quantize"]), None)
-    return [
-        (
-            r["name"],
-            f"{r['final_train_loss']:.4f}",
-            f"{r['final_val_loss']:.4f}",
-            f"{r['tokens_per_s']:.0f}",
-            f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-",
-            f"{r['peak_memory_mb']:.0f}",
-            f"{r['time_s']:.1f}",
-        )
-        for r in runs
-    ]
-
-
-def format_table(runs: list[dict]) -> str:
-    rows = [TABLE_COLUMNS, *table_rows(runs)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    # The run name left-aligned, the figures right-aligned.
-    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
-             for row in rows]  # fmt: skip
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def plot(runs: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    for i, r in enumerate(runs):
-        color = f"C{i}"
-        losses = r["train_losses"]
-        window = max(1, len(losses) // 25)  # trailing mean: short runs are plotted as they are
-        smooth = [sum(losses[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
-        train_label = f"train (mean of {window} steps)" if window > 1 else "train"
-        ax_loss.plot(range(1, len(losses) + 1), smooth, color=color, label=f"{r['label']}: {train_label}")
-        steps, vals = zip(*r["val_losses"], strict=True)
-        ax_loss.plot(steps, vals, "o--", color=color, label=f"{r['label']}: validation")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=title)
-    ax_loss.legend(fontsize=7)
-    ax_loss.grid(alpha=0.3)
-    names = [r["name"] for r in runs]
-    speeds = [r["tokens_per_s"] for r in runs]
-    bars = ax_speed.bar(names, speeds, color=[f"C{i}" for i in range(len(runs))])
-    ax_speed.bar_label(bars, labels=[cells[4] for cells in table_rows(runs)])
-    ax_speed.set(ylabel="tokens/s (after warm-up)", title="training throughput")
-    ax_speed.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
-    )
-
-
-# --- command line --------------------------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default", help="model size and training length")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quantize", choices=("none", "bitnet"), help="train one model (default: the comparison)")
-    mode.add_argument("--compare", action="store_true", help="BF16 vs BitNet (the default)")
-    mode.add_argument("--ablate", action="store_true", help="the comparison plus BitNet without surgery, "
-                      "with the subln placement, and with a BF16 backward")  # fmt: skip
-    bool_flag = argparse.BooleanOptionalAction
-    p.add_argument("--int8-grad-input", action=bool_flag, default=True, help="INT8 matmul for grad_input")
-    p.add_argument("--int8-grad-weight", action=bool_flag, default=True, help="INT8 matmul for grad_weight")
-    p.add_argument("--weights", choices=("ternary", "binary"), default="ternary")
-    p.add_argument("--surgery", action=bool_flag, default=True, help="BitNet norms (bitnet_ao.surgery)")
-    p.add_argument("--placement", choices=("faq", "subln"), default="faq", help="where the surgery puts norms")
-    p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile the model (preset default)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup + cosine)")
-    p.add_argument("--eval-every", type=int, help="steps between validation losses")
-    p.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data", nargs="+", help="text files or globs, or a Hugging Face dataset name "
-                   "(default: the Python standard library's source)")  # fmt: skip
-    p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the corpus size")
-    p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and loss_curves.png")
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    for key, value in preset.items():
-        if key != "model" and getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    return args
+# --- the script ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Train every run asked for on the same data, then report; returns the runs (for tests)."""
     args = parse_args(argv)
     model_config = ModelConfig(vocab_size=VOCAB_SIZE, max_seq_len=args.seq_len, **PRESETS[args.preset]["model"])
     corpus, source = load_corpus(args.data, args.max_bytes)
@@ -368,27 +317,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     runs = [train(spec, args, model_config, data) for spec in run_specs(args)]
 
-    print(format_table(runs))
-    print(f"train loss: mean of the last {FINAL_LOSS_WINDOW} steps; tokens/s: steps after the first "
-          f"{TIMING_WARMUP}, evaluation excluded; peak mem: {memory_note(device)}")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.out / "loss_curves.png", f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers")
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "data": source,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "model": dataclasses.asdict(model_config),
-        "notes": {
-            "final_train_loss": f"mean of the last {FINAL_LOSS_WINDOW} steps",
-            "tokens_per_s": f"steps after the first {TIMING_WARMUP}, evaluation excluded",
-            "peak_memory_mb": memory_note(device),
-        },  # fmt: skip
-        "runs": runs,
-    }
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'loss_curves.png'}")
+    report.write(runs, measurement_notes(device), args, model_config, source)
     return runs
 
 

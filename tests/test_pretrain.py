@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import pretrain
+from benchmarks import pretrain, report
 from benchmarks.data import ByteDataset, load_corpus
 from bitnet_ao import BitNetTrainingLinearWeight
 from bitnet_ao.surgery import NormedLinear
@@ -30,7 +30,7 @@ def test_comparison_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert results["runs"] == runs
     # Every row the table printed is in the output, built from the JSON's figures.
     table = [line.split() for line in out.splitlines() if line.split()[:1] in (["bf16"], ["bitnet"])]
-    assert [tuple(row) for row in table] == pretrain.table_rows(results["runs"])
+    assert [tuple(row) for row in table] == report.table_rows(results["runs"])
     bf16, bitnet = results["runs"]
     assert table[1][2] == f"{bitnet['final_val_loss']:.4f}"
     assert table[1][4] == f"{bitnet['tokens_per_s'] / bf16['tokens_per_s']:.2f}x"

@@ -1,0 +1,121 @@
+"""The report of benchmarks/pretrain.py: the results table, ``loss_curves.png`` and ``results.json``.
+
+Kept apart from the training script so that pretrain.py reads as a training script. Everything shown is built
+from the run dicts that ``pretrain.train`` returns, the same dicts that go to the JSON, so the printed table, the
+plot and the file cannot disagree (tests/test_pretrain.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from benchmarks.model import ModelConfig
+
+TABLE_COLUMNS = ("run", "train loss", "val loss", "tokens/s", "vs BF16", "peak mem (MB)", "time (s)")
+
+
+def baseline(runs: list[dict]) -> dict | None:
+    """The run the speed column divides by: the first one not quantized (``pretrain.run_specs`` puts BF16 there).
+
+    None when every run is quantized (``--quantize bitnet``): the column then shows "-"."""
+    return next((r for r in runs if not r["spec"]["quantize"]), None)
+
+
+def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
+    """The table's cells, from the same figures that go to the JSON."""
+    base = baseline(runs)
+    return [
+        (
+            r["name"],
+            f"{r['final_train_loss']:.4f}",
+            f"{r['final_val_loss']:.4f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-",
+            f"{r['peak_memory_mb']:.0f}",
+            f"{r['time_s']:.1f}",
+        )
+        for r in runs
+    ]
+
+
+def format_table(runs: list[dict]) -> str:
+    """A plain-text table that splits into the cells of ``table_rows`` on whitespace (the run names have none)."""
+    rows = [TABLE_COLUMNS, *table_rows(runs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    # The run name left-aligned, the figures right-aligned.
+    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
+             for row in rows]  # fmt: skip
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    """Loss curves (smoothed training loss, validation points) beside a bar chart of the throughput."""
+    import matplotlib  # imported here: only the report needs it, and "Agg" must be chosen before pyplot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    for i, r in enumerate(runs):
+        color = f"C{i}"
+        losses = r["train_losses"]
+        window = max(1, len(losses) // 25)  # trailing mean: short runs are plotted as they are
+        smooth = [sum(losses[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
+        train_label = f"train (mean of {window} steps)" if window > 1 else "train"
+        ax_loss.plot(range(1, len(losses) + 1), smooth, color=color, label=f"{r['label']}: {train_label}")
+        steps, vals = zip(*r["val_losses"], strict=True)
+        ax_loss.plot(steps, vals, "o--", color=color, label=f"{r['label']}: validation")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=title)
+    ax_loss.legend(fontsize=7)
+    ax_loss.grid(alpha=0.3)
+    names = [r["name"] for r in runs]
+    speeds = [r["tokens_per_s"] for r in runs]
+    bars = ax_speed.bar(names, speeds, color=[f"C{i}" for i in range(len(runs))])
+    ax_speed.bar_label(bars, labels=[cells[4] for cells in table_rows(runs)])
+    ax_speed.set(ylabel="tokens/s (after warm-up)", title="training throughput")
+    ax_speed.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    """The hardware the figures were measured on, for the JSON: speed means nothing without it."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    )
+
+
+def write(
+    runs: list[dict], notes: dict[str, str], args: argparse.Namespace, model_config: ModelConfig, source: str
+) -> None:
+    """Print the table and how its figures were measured (``notes``), then write the plot and the JSON to
+    ``args.out``. ``notes`` is keyed like the run figures it explains and goes to the JSON as it is."""
+    print(format_table(runs))
+    print(f"train loss: {notes['final_train_loss']}; tokens/s: {notes['tokens_per_s']}; "
+          f"peak mem: {notes['peak_memory_mb']}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(runs, args.out / "loss_curves.png", f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers")
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "data": source,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": dataclasses.asdict(model_config),
+        "notes": notes,
+        "runs": runs,
+    }
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'loss_curves.png'}")
