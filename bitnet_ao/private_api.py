@@ -64,6 +64,18 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)
 
 
+def cpu_has_int8_dot_product() -> bool:
+    """Whether this CPU has int8 dot-product instructions oneDNN uses for ``torch._int_mm`` (torch 2.13.0:
+    ``torch.cpu._is_vnni_supported()`` for AVX-512 VNNI, ``torch.cpu._is_amx_tile_supported()`` for AMX)."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies BF16 natively (torch 2.13.0: ``torch.cpu._is_avx512_bf16_supported()`` or
+    AMX); without it a BF16 matmul falls back to scalar code, 30-80x slower than FP32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def triton_interpreting() -> bool:
     """Whether Triton kernels run in Triton's interpreter (Triton 3.9.0: ``triton.knobs.runtime.interpret``,
     read from ``TRITON_INTERPRET`` when a kernel is decorated)."""

@@ -117,13 +117,13 @@ class BitNetTrainingLinearWeight(Tensor):
     ) -> Tensor:
         # The right operand b is W_q.T (forward) or W_q (grad_input). Write it straight in the layout the backend's
         # matmul is fastest with (docs/numerics.md#matmul-layouts): row-major for torch._int_mm on CPU, a
-        # transposed view of a row-major tensor (contiguous along the reduction dim) for the Triton kernels.
+        # transposed view of a row-major tensor (contiguous along the reduction dim) for oneDNN and Triton.
         w = self._data
         if kernels.right_operand_k_contiguous(w):
             b = quantize_weight(w, q, not transpose).t()
         else:
             b = quantize_weight(w, q, transpose)
-        return kernels.scaled_int8_mm(a, b, row_scale, None, q.scale, bias, out_dtype)
+        return kernels.scaled_int8_mm(a, b, row_scale, None, q.scale, bias, out_dtype, b_ternary=True)
 
     # --- torch function / dispatch ------------------------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""The torch implementation of the ``bitnet_ao`` ops: ``torch._int_mm`` plus fused elementwise work.
+"""The torch implementation of the ``bitnet_ao`` ops: exact int8 matmuls plus fused elementwise work.
+
+The int8 matmuls on CPU take the route ``cpu_matmul.py`` chose for the CPU (``torch._int_mm``, oneDNN's u8 x s8
+linear, or exact FP32 GEMMs); on other devices ``torch._int_mm`` where it applies, else the float64 reference.
 
 On CPU an eager chain of elementwise ops is as slow as the matmul it feeds (a 4096x2048 row-wise
 quantization: ~70 ms eager, ~2.5 ms fused), so tensors of ``COMPILE_MIN_NUMEL`` elements or more run the
@@ -19,15 +22,17 @@ import torch
 from torch import Tensor
 
 from ..private_api import int_mm
-from . import reference
+from . import cpu_matmul, reference
 
 #: Tensors with at least this many elements take the compiled path. ``BITNET_AO_COMPILE_MIN_NUMEL``
 #: overrides it (0: always compile; a huge number: never).
 COMPILE_MIN_NUMEL = int(os.environ.get("BITNET_AO_COMPILE_MIN_NUMEL", 1 << 16))
 
-#: Layout of the right operand ``b`` (``(K, N)``) that the matmul is fastest with: ``torch._int_mm`` on CPU
-#: runs ~1.7x faster with ``b`` row-major (N contiguous) than with a transposed view (docs/benchmarks.md).
-RIGHT_OPERAND_K_CONTIGUOUS = False
+
+def right_operand_k_contiguous(t: Tensor) -> bool:
+    """Layout of the right operand ``b`` (``(K, N)``) the matmul for ``t``'s device is fastest with:
+    ``torch._int_mm`` ~1.7x faster with ``b`` row-major (N contiguous), oneDNN wants it contiguous along K."""
+    return t.device.type == "cpu" and cpu_matmul.right_operand_k_contiguous()
 
 
 @functools.cache
@@ -74,12 +79,16 @@ def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
 
 
 def _int_mm_supported(a: Tensor, b: Tensor) -> bool:
-    if a.device.type == "cpu":
-        return True
     # cuBLASLt int8 GEMM constraints (CUDA fallback until the Triton kernels take over).
     m, k = a.shape
     n = b.shape[1]
     return m > 16 and k % 8 == 0 and n % 8 == 0
+
+
+def _int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
+    if a.device.type == "cpu":
+        return cpu_matmul.int8_mm(a, b, b_ternary)
+    return int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
 
 
 def scaled_int8_mm(
@@ -90,8 +99,9 @@ def scaled_int8_mm(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    b_ternary: bool = False,
 ) -> Tensor:
-    acc = int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
+    acc = _int8_mm(a, b, b_ternary)
     return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
 
 
@@ -106,7 +116,8 @@ def scaled_int8_mm_packed(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    # Unpack once into the layout _int_mm is fastest with (B row-major), then run the plain matmul.
+    # Unpack once, into the layout this device's matmul is fastest with, then run the plain matmul.
     b = run_fused(reference.unpack_i2_in_i8, b_packed.numel(), b_packed, k)
-    b = b.t().contiguous() if transpose_b else b
-    return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)
+    b = b.t() if transpose_b else b
+    b = b.t().contiguous().t() if right_operand_k_contiguous(a) else b.contiguous()
+    return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=True)

@@ -53,7 +53,7 @@ def backend_for(t: Tensor) -> ModuleType:
 def right_operand_k_contiguous(t: Tensor) -> bool:
     """Whether the backend for ``t`` wants the right matmul operand ``b`` contiguous along the reduction dim
     (a transposed view of a row-major ``(N, K)``) rather than row-major ``(K, N)``."""
-    return backend_for(t).RIGHT_OPERAND_K_CONTIGUOUS
+    return backend_for(t).right_operand_k_contiguous(t)
 
 
 def _check_2d(name: str, t: Tensor, what: str) -> None:
@@ -169,16 +169,18 @@ def scaled_int8_mm(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    b_ternary: bool = False,
 ) -> Tensor:
     """``(a @ b)`` exactly in int32, times ``row_scale[:, None] * col_scale[None, :] * scale``, cast to
     ``out_dtype``, plus ``bias``. The layout (NT forward, NN grad_input, TN grad_weight) is read from the
-    strides of ``a`` and ``b``: pass transposed views, not copies."""
+    strides of ``a`` and ``b``: pass transposed views, not copies. ``b_ternary`` promises ``b`` only holds
+    {-1, 0, 1} (a BitNet weight), which lets CPUs without VNNI use oneDNN's u8 x s8 kernels exactly."""
     _check_mm(a, b)
-    return backend_for(a).scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)
+    return backend_for(a).scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary)
 
 
 @scaled_int8_mm.register_fake
-def _(a, b, row_scale, col_scale, scale, bias, out_dtype):
+def _(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=False):
     _check_mm(a, b)
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 

@@ -6,19 +6,24 @@ matmuls). Forcing it on CPU tensors (``ops.use_backend("triton")``) needs ``TRIT
 ``bitnet_ao.kernels`` is first imported; that is how the kernels are tested without a GPU.
 """
 
+from torch import Tensor
+
 from .triton_mm import scaled_int8_mm, scaled_int8_mm_packed
 from .triton_quant import binarize, quantize_colwise_scaled, quantize_rowwise, ternarize, weight_stats
 
-#: Layout of the right operand ``b`` (``(K, N)``) that the matmul is fastest with: 8-bit tensor-core MMAs on
-#: Hopper take only operands contiguous along the reduction dimension (see docs/kernels.md), so ``b``
-#: should be a transposed view of a row-major ``(N, K)``.
-RIGHT_OPERAND_K_CONTIGUOUS = True
+
+def right_operand_k_contiguous(t: Tensor) -> bool:
+    """Layout of the right operand ``b`` (``(K, N)``) that the matmul is fastest with: 8-bit tensor-core MMAs on
+    Hopper take only operands contiguous along the reduction dimension (see docs/kernels.md), so ``b`` should be a
+    transposed view of a row-major ``(N, K)``."""
+    return True
+
 
 __all__ = [
-    "RIGHT_OPERAND_K_CONTIGUOUS",
     "binarize",
     "quantize_colwise_scaled",
     "quantize_rowwise",
+    "right_operand_k_contiguous",
     "scaled_int8_mm",
     "scaled_int8_mm_packed",
     "ternarize",

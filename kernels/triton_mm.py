@@ -236,8 +236,10 @@ def scaled_int8_mm(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    b_ternary: bool = False,
 ) -> Tensor:
-    """``reference.scaled_int8_mm``: ``a (M, K) @ b (K, N)`` in int32 with the fused epilogue, any strides."""
+    """``reference.scaled_int8_mm``: ``a (M, K) @ b (K, N)`` in int32 with the fused epilogue, any strides.
+    ``b_ternary`` is not needed: int32 accumulation on GPUs is exact for any int8 operands."""
     return _launch("scaled_int8_mm", a, b, b.shape[1], a.shape[1], B_INT8, row_scale, col_scale, scale, bias, out_dtype)
 
 

@@ -19,6 +19,7 @@ ORDER = [
     "bitnet_ao.config",
     # kernels: the numerics contract as code, the backends, the custom ops
     "bitnet_ao.kernels.reference",
+    "bitnet_ao.kernels.cpu_matmul",
     "bitnet_ao.kernels.cpu",
     "bitnet_ao.kernels.triton_common",
     "bitnet_ao.kernels.triton_quant",
