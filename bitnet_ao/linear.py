@@ -17,7 +17,7 @@ Saved for backward (docs/numerics.md#saved-for-backward): ``x_q`` (int8), ``s_x`
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ from .kernels.reference import ACTIVATION_EPS, GRADIENT_EPS
 from .weight_quant import WeightQuantization
 
 
+@runtime_checkable
 class BitNetWeight(Protocol):
     """What the BitNet autograd function needs from a weight of shape ``(N, K)``. Every weight kind implements it."""
 
@@ -57,34 +58,62 @@ class BitNetWeight(Protocol):
         ...
 
 
+class InputNorm(NamedTuple):
+    """An RMSNorm applied to the linear's input inside the linear: fused with the activation quantization."""
+
+    weight: Tensor
+    eps: float
+
+
 class _BitNetLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: BitNetWeight, bias: Tensor | None, config: BitNetTrainingConfig) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: BitNetWeight,
+        bias: Tensor | None,
+        config: BitNetTrainingConfig,
+        out_dtype: torch.dtype,
+        norm_weight: Tensor | None,
+        norm_eps: float,
+    ) -> Tensor:
         n, k = weight.shape
-        x_q, s_x = kernels.quantize_rowwise(x.reshape(-1, k), ACTIVATION_EPS)
+        x2 = x.reshape(-1, k)
+        if norm_weight is None:
+            x_q, s_x = kernels.quantize_rowwise(x2, ACTIVATION_EPS)
+            saved_norm: tuple[Tensor, ...] = ()
+        else:
+            x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS)
+            saved_norm = (x2, norm_weight, rstd)
         q = weight.bitnet_quantization()
-        y = weight.bitnet_mm(x_q, q, True, s_x, bias, x.dtype)
+        y = weight.bitnet_mm(x_q, q, True, s_x, bias, out_dtype)
 
-        ctx.save_for_backward(x_q, s_x, weight, *q)
+        ctx.save_for_backward(x_q, s_x, weight, *saved_norm, *q)
         ctx.config = config
         ctx.x_shape = x.shape
+        ctx.norm = norm_weight is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x_q, s_x, weight, *saved_q = ctx.saved_tensors
-        q = WeightQuantization(*saved_q)
+        x_q, s_x, weight, *saved = ctx.saved_tensors
+        x2, norm_weight, rstd = saved[:3] if ctx.norm else (None, None, None)
+        q = WeightQuantization(*saved[3:] if ctx.norm else saved)
         config: BitNetTrainingConfig = ctx.config
         g = grad_y.reshape(-1, weight.shape[0])
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_norm = None
 
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] or (ctx.norm and ctx.needs_input_grad[5]):
             if config.int8_grad_input:
                 g_q, s_g = kernels.quantize_rowwise(g, GRADIENT_EPS)
                 grad_x = weight.bitnet_mm(g_q, q, False, s_g, None, g.dtype)
             else:
                 grad_x = (g @ weight.bitnet_int8(q).to(g.dtype)) * q.scale.to(g.dtype)
+            if ctx.norm:
+                # grad_x is the gradient of the normalized input; the norm's backward takes it to x. It reaches the
+                # norm in x's dtype, as through the cast between an unfused norm and linear: the same numbers.
+                grad_x, grad_norm = kernels.rms_norm_backward(grad_x.to(x2.dtype), x2, norm_weight, rstd)
             grad_x = grad_x.reshape(ctx.x_shape)
 
         if ctx.needs_input_grad[1]:
@@ -98,7 +127,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
 
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, grad_norm, None
 
 
 def _describe(weight: BitNetWeight) -> str:
@@ -116,13 +145,22 @@ def _check_inputs(x: Tensor, weight: BitNetWeight, bias: Tensor | None) -> None:
         raise ValueError(f"{_describe(weight)}: bias of shape {tuple(bias.shape)}, expected ({n},)")
 
 
-def bitnet_linear(input: Tensor, weight: BitNetWeight, bias: Tensor | None = None) -> Tensor:
+def bitnet_linear(
+    input: Tensor, weight: BitNetWeight, bias: Tensor | None = None, input_norm: InputNorm | None = None
+) -> Tensor:
     """``F.linear`` for a BitNet weight. Under autocast the input and bias are cast to the autocast dtype first,
-    as autocast would for a plain linear; the output has the (cast) input's dtype."""
+    as autocast would for a plain linear; the output has the (cast) input's dtype.
+
+    ``input_norm``: ``F.linear(rms_norm(input), ...)`` with the norm fused into the activation quantization (one
+    pass over the input instead of three), the same int8 values as the norm followed by the linear. The norm runs
+    in float32 on the input as it is (like ``bitnet_ao.norm.RMSNorm``, not under autocast), and its output is
+    rounded to the dtype the linear computes in before it is quantized."""
     _check_inputs(input, weight, bias)
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else input.dtype
+    if input_norm is None:
         input = input.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return _BitNetLinearFunction.apply(input, weight, bias, weight.config)
+    if bias is not None:
+        bias = bias.to(dtype)
+    norm_weight, norm_eps = input_norm if input_norm is not None else (None, 0.0)
+    return _BitNetLinearFunction.apply(input, weight, bias, weight.config, dtype, norm_weight, norm_eps)

@@ -36,8 +36,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
+from .linear import BitNetWeight, InputNorm, bitnet_linear
 from .norm import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,12 @@ LAYOUTS: tuple[BlockLayout, ...] = (
 class NormedLinear(nn.Module):
     """``linear(norm(x))``: a linear with its own RMSNorm (no bias) in front, the FAQ's ``BitLinear`` layout.
 
-    ``linear`` is kept as it is, so ``quantize_`` turns it into a BitNet linear like any other.
+    ``linear`` is kept as it is, so ``quantize_`` turns it into a BitNet linear like any other. Once it is one, the
+    norm runs fused into the linear's activation quantization (``bitnet_linear(..., input_norm=...)``): one pass
+    over the activation that normalizes, takes the per-token absmax and writes int8, instead of writing the
+    normalized activation and reading it twice. The int8 values are the same as norm-then-linear. The linear is
+    called as a module (unfused) whenever that could skip something: hooks on it, or a subclass (FSDP2's
+    per-module wrapping).
     """
 
     def __init__(self, linear: nn.Linear, eps: float) -> None:
@@ -118,7 +125,17 @@ class NormedLinear(nn.Module):
         self.linear = linear
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.norm(x))
+        linear = self.linear
+        fusable = (
+            isinstance(linear.weight, BitNetWeight)
+            and type(linear) is nn.Linear
+            and not (linear._forward_hooks or linear._forward_pre_hooks)
+            and self.norm.weight is not None
+        )
+        if not fusable:
+            return linear(self.norm(x))
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(x.dtype).eps
+        return bitnet_linear(x, linear.weight, linear.bias, InputNorm(self.norm.weight, eps))
 
 
 @dataclass

@@ -42,7 +42,9 @@ def _compiled(fn: Callable, variant: tuple) -> Callable:
     # fullgraph compile fails. A private copy of the code object per variant gives each variant its own cache.
     code_copy = fn.__code__.replace()
     copy = types.FunctionType(code_copy, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return torch.compile(copy, dynamic=True, fullgraph=True)
+    # emulate_precision_casts: keep every rounding to a narrower dtype the body writes (by default inductor skips
+    # one that is cast straight back up), so the compiled body gives the eager reference's bits.
+    return torch.compile(copy, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def _variant(args: tuple) -> tuple:
@@ -60,6 +62,16 @@ def run_fused(fn: Callable, numel: int, *args):
 
 def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return run_fused(reference.quantize_rowwise, x.numel(), x, eps)
+
+
+def rms_norm_quantize_rowwise(
+    x: Tensor, weight: Tensor, norm_eps: float, norm_dtype: torch.dtype, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return run_fused(reference.rms_norm_quantize_rowwise, x.numel(), x, weight, norm_eps, norm_dtype, eps)
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    return run_fused(reference.rms_norm_backward, x.numel(), dy, x, weight, rstd)
 
 
 def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:

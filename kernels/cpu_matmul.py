@@ -16,8 +16,8 @@ the rest (docs/benchmarks.md has the measurements):
   with neither route (then it runs at about FP32 speed: a one-time warning says so).
 - ``"reference"``: float64, the contract itself; slow, for tests.
 
-``BITNET_AO_CPU_INT8_ROUTE`` forces one route for every matmul it can compute exactly (``onednn`` leaves the
-full-range matmul to the CPU's default). :func:`routes` reports the choice.
+``BITNET_AO_CPU_INT8_ROUTE`` forces a route: one name for every matmul it can compute exactly (``onednn`` leaves
+the full-range matmul to the CPU's default), or ``ternary=ROUTE,full=ROUTE``. :func:`routes` reports the choice.
 """
 
 from __future__ import annotations
@@ -60,13 +60,7 @@ def routes() -> dict[str, str]:
         default = {"ternary": "fp32", "full": "fp32"}
     forced = os.environ.get(ENV_VAR)
     if forced:
-        if forced not in ROUTES:
-            raise ValueError(f"{ENV_VAR}={forced!r}: expected one of {', '.join(ROUTES)}")
-        if forced == "onednn" and not _onednn_available():
-            raise ValueError(f"{ENV_VAR}=onednn: oneDNN's int8 linear is not available on {platform.machine()}")
-        # oneDNN is exact for a full-range right operand only with VNNI's int32 dot products.
-        full = forced if forced != "onednn" else default["full"]
-        return {"ternary": forced, "full": full}
+        return _forced_routes(forced, default)
     if default["ternary"] == "fp32":
         warnings.warn(
             f"bitnet_ao: this CPU ({platform.machine()}, torch capability "
@@ -75,6 +69,23 @@ def routes() -> dict[str, str]:
             stacklevel=2,
         )
     return default
+
+
+def _forced_routes(value: str, default: dict[str, str]) -> dict[str, str]:
+    """``BITNET_AO_CPU_INT8_ROUTE``: one route for both kinds of matmul, or ``ternary=ROUTE,full=ROUTE``."""
+    if "=" in value:
+        chosen = dict(item.split("=", 1) for item in value.split(","))
+    else:
+        # oneDNN is exact for a full-range right operand only with VNNI's int32 dot products.
+        chosen = {"ternary": value, "full": value if value != "onednn" else default["full"]}
+    if set(chosen) != {"ternary", "full"} or not set(chosen.values()) <= set(ROUTES) or chosen["full"] == "onednn":
+        raise ValueError(
+            f"{ENV_VAR}={value!r}: expected one of {', '.join(ROUTES)}, or ternary=ROUTE,full=ROUTE "
+            "(full: int_mm, fp32 or reference; oneDNN is exact only for ternary operands on every CPU)"
+        )
+    if chosen["ternary"] == "onednn" and not _onednn_available():
+        raise ValueError(f"{ENV_VAR}={value!r}: oneDNN's int8 linear is not available on {platform.machine()}")
+    return chosen
 
 
 def right_operand_k_contiguous() -> bool:

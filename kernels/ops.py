@@ -84,6 +84,40 @@ def _(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
+# --- RMSNorm fused with the activation quantization, and its backward ---------------------------------------
+
+
+@torch.library.custom_op("bitnet_ao::rms_norm_quantize_rowwise", mutates_args=())
+def rms_norm_quantize_rowwise(
+    x: Tensor, weight: Tensor, norm_eps: float, norm_dtype: torch.dtype, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RMSNorm of ``x`` rounded to ``norm_dtype``, quantized per row, in one pass: ``(x_q int8 (M, K), s float32
+    (M,), rstd float32 (M, 1))``, see ``reference.rms_norm_quantize_rowwise``."""
+    _check_2d("rms_norm_quantize_rowwise", x, "x")
+    _check_float("rms_norm_quantize_rowwise", x, "x")
+    return backend_for(x).rms_norm_quantize_rowwise(x, weight, norm_eps, norm_dtype, eps)
+
+
+@rms_norm_quantize_rowwise.register_fake
+def _(x, weight, norm_eps, norm_dtype, eps):
+    _check_2d("rms_norm_quantize_rowwise", x, "x")
+    m = x.shape[0]
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(m, dtype=torch.float32), x.new_empty((m, 1))
+
+
+@torch.library.custom_op("bitnet_ao::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of the RMSNorm for its input and its gain, see ``reference.rms_norm_backward``."""
+    _check_2d("rms_norm_backward", x, "x")
+    return backend_for(x).rms_norm_backward(dy, x, weight, rstd)
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd):
+    _check_2d("rms_norm_backward", x, "x")
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
 # --- weight-gradient operand: grad_output * s_x, per-column int8 ----------------------------------------
 
 
@@ -229,6 +263,8 @@ def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype)
 #: Every custom op this module registers, for code that must cover them all (opcheck, docs).
 OPS = (
     quantize_rowwise,
+    rms_norm_quantize_rowwise,
+    rms_norm_backward,
     quantize_colwise_scaled,
     weight_stats,
     ternarize,

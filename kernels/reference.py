@@ -40,6 +40,35 @@ def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x_q, scale
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm over the last dimension of a 2-D ``x``: ``x / rms(x) * weight`` computed in float32 and cast back to
+    ``x.dtype``, and ``rstd = 1 / rms(x)`` per row, shape ``(M, 1)`` float32, for the backward."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.float()).to(x.dtype), rstd
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`rms_norm` for the input (in ``x.dtype``) and the gain (in ``weight.dtype``)."""
+    xhat = x.float() * rstd
+    dxhat = dy.float() * weight.float()
+    dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), (dy.float() * xhat).sum(0).to(weight.dtype)
+
+
+def rms_norm_quantize_rowwise(
+    x: Tensor, weight: Tensor, norm_eps: float, norm_dtype: torch.dtype, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rms_norm` then :func:`quantize_rowwise` in one pass: ``(x_q, s, rstd)``.
+
+    The normalized row is rounded to ``norm_dtype`` (the dtype the linear would have received: the autocast dtype,
+    or ``x.dtype``) before it is quantized, so the int8 values are exactly those of the norm followed by the
+    quantization; fusing only saves writing and reading the normalized activation."""
+    y, rstd = rms_norm(x, weight, norm_eps)
+    x_q, scale = quantize_rowwise(y.to(norm_dtype), eps)
+    return x_q, scale, rstd
+
+
 def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Fold ``row_scale`` into ``g`` and quantize per column (the INT8 weight-gradient operand).
 

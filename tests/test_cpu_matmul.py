@@ -111,9 +111,13 @@ def test_env_var_forces_a_route(monkeypatch):
             assert cpu_matmul.routes()["ternary"] == "onednn"
             assert cpu_matmul.routes()["full"] in ("int_mm", "fp32")
         cpu_matmul.routes.cache_clear()
-        monkeypatch.setenv(cpu_matmul.ENV_VAR, "int4")
-        with pytest.raises(ValueError, match="BITNET_AO_CPU_INT8_ROUTE='int4': expected one of"):
-            cpu_matmul.routes()
+        monkeypatch.setenv(cpu_matmul.ENV_VAR, "ternary=reference,full=fp32")
+        assert cpu_matmul.routes() == {"ternary": "reference", "full": "fp32"}
+        for bad in ("int4", "ternary=int_mm", "ternary=int_mm,full=onednn"):
+            cpu_matmul.routes.cache_clear()
+            monkeypatch.setenv(cpu_matmul.ENV_VAR, bad)
+            with pytest.raises(ValueError, match=f"BITNET_AO_CPU_INT8_ROUTE='{bad}': expected one of"):
+                cpu_matmul.routes()
     finally:
         cpu_matmul.routes.cache_clear()
 

@@ -1,0 +1,80 @@
+"""The RMSNorm fused into the BitNet linear's activation quantization (``NormedLinear`` after ``quantize_``) gives
+the same numbers as the norm followed by the linear: forward output, input gradient and both weight gradients."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+
+from bitnet_ao import bitnet_training
+from bitnet_ao.kernels import cpu, reference
+from bitnet_ao.surgery import NormedLinear
+from tests.spec_reference import act_quant
+
+
+def _normed_bitnet_linear(k: int, n: int, dtype: torch.dtype) -> NormedLinear:
+    torch.manual_seed(0)
+    layer = NormedLinear(nn.Linear(k, n, dtype=dtype), eps=1e-5)
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)  # a trained gain, not the unit one
+    quantize_(layer, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    return layer
+
+
+def _step(layer: NormedLinear, x: torch.Tensor, fused: bool, autocast: torch.dtype | None):
+    x = x.detach().requires_grad_()
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+    with ctx:
+        y = layer(x) if fused else layer.linear(layer.norm(x))
+    y.float().square().sum().backward()
+    grads = (x.grad, layer.linear.weight.grad, layer.linear.bias.grad, layer.norm.weight.grad)
+    layer.zero_grad()
+    return (y.detach(), *grads)
+
+
+@pytest.mark.parametrize(
+    "dtype,autocast", [(torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, None)]
+)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_fused_equals_norm_then_linear(monkeypatch, dtype, autocast, compiled):
+    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0 if compiled else 1 << 60)
+    layer = _normed_bitnet_linear(96, 40, dtype)
+    x = torch.randn(3, 17, 96, dtype=dtype) * 3
+    fused = _step(layer, x, fused=True, autocast=autocast)
+    unfused = _step(layer, x, fused=False, autocast=autocast)
+    names = ("output", "grad_input", "grad_weight", "grad_bias", "grad_norm_weight")
+    for name, a, b in zip(names, fused, unfused, strict=True):
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max().item()}"
+
+
+def test_fused_int8_activation_is_the_quantized_norm_output():
+    """The int8 values are those of the norm's output, rounded to the linear's dtype, quantized per token
+    (checked against the independent quantizer of tests/spec_reference.py)."""
+    torch.manual_seed(1)
+    x, gain = torch.randn(8, 64), torch.rand(64) + 0.5
+    for norm_dtype in (torch.float32, torch.bfloat16):
+        x_q, s, rstd = reference.rms_norm_quantize_rowwise(x, gain, 1e-5, norm_dtype, 1e-5)
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain).to(norm_dtype)
+        q_ref, s_ref = act_quant(normed)
+        assert torch.equal(x_q, q_ref.to(torch.int8)) and torch.equal(s, s_ref)
+        torch.testing.assert_close(rstd, x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt())
+
+
+def test_fusion_is_skipped_when_the_linear_has_hooks():
+    layer = _normed_bitnet_linear(32, 16, torch.float32)
+    calls = []
+    layer.linear.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    layer(torch.randn(4, 32))
+    assert calls == [torch.Size([4, 32])], "a hook on the linear must still run"
+
+
+def test_plain_linear_is_not_fused():
+    torch.manual_seed(0)
+    layer = NormedLinear(nn.Linear(32, 16), eps=1e-5)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(layer(x), layer.linear(layer.norm(x)), rtol=0, atol=0)
