@@ -5,13 +5,17 @@ are called in turn, so load from other processes slows them alike):
 
 1. Scaled INT8 matmul per layout, NT (forward ``x_q @ W_q.T``), NN (grad_input ``g_q @ W_q``) and TN
    (grad_weight ``g'_q.T @ x_q``), operands passed as strided views exactly as the BitNet linear passes them:
-   ``bitnet_ao.kernels.scaled_int8_mm`` (the Triton kernel on CUDA, the torch backend on CPU; it includes the
-   scaled epilogue) in TOPS, against ``torch._int_mm`` (bare int32 result) and a BF16 ``torch.mm`` in TFLOPS.
+   ``bitnet_ao.kernels.scaled_int8_mm`` (the Triton kernel on CUDA, the torch backend on CPU, whichever int8
+   route ``bitnet_ao.kernels.cpu_matmul`` chose; it includes the scaled epilogue) in TOPS, against
+   ``torch._int_mm`` (bare int32 result) and a dense ``torch.mm`` in TFLOPS.
 2. Quantization kernels in GB/s of the minimum traffic (each input read once, each output written once) and, when
    a peak is known, as a fraction of the memory-bandwidth peak (``--peak-gbps``; H100 SXM by default on CUDA).
-3. One BitNet linear (``quantize_(nn.Linear, bitnet_training())``), forward + backward, against a BF16
+3. One BitNet linear (``quantize_(nn.Linear, bitnet_training())``), forward + backward, against a dense
    ``nn.Linear``.
 
+"Dense" is the dtype a user of this hardware trains in (``--dtype auto``, ``benchmarks/hardware.py``): BF16 on
+CUDA and on CPUs with native BF16 matmuls, FP32 on other CPUs (AVX2 only: a BF16 matmul there is scalar code,
+and beating it would mean nothing). The activations, gradients and outputs of every contender are in that dtype.
 Every ratio is measured in the same process. On CUDA the defaults are Llama-7B/8B shapes (M = 8192 tokens); on CPU
 (the default without a GPU) the shapes are scaled down so the whole run stays under two minutes on 2 cores, and the
 kernels run on the torch backend (the Triton interpreter is switched off: its timings mean nothing).
@@ -38,6 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
 
+from benchmarks import hardware  # noqa: E402
 from benchmarks.timing import measure, synchronize  # noqa: E402
 from bitnet_ao import bitnet_training, kernels  # noqa: E402
 from bitnet_ao.kernels import reference  # noqa: E402
@@ -62,52 +67,62 @@ def layout_operands(layout: str, m: int, k: int, n: int, device: str) -> tuple[t
     return _int8(k, m, device=device).t(), _int8(k, n, device=device)
 
 
-def bench_matmuls(m: int, kns: list[tuple[int, int]], device: str, warmup: int, iters: int) -> list[list[str]]:
+def bench_matmuls(
+    m: int, kns: list[tuple[int, int]], device: str, dtype: torch.dtype, warmup: int, iters: int
+) -> list[list[str]]:
+    """Scaled INT8 matmul (output in ``dtype``) against ``torch._int_mm`` and a ``dtype`` matmul, per layout."""
     rows = []
     for layout in ("NT", "NN", "TN"):
         for k, n in kns:
             a, b = layout_operands(layout, m, k, n, device)
             row_scale = torch.rand(m, device=device)
             scale = torch.tensor(0.01, device=device)
-            a_bf16, b_bf16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
             ops = 2 * m * n * k
-            ours = functools.partial(kernels.scaled_int8_mm, a, b, row_scale, None, scale, None, torch.bfloat16)
-            bf16 = functools.partial(torch.mm, a_bf16, b_bf16)
+            ours = functools.partial(kernels.scaled_int8_mm, a, b, row_scale, None, scale, None, dtype)
+            dense = functools.partial(torch.mm, a.to(dtype), b.to(dtype))
             int_mm = functools.partial(torch._int_mm, a, b)
             try:  # cuBLASLt INT8 has layout and size constraints; a layout it refuses is reported, not fatal
                 int_mm()
             except RuntimeError:
                 int_mm = None
-            calls = [ours, bf16] + ([int_mm] if int_mm else [])
+            calls = [ours, dense] + ([int_mm] if int_mm else [])
             sync = functools.partial(synchronize, device)
             tops = [ops / t / 1e12 for t in measure(*calls, warmup=warmup, iters=iters, sync=sync)]
-            t_ours, t_bf16, t_int_mm = tops[0], tops[1], (tops[2] if int_mm else None)
+            t_ours, t_dense, t_int_mm = tops[0], tops[1], (tops[2] if int_mm else None)
             rows.append(
-                [layout, f"{m}x{k}x{n}", f"{t_ours:.3g}", f"{t_int_mm:.3g}" if t_int_mm else "n/a", f"{t_bf16:.3g}",
-                 f"{t_ours / t_int_mm:.2f}x" if t_int_mm else "n/a", f"{t_ours / t_bf16:.2f}x"]
+                [layout, f"{m}x{k}x{n}", f"{t_ours:.3g}", f"{t_int_mm:.3g}" if t_int_mm else "n/a", f"{t_dense:.3g}",
+                 f"{t_ours / t_int_mm:.2f}x" if t_int_mm else "n/a", f"{t_ours / t_dense:.2f}x"]
             )  # fmt: skip
     return rows
 
 
 def bench_quantization(
-    m: int, kns: list[tuple[int, int]], device: str, peak_gbps: float | None, warmup: int, iters: int
+    m: int,
+    kns: list[tuple[int, int]],
+    device: str,
+    dtype: torch.dtype,
+    peak_gbps: float | None,
+    warmup: int,
+    iters: int,
 ) -> list[list[str]]:
+    """The quantization kernels on ``dtype`` inputs (what training feeds them), in GB/s of the minimum traffic."""
     rows = []
     seen: set[tuple[str, tuple[int, int]]] = set()
+    size = dtype.itemsize  # bytes per input element; each int8 output element is one byte
     for k, n in kns:
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        g = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        g = torch.randn(m, n, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
         s_x = torch.rand(m, device=device)
         s_w = w.float().abs().mean()
         cases = [  # name, shape, call, bytes read + written once
             ("quantize_rowwise", (m, k), functools.partial(kernels.quantize_rowwise, x, reference.ACTIVATION_EPS),
-             m * k * 3 + m * 4),
+             m * k * (size + 1) + m * 4),
             ("quantize_colwise_scaled", (m, n),
              functools.partial(kernels.quantize_colwise_scaled, g, s_x, reference.GRADIENT_EPS),
-             m * n * 3 + m * 4 + n * 4),
-            ("weight_stats", (n, k), functools.partial(kernels.weight_stats, w), n * k * 2),
-            ("ternarize (K, N)", (n, k), functools.partial(kernels.ternarize, w, s_w, True), n * k * 3),
+             m * n * (size + 1) + m * 4 + n * 4),
+            ("weight_stats", (n, k), functools.partial(kernels.weight_stats, w), n * k * size),
+            ("ternarize (K, N)", (n, k), functools.partial(kernels.ternarize, w, s_w, True), n * k * (size + 1)),
         ]  # fmt: skip
         for name, shape, fn, nbytes in cases:
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
@@ -124,16 +139,19 @@ def _forward_backward(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
     layer(x).backward(grad)
 
 
-def bench_linear(m: int, kns: list[tuple[int, int]], device: str, warmup: int, iters: int) -> list[list[str]]:
+def bench_linear(
+    m: int, kns: list[tuple[int, int]], device: str, dtype: torch.dtype, warmup: int, iters: int
+) -> list[list[str]]:
+    """A BitNet linear against a dense ``dtype`` ``nn.Linear`` with the same weights, forward + backward."""
     rows = []
     for k, n in kns:
-        bf16 = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-        bitnet = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
-        bitnet.load_state_dict(bf16.state_dict())
+        dense = nn.Linear(k, n, device=device, dtype=dtype)
+        bitnet = nn.Linear(k, n, device=device, dtype=dtype)
+        bitnet.load_state_dict(dense.state_dict())
         quantize_(bitnet, bitnet_training())
-        x = torch.randn(m, k, device=device, dtype=torch.bfloat16, requires_grad=True)
-        grad = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-        calls = [functools.partial(_forward_backward, layer, x, grad) for layer in (bitnet, bf16)]
+        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(m, n, device=device, dtype=dtype)
+        calls = [functools.partial(_forward_backward, layer, x, grad) for layer in (bitnet, dense)]
         times = measure(*calls, warmup=warmup, iters=iters, sync=functools.partial(synchronize, device))
         rows.append([f"{m}x{k}x{n}", f"{times[0] * 1e3:.2f}", f"{times[1] * 1e3:.2f}", f"{times[1] / times[0]:.2f}x"])
     return rows
@@ -154,6 +172,9 @@ def main() -> None:
     parser.add_argument("--m", type=int, help=f"tokens (default {GPU_M} on CUDA, {CPU_M} on CPU)")
     parser.add_argument("--kn", nargs="+", help="K,N pairs (default Llama-7B/8B on CUDA, scaled down on CPU)")
     parser.add_argument("--peak-gbps", type=float, help=f"memory-bandwidth peak (default {H100_PEAK_GBPS} on CUDA)")
+    parser.add_argument("--dtype", choices=hardware.DTYPE_CHOICES, default="auto",
+                        help="dtype of the dense contenders and of every activation; auto: bfloat16 on CUDA or a "
+                        "CPU with native BF16, float32 otherwise")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
@@ -166,24 +187,26 @@ def main() -> None:
     m = args.m or (GPU_M if gpu else CPU_M)
     kns = [tuple(int(v) for v in kn.split(",")) for kn in (args.kn or (GPU_KN if gpu else CPU_KN))]
     peak = args.peak_gbps or (H100_PEAK_GBPS if gpu else None)
-    device_name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    dtype = hardware.resolve_dtype(args.dtype, args.device)
+    dense = hardware.short_name(dtype).upper()
     backend = kernels.backend_for(torch.empty(0, device=args.device)).__name__.rsplit(".", 1)[-1]
-    print(f"bitnet_ao kernels on {device_name} (backend module: {backend}), torch {torch.__version__}")
+    print(hardware.summary(args.device))
+    print(f"bitnet_ao kernels (backend module: {backend}) against {dense}, torch {torch.__version__}")
 
     print_table(
-        "Scaled INT8 matmul (TOPS; BF16 in TFLOPS)",
-        ["layout", "MxKxN", "bitnet_ao", "torch._int_mm", "BF16 mm", "vs _int_mm", "vs BF16"],
-        bench_matmuls(m, kns, args.device, args.warmup, args.iters),
+        f"Scaled INT8 matmul (TOPS; {dense} in TFLOPS)",
+        ["layout", "MxKxN", "bitnet_ao", "torch._int_mm", f"{dense} mm", "vs _int_mm", f"vs {dense}"],
+        bench_matmuls(m, kns, args.device, dtype, args.warmup, args.iters),
     )
     print_table(
-        "Quantization, bf16 input (" + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
+        f"Quantization, {dense.lower()} input (" + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
         ["kernel", "shape", "ms", "GB/s", "of peak"],
-        bench_quantization(m, kns, args.device, peak, args.warmup, args.iters),
+        bench_quantization(m, kns, args.device, dtype, peak, args.warmup, args.iters),
     )
     print_table(
-        "BitNet linear forward + backward vs BF16 nn.Linear (ms)",
-        ["MxKxN", "BitNet", "BF16", "speedup"],
-        bench_linear(m, kns, args.device, args.warmup, args.iters),
+        f"BitNet linear forward + backward vs {dense} nn.Linear (ms)",
+        ["MxKxN", "BitNet", dense, "speedup"],
+        bench_linear(m, kns, args.device, dtype, args.warmup, args.iters),
     )
 
 

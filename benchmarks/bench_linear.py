@@ -1,11 +1,16 @@
-"""One linear layer, forward + backward: BitNet (bitnet_ao) against BF16 ``nn.Linear`` and torchao's prototype.
+"""One linear layer, forward + backward: BitNet (bitnet_ao) against a dense ``nn.Linear`` and torchao's prototype.
+
+The dense baseline runs in the dtype a user of this hardware trains in (``--dtype auto``,
+``benchmarks/hardware.py``): BF16 on CUDA and on CPUs with native BF16 matmuls, FP32 on other CPUs (AVX2 only,
+where a BF16 matmul is scalar code); every layer gets inputs in that dtype.
 
 Everything runs in one process on the same inputs, so the printed ratios compare like with like. Times are the
 median of ``--iters`` timed iterations after ``--warmup`` untimed ones (the first BitNet call on CPU compiles
 its fused quantization helpers). Saved-for-backward bytes count what autograd keeps between forward and
 backward, not counting the parameters themselves (they are alive anyway).
 
-    python benchmarks/bench_linear.py                      # CPU, the three Llama-like shapes, bf16
+    python benchmarks/bench_linear.py                      # CPU, the three Llama-like shapes, the hardware's dtype
+    python benchmarks/bench_linear.py --dtype float32      # FP32 baseline whatever the hardware
     python benchmarks/bench_linear.py --device cuda --shapes 8192,4096,14336
 """
 
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 
+from benchmarks import hardware
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import bitnet_training
 
@@ -85,22 +91,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="M,K,N triples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=[*hardware.DTYPE_CHOICES, "float16"],
+                        help="dtype of the inputs and of the dense baseline; auto: bfloat16 on CUDA or a CPU with "
+                        "native BF16, float32 otherwise")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype = hardware.resolve_dtype(args.dtype, args.device)
+    dense = hardware.short_name(dtype)
 
     variants: dict[str, Callable[[nn.Module], nn.Module | None]] = {
-        "bf16 nn.Linear": lambda m: m,
+        f"{dense} nn.Linear": lambda m: m,
         "torchao prototype bitnet": torchao_prototype,
         "bitnet_ao (defaults)": lambda m: quantize_(m, bitnet_training()) or m,
         "bitnet_ao (high-precision backward)": lambda m: (
             quantize_(m, bitnet_training(int8_grad_input=False, int8_grad_weight=False)) or m
         ),
     }
-    print(f"device={args.device} dtype={args.dtype} torch={torch.__version__} threads={torch.get_num_threads()}")
-    header = f"{'M,K,N':>16} {'variant':<36} {'ms':>9} {'x BF16':>7} {'saved MiB':>10} {'x BF16':>7}"
+    print(hardware.summary(args.device))
+    print(f"device={args.device} dtype={dtype} torch={torch.__version__}")
+    ratio = f"x {dense.upper()}"
+    header = f"{'M,K,N':>16} {'variant':<36} {'ms':>9} {ratio:>7} {'saved MiB':>10} {ratio:>7}"
     print(header)
     print("-" * len(header))
     for shape in args.shapes:

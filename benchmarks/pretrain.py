@@ -1,13 +1,21 @@
-"""Train the same small Llama in BF16 and as a BitNet b1.58 model, side by side, and compare.
+"""Train the same small Llama as the hardware's dense baseline and as a BitNet b1.58 model, and compare.
 
-    python benchmarks/pretrain.py                      # the comparison, about 3 minutes on a 2-core CPU
+    python benchmarks/pretrain.py                      # the comparison, 3-5 minutes on a 2-core CPU
     python benchmarks/pretrain.py --quantize bitnet --no-int8-grad-weight --steps 200
+    python benchmarks/pretrain.py --dtype float32      # FP32 baseline whatever the hardware
     python benchmarks/pretrain.py --preset llama2-1b   # GPU
 
-Both runs use the same data, seed and initial weights, and the same precision setup: float32 master weights
-under bfloat16 autocast (BitNet linears run their INT8 matmuls and return bfloat16 under autocast). The BitNet
-run first applies the BitNet model changes (``bitnet_ao.surgery``, ``--no-surgery`` to skip), then
-``quantize_`` on every block linear; embeddings and the output head stay in high precision.
+The baseline trains as a user of this hardware would (``benchmarks/hardware.py``, ``--dtype auto``): float32
+master weights under bfloat16 autocast on CUDA and on CPUs that multiply BF16 natively (AVX-512 BF16, AMX), plain
+float32 without autocast on other CPUs (AVX2 only: a BF16 matmul there is scalar code, and beating it would mean
+nothing). Both runs use the same data, seed, initial weights and precision; BitNet linears run their INT8 matmuls
+and return the activation dtype. The BitNet run first applies the BitNet model changes (``bitnet_ao.surgery``,
+``--no-surgery`` to skip), then ``quantize_`` on every block linear; embeddings and the output head stay in high
+precision.
+
+In float32 the ``cpu-default`` preset trains less (its ``fp32`` settings: 30 steps of 8 sequences instead of 50
+of 16) so that the comparison still ends within about 5 minutes on an AVX2 CPU, whose FP32 matmuls (~75 GFLOPS)
+are ~5x slower than BF16 on an AVX-512 BF16 CPU; ``--steps``, ``--batch-size`` and ``--eval-every`` still win.
 
 Throughput counts the steps after the first ``TIMING_WARMUP`` (which include compilation: the BitNet CPU path
 compiles its elementwise helpers once per process) and excludes evaluation. Writes ``results.json`` and
@@ -35,7 +43,7 @@ from torch import nn
 from torchao.quantization import quantize_
 from tqdm import tqdm
 
-from benchmarks import report
+from benchmarks import hardware, report
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.model import ModelConfig, Transformer
 from benchmarks.timing import synchronize
@@ -47,14 +55,17 @@ TIMING_WARMUP = 3
 #: The reported final training loss is the mean over this many last steps (one batch is noisy).
 FINAL_LOSS_WINDOW = 10
 
-# Model shape and training length. Command-line flags override the training settings.
+# Model shape and training length. A dict named after a dtype (``hardware.short_name``) replaces some training
+# settings for runs in that dtype. Command-line flags override the training settings.
 PRESETS: dict[str, dict] = {
     # Matmul-dominated so that the INT8 speed shows on CPU: M = batch * seq = 2048 tokens per step and 1024-wide
     # layers (attention and norms cost ~T and ~1 per token and channel, the matmuls ~dim). Sized so that the
-    # BF16 + BitNet comparison takes about 3 minutes on a 2-core machine.
+    # BF16 + BitNet comparison takes about 3 minutes on a 2-core machine with native BF16. FP32 (AVX2 CPUs)
+    # trains 0.3x the tokens at ~1/5 of the speed: about 1.5 x 3 = 4.5 minutes.
     "cpu-default": dict(
         model=dict(dim=1024, n_layers=3, n_heads=8, hidden_dim=2816),
         steps=50, batch_size=16, seq_len=128, lr=1.5e-3, eval_every=25, eval_batches=4, compile=False,
+        fp32=dict(steps=30, batch_size=8, eval_every=15),
     ),
     # For tests: seconds on a CPU.
     "tiny": dict(
@@ -72,15 +83,28 @@ PRESETS: dict[str, dict] = {
 # --- config: the command line and the runs it asks for -------------------------------------------------------
 
 
+def preset_settings(name: str, dtype: str) -> dict:
+    """The training settings of preset ``name`` for runs in ``dtype`` (a torch dtype name): the preset's dict for
+    that dtype, if any, over its defaults. The model shape and the per-dtype dicts themselves are left out."""
+    preset = PRESETS[name]
+    merged = {**preset, **preset.get(hardware.short_name(dtype), {})}
+    return {key: value for key, value in merged.items() if not isinstance(value, dict)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with the training settings not given filled in from ``--preset`` (flags win over presets)."""
+    """The flags, with ``--dtype auto`` resolved for ``--device`` and the training settings not given filled in
+    from ``--preset`` for that dtype (flags win over presets)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-default", help="model size and training length")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quantize", choices=("none", "bitnet"), help="train one model (default: the comparison)")
-    mode.add_argument("--compare", action="store_true", help="BF16 vs BitNet (the default)")
+    mode.add_argument("--compare", action="store_true", help="baseline vs BitNet (the default)")
     mode.add_argument("--ablate", action="store_true", help="the comparison plus BitNet without surgery, "
-                      "with the subln placement, and with a BF16 backward")  # fmt: skip
+                      "with the subln placement, and with a high-precision backward")  # fmt: skip
+    p.add_argument("--dtype", choices=hardware.DTYPE_CHOICES, default="auto",
+                   help="activations of every run: bfloat16 autocast, or float32 without autocast; auto: "
+                   "bfloat16 on CUDA or a CPU with native BF16, float32 otherwise; in float32 cpu-default trains "
+                   "less (see above)")  # fmt: skip
     bool_flag = argparse.BooleanOptionalAction
     p.add_argument("--int8-grad-input", action=bool_flag, default=True, help="INT8 matmul for grad_input")
     p.add_argument("--int8-grad-weight", action=bool_flag, default=True, help="INT8 matmul for grad_weight")
@@ -88,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--surgery", action=bool_flag, default=True, help="BitNet norms (bitnet_ao.surgery)")
     p.add_argument("--placement", choices=("faq", "subln"), default="faq", help="where the surgery puts norms")
     p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile the model (preset default)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, help="training steps (default: the preset's, for the dtype)")
+    p.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's, for the dtype)")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup + cosine)")
     p.add_argument("--eval-every", type=int, help="steps between validation losses")
@@ -101,9 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the corpus size")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and loss_curves.png")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset]
-    for key, value in preset.items():
-        if key != "model" and getattr(args, key) is None:
+    # Stored by name, as the flag spells it: the arguments go to results.json as they are.
+    args.dtype = str(hardware.resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
+    for key, value in preset_settings(args.preset, args.dtype).items():
+        if getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(args, key) < 1:
@@ -113,7 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: BF16 (``quantize=False``) or BitNet with its options."""
+    """One training run: the dense baseline (``quantize=False``) or BitNet with its options, with activations in
+    ``dtype`` (a torch dtype name)."""
 
     name: str
     quantize: bool
@@ -121,12 +147,16 @@ class RunSpec:
     int8_grad_weight: bool = True
     weights: str = "ternary"
     surgery: str | None = None  # a bitnet_ao.surgery placement, or None for no surgery
+    dtype: str = "bfloat16"
 
     @property
     def label(self) -> str:
+        """The run in words, for the plot's legend; the baseline is named after its dtype ("FP32"), as is a
+        backward that is not INT8, so that a reader sees which precision BitNet is compared against."""
+        dense = hardware.short_name(self.dtype).upper()
         if not self.quantize:
-            return "BF16"
-        backward = {(True, True): "INT8 bwd", (False, False): "BF16 bwd"}.get(
+            return dense
+        backward = {(True, True): "INT8 bwd", (False, False): f"{dense} bwd"}.get(
             (self.int8_grad_input, self.int8_grad_weight),
             f"INT8 bwd ({'grad_input' if self.int8_grad_input else 'grad_weight'} only)",
         )
@@ -139,21 +169,23 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     """The runs asked for: the comparison unless ``--quantize`` names a single one.
 
     The one place that decides the runs and their order; the first run that is not quantized is the baseline the
-    report's "vs BF16" column divides by (``report.baseline``)."""
-    bf16 = RunSpec("bf16", quantize=False)
+    report's "vs <baseline>" column divides by (``report.baseline``). Every run uses ``args.dtype``; the baseline
+    and the high-precision backward are named after it ("fp32", "bitnet-fp32-backward")."""
+    dense = hardware.short_name(args.dtype)
+    baseline = RunSpec(dense, quantize=False, dtype=args.dtype)
     surgery = args.placement if args.surgery else None
-    bitnet = RunSpec("bitnet", True, args.int8_grad_input, args.int8_grad_weight, args.weights, surgery)
+    bitnet = RunSpec("bitnet", True, args.int8_grad_input, args.int8_grad_weight, args.weights, surgery, args.dtype)
     if args.ablate:
         return [
-            bf16,
+            baseline,
             bitnet,
             dataclasses.replace(bitnet, name="bitnet-no-surgery", surgery=None),
             dataclasses.replace(bitnet, name="bitnet-subln", surgery="subln"),
-            dataclasses.replace(bitnet, name="bitnet-bf16-backward", int8_grad_input=False, int8_grad_weight=False),
+            dataclasses.replace(bitnet, name=f"bitnet-{dense}-backward", int8_grad_input=False, int8_grad_weight=False),
         ]
     if args.quantize is None or args.compare:
-        return [bf16, bitnet]
-    return [bitnet] if args.quantize == "bitnet" else [bf16]
+        return [baseline, bitnet]
+    return [bitnet] if args.quantize == "bitnet" else [baseline]
 
 
 # --- model and optimizer -------------------------------------------------------------------------------------
@@ -235,13 +267,19 @@ def measurement_notes(device: torch.device) -> dict[str, str]:
 # --- training, with evaluation -------------------------------------------------------------------------------
 
 
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """The precision of a run, in training and evaluation alike: float32 master weights under ``dtype`` autocast,
+    or no autocast at all for float32 (a disabled autocast rather than a nullcontext: one code path)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
+def evaluate(model: nn.Module, batches: list, device: torch.device, dtype: torch.dtype) -> float:
     """Mean loss over fixed held-out batches, under the same autocast as training, so runs compare directly."""
     model.eval()
     losses = []
     for x, y in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, dtype):
             losses.append(model(x.to(device), y.to(device)).item())
     model.train()
     return sum(losses) / len(losses)
@@ -249,7 +287,7 @@ def evaluate(model: nn.Module, batches: list, device: torch.device) -> float:
 
 def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, data: ByteDataset) -> dict:
     """Train one run; returns its figures and curves."""
-    device = torch.device(args.device)
+    device, dtype = torch.device(args.device), getattr(torch, spec.dtype)
     reset_peak_memory(device)
     start = time.perf_counter()
     model = build_model(spec, model_config, args.seed, device)
@@ -272,7 +310,7 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
             group["lr"] = lr_at(step, args.steps, args.lr)
         x, y = data.train_batch(args.batch_size, generator)
         step_start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, dtype):
             loss = step_fn(x.to(device), y.to(device))
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -284,7 +322,7 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
         )
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             eval_start = time.perf_counter()
-            val_losses.append([step + 1, evaluate(model, val_batches, device)])
+            val_losses.append([step + 1, evaluate(model, val_batches, device, dtype)])
             eval_time += time.perf_counter() - eval_start
     synchronize(device)
     timed = time.perf_counter() - timed_start - eval_time
@@ -312,6 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     corpus, source = load_corpus(args.data, args.max_bytes)
     data = ByteDataset(corpus, args.seq_len)
     device = torch.device(args.device)
+    print(report.headline(args))
     print(f"data: {source}, {len(data.train):,} training and {len(data.val):,} validation bytes")
     print(f"model: {model_config}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}")
 

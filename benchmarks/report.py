@@ -11,22 +11,37 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
 
+from benchmarks import hardware
 from benchmarks.model import ModelConfig
-
-TABLE_COLUMNS = ("run", "train loss", "val loss", "tokens/s", "vs BF16", "peak mem (MB)", "time (s)")
 
 
 def baseline(runs: list[dict]) -> dict | None:
-    """The run the speed column divides by: the first one not quantized (``pretrain.run_specs`` puts BF16 there).
+    """The run the speed column divides by: the first one not quantized (``pretrain.run_specs`` puts the dense
+    baseline there).
 
     None when every run is quantized (``--quantize bitnet``): the column then shows "-"."""
     return next((r for r in runs if not r["spec"]["quantize"]), None)
+
+
+def table_columns(runs: list[dict]) -> tuple[str, ...]:
+    """The table's header; the speed column names the baseline it divides by ("vs FP32"), which depends on the
+    hardware (``hardware.baseline_dtype``) or ``--dtype``."""
+    base = baseline(runs)
+    speed = f"vs {base['label']}" if base else "vs baseline"
+    return ("run", "train loss", "val loss", "tokens/s", speed, "peak mem (MB)", "time (s)")
+
+
+def headline(args: argparse.Namespace) -> str:
+    """The hardware and the precision of the runs in one line: printed before training and above the table, since
+    a speed ratio means nothing without them."""
+    precision = (
+        "FP32, no autocast" if args.dtype == "float32" else f"{hardware.short_name(args.dtype).upper()} autocast"
+    )
+    return f"{hardware.summary(args.device)}; runs in {precision}"
 
 
 def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
@@ -48,8 +63,8 @@ def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
 
 def format_table(runs: list[dict]) -> str:
     """A plain-text table that splits into the cells of ``table_rows`` on whitespace (the run names have none)."""
-    rows = [TABLE_COLUMNS, *table_rows(runs)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    rows = [table_columns(runs), *table_rows(runs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     # The run name left-aligned, the figures right-aligned.
     lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
              for row in rows]  # fmt: skip
@@ -58,7 +73,8 @@ def format_table(runs: list[dict]) -> str:
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
-    """Loss curves (smoothed training loss, validation points) beside a bar chart of the throughput."""
+    """Loss curves (smoothed training loss, validation points) beside a bar chart of the throughput, under
+    ``title`` (at most two lines); the title also goes to the PNG's metadata, where a script can read it."""
     import matplotlib  # imported here: only the report needs it, and "Agg" must be chosen before pyplot
 
     matplotlib.use("Agg")
@@ -74,7 +90,8 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         ax_loss.plot(range(1, len(losses) + 1), smooth, color=color, label=f"{r['label']}: {train_label}")
         steps, vals = zip(*r["val_losses"], strict=True)
         ax_loss.plot(steps, vals, "o--", color=color, label=f"{r['label']}: validation")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title=title)
+    fig.suptitle(title, fontsize=10)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/byte)", title="loss")
     ax_loss.legend(fontsize=7)
     ax_loss.grid(alpha=0.3)
     names = [r["name"] for r in runs]
@@ -84,16 +101,17 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     ax_speed.set(ylabel="tokens/s (after warm-up)", title="training throughput")
     ax_speed.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": title})
     plt.close(fig)
 
 
-def machine() -> str:
-    """The hardware the figures were measured on, for the JSON: speed means nothing without it."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def plot_title(args: argparse.Namespace, model_config: ModelConfig) -> str:
+    """Two lines: the preset, model and baseline dtype; then the hardware with its int8 routes
+    (``hardware.summary``)."""
+    dense = hardware.short_name(args.dtype).upper()
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+        f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers, BitNet vs {dense} baseline\n"
+        f"{hardware.summary(args.device)}"
     )
 
 
@@ -102,14 +120,17 @@ def write(
 ) -> None:
     """Print the table and how its figures were measured (``notes``), then write the plot and the JSON to
     ``args.out``. ``notes`` is keyed like the run figures it explains and goes to the JSON as it is."""
+    print(headline(args))
     print(format_table(runs))
     print(f"train loss: {notes['final_train_loss']}; tokens/s: {notes['tokens_per_s']}; "
           f"peak mem: {notes['peak_memory_mb']}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.out / "loss_curves.png", f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers")
+    plot(runs, args.out / "loss_curves.png", plot_title(args, model_config))
     results = {
         "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+        "machine": hardware.summary(args.device),  # the hardware in words, as before hardware.describe existed
+        "hardware": hardware.describe(args.device),
+        "baseline_dtype": args.dtype,
         "torch": torch.__version__,
         "data": source,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
