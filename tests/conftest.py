@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when bitnet_ao.kernels is first imported, so it
 # must be set here, before any test module imports bitnet_ao: without a GPU the Triton kernels then run in
@@ -42,6 +45,44 @@ def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
 def not_lm_head(module: nn.Module, fqn: str) -> bool:
     """``quantize_`` filter of the BitNet recipe for HF models: every linear but the output head."""
     return isinstance(module, nn.Linear) and "lm_head" not in fqn
+
+
+def master_tensor(t: Tensor) -> Tensor:
+    """The plain master weight behind a ``BitNetTrainingLinearWeight``; any other tensor as it is."""
+    from bitnet_ao import BitNetTrainingLinearWeight
+
+    return t._data if isinstance(t, BitNetTrainingLinearWeight) else t
+
+
+def save_load_roundtrip(obj: Any) -> Any:
+    """``obj`` through ``torch.save`` into memory and back with ``torch.load(weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def fit(loss_of: Callable[[Any], Tensor], optimizer: torch.optim.Optimizer, batches: Iterable) -> list[float]:
+    """One optimizer step per batch on ``loss_of(batch)``; the losses, one per step."""
+    losses = []
+    for batch in batches:
+        loss = loss_of(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def random_int8(
+    *shape: int,
+    low: int = -128,
+    high: int = 128,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A tensor of uniformly random int8 values in ``[low, high)`` (the whole int8 range by default)."""
+    return torch.randint(low, high, shape, dtype=torch.int8, device=device, generator=generator)
 
 
 def free_port() -> int:

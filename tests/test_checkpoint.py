@@ -8,7 +8,6 @@ loaded back into a BitNet model (the recipe re-applied by ``quantize_``) or into
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from torchao.quantization import quantize_
 
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
-from tests.conftest import not_lm_head, tiny_llama
+from tests.conftest import master_tensor, not_lm_head, save_load_roundtrip, tiny_llama
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
@@ -40,10 +39,6 @@ def _trained_bitnet_llama() -> nn.Module:
     return model
 
 
-def _master(t: Tensor) -> Tensor:
-    return t._data if isinstance(t, BitNetTrainingLinearWeight) else t
-
-
 def _bitnet_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if isinstance(p, BitNetTrainingLinearWeight)]
 
@@ -52,7 +47,7 @@ def _assert_same_weights(model: nn.Module, expected: dict[str, Tensor]) -> None:
     params = dict(model.named_parameters())
     assert params.keys() == expected.keys()
     for name, value in expected.items():
-        got = _master(params[name])
+        got = master_tensor(params[name])
         assert got.dtype == value.dtype and torch.equal(got, value), name
 
 
@@ -64,7 +59,7 @@ def _logits(model: nn.Module) -> Tensor:
 @pytest.fixture
 def trained() -> tuple[nn.Module, dict[str, Tensor]]:
     model = _trained_bitnet_llama()
-    return model, {name: _master(p).detach().clone() for name, p in model.named_parameters()}
+    return model, {name: master_tensor(p).detach().clone() for name, p in model.named_parameters()}
 
 
 def test_state_dict_holds_plain_master_weights_with_the_plain_models_keys(trained):
@@ -111,10 +106,7 @@ def test_save_pretrained_from_pretrained_then_quantize_gives_identical_logits(tr
 @pytest.mark.parametrize("into", ["bitnet", "plain"])
 def test_torch_save_load_weights_only_roundtrip(trained, into):
     model, masters = trained
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
-    sd = torch.load(buf, weights_only=True)
+    sd = save_load_roundtrip(model.state_dict())
     target = _bitnet_llama(seed=1) if into == "bitnet" else tiny_llama(seed=1)
     target.load_state_dict(sd, strict=True)
     _assert_same_weights(target, masters)
@@ -196,7 +188,7 @@ def test_stock_trainer_checkpoints_save_model_and_resume(tmp_path):
     trainer.train()
     assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").exists()
     assert (tmp_path / "run" / "checkpoint-6" / "model.safetensors").exists()
-    final = {name: _master(p).detach().clone() for name, p in model.named_parameters()}
+    final = {name: master_tensor(p).detach().clone() for name, p in model.named_parameters()}
     assert len(_bitnet_names(model)) == 14
     trainer.save_model(str(tmp_path / "final"))
 

@@ -17,6 +17,7 @@ from torchao.quantization import quantize_
 
 from bitnet_ao import bitnet_training
 from bitnet_ao.kernels import cpu_matmul
+from tests.conftest import random_int8
 
 FULL_RANGE_ROUTES = ("int_mm", "fp32", "reference")  # exact for any int8 operands on every CPU
 
@@ -41,12 +42,8 @@ def _operands(m: int, k: int, n: int, ternary: bool, extreme: bool, seed: int = 
         a = torch.full((m, k), -127, dtype=torch.int8)
         b = torch.full((k, n), -1 if ternary else -127, dtype=torch.int8)
         return a, b
-    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-    b = (
-        torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=g)
-        if ternary
-        else torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
-    )
+    a = random_int8(m, k, generator=g)
+    b = random_int8(k, n, low=-1, high=2, generator=g) if ternary else random_int8(k, n, generator=g)
     return a, b
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
@@ -28,6 +27,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torchao.quantization import quantize_
 
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, precompute_bitnet_scale_for_fsdp
+from tests.conftest import free_port
+
+# One module fixture spawns 2 then 4 gloo processes and runs every scenario (about a minute on 2 CPU cores).
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 VOCAB, BATCH, SEQ, STEPS = 32, 2, 8, 5
 
@@ -43,8 +46,14 @@ class Block(nn.Module):
         return x + self.down(F.silu(self.up(self.norm(x))))
 
 
-class TinyLM(nn.Module):
-    """Embedding and head in high precision, BitNet linears (one with a bias) in the blocks."""
+class ShardableLossLM(nn.Module):
+    """Embedding and head in high precision, BitNet linears (one with a bias) in the blocks.
+
+    Not tests/test_linear.py's ``ReferenceComparableLM``: this one returns the loss (a scenario's step is
+    ``model(tokens).backward()``, the same on every rank and in the single-process reference), keeps its blocks
+    in ``layers`` (``_shard`` gives each its own ``fully_shard``; the quantize filter selects ``layers.*``; the
+    collective scenarios address ``layers[0].up``) and uses RMSNorm/SiLU like the Llama blocks FSDP shards.
+    """
 
     def __init__(self, dim: int, hidden: int, n_layers: int = 2) -> None:
         super().__init__()
@@ -59,9 +68,9 @@ class TinyLM(nn.Module):
         return F.cross_entropy(self.head(h).float().flatten(0, 1), tokens.roll(-1, 1).flatten())
 
 
-def _model(dim: int, hidden: int, weights: str = "ternary", seed: int = 0) -> TinyLM:
+def _model(dim: int, hidden: int, weights: str = "ternary", seed: int = 0) -> ShardableLossLM:
     torch.manual_seed(seed)
-    model = TinyLM(dim, hidden)
+    model = ShardableLossLM(dim, hidden)
     quantize_(
         model,
         bitnet_training(weights=weights),
@@ -306,12 +315,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results() -> Iterator[dict[str, dict]]:
     with tempfile.TemporaryDirectory() as out_dir:
@@ -321,7 +324,7 @@ def results() -> Iterator[dict[str, dict]]:
         try:
             for world in (2, 4):
                 with contextlib.suppress(mp.ProcessRaisedException):  # the failing scenario's JSON says why
-                    mp.start_processes(_worker, (world, _free_port(), out_dir), nprocs=world, start_method="spawn")
+                    mp.start_processes(_worker, (world, free_port(), out_dir), nprocs=world, start_method="spawn")
         finally:
             if saved is None:
                 del os.environ["BITNET_AO_COMPILE_MIN_NUMEL"]

@@ -12,13 +12,19 @@ from torchao.quantization import quantize_
 
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
 from bitnet_ao.kernels import cpu
+from tests.conftest import fit
 from tests.spec_reference import FakeQuantBitLinear, act_quant, snr_db, ternary_weight
 
 HIGH_PRECISION_BACKWARD = dict(int8_grad_input=False, int8_grad_weight=False)
 
 
-class TinyLM(nn.Module):
-    """Embedding -> two residual MLP blocks -> head: enough depth for gradients to flow through quantized layers."""
+class ReferenceComparableLM(nn.Module):
+    """Embedding -> two residual MLP blocks -> head: enough depth for gradients to flow through quantized layers.
+
+    Not tests/test_fsdp.py's ``ShardableLossLM``: this one takes the linear class as an argument, so that the
+    spec's ``FakeQuantBitLinear`` reference is the same model with the same initial weights, and returns logits
+    (the compile tests compare outputs, not only losses).
+    """
 
     def __init__(self, linear=nn.Linear, vocab: int = 32, dim: int = 48) -> None:
         super().__init__()
@@ -43,8 +49,8 @@ def _not_head(module: nn.Module, fqn: str) -> bool:
 def _bitnet_and_reference(weights: str = "ternary", **config):
     """The same initial weights twice: quantized with bitnet_training, and built from FakeQuantBitLinear."""
     torch.manual_seed(0)
-    ref = TinyLM(linear=lambda i, o, bias=True: FakeQuantBitLinear(i, o, bias=bias, weights=weights))
-    model = TinyLM()
+    ref = ReferenceComparableLM(linear=lambda i, o, bias=True: FakeQuantBitLinear(i, o, bias=bias, weights=weights))
+    model = ReferenceComparableLM()
     model.load_state_dict(ref.state_dict())
     quantize_(model, bitnet_training(weights=weights, **config), filter_fn=_not_head)
     return model, ref
@@ -59,15 +65,7 @@ def _train(model: nn.Module, steps: int, step_fn=None) -> list[float]:
         logits = model(batch[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
-    step_fn = step_fn or loss_of
-    losses = []
-    for batch in data:
-        loss = step_fn(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return fit(step_fn or loss_of, opt, data)
 
 
 @pytest.mark.parametrize("weights", ["ternary", "binary"])
@@ -82,6 +80,7 @@ def test_training_parity_with_fake_quant_reference(weights):
         torch.testing.assert_close(ours_lin.weight._data, ref_lin.weight, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile: 8 to 25 s on 2 cores with a cold inductor cache
 def test_training_parity_compiled():
     model, ref = _bitnet_and_reference(**HIGH_PRECISION_BACKWARD)
     compiled = torch.compile(model, fullgraph=True)
@@ -192,9 +191,10 @@ def test_no_grad_and_eval():
         assert layer(torch.randn(3, 8)).shape == (3, 4)
 
 
+@pytest.mark.slow  # torch.compile: 8 to 25 s on 2 cores with a cold inductor cache
 def test_compile_fullgraph_matches_eager():
     torch.manual_seed(6)
-    model = TinyLM()
+    model = ReferenceComparableLM()
     quantize_(model, bitnet_training(), filter_fn=_not_head)
     compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
     idx = torch.randint(0, 32, (2, 9))
@@ -207,6 +207,7 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(grad_c, grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile: 8 to 25 s on 2 cores with a cold inductor cache
 def test_compiled_cpu_elementwise_path_in_training(monkeypatch):
     """Large layers take the inductor-compiled quantization path: same numbers as the eager path."""
     monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 1 << 62)

@@ -11,6 +11,7 @@ import torch
 
 from bitnet_ao import kernels
 from bitnet_ao.kernels import cpu, reference
+from tests.conftest import random_int8
 from tests.spec_reference import act_quant, binary_weight, ternary_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -114,17 +115,13 @@ def test_weight_scale_all_zero_weight_gives_zeros():
     assert torch.equal(kernels.ternarize(w, s_w, False), torch.zeros(8, 8, dtype=torch.int8))
 
 
-def _int8(*shape):
-    return torch.randint(-128, 128, shape, dtype=torch.int8)
-
-
 @pytest.mark.parametrize("layout", ["NT", "NN", "TN"])
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_scaled_int8_mm_layouts(cpu_path, layout, out_dtype):
     torch.manual_seed(4)
     m, k, n = 19, 45, 23
-    a = _int8(m, k) if layout != "TN" else _int8(k, m).t()
-    b = _int8(n, k).t() if layout == "NT" else _int8(k, n)
+    a = random_int8(m, k) if layout != "TN" else random_int8(k, m).t()
+    b = random_int8(n, k).t() if layout == "NT" else random_int8(k, n)
     row, col, scale = torch.rand(m), torch.rand(n), torch.tensor(0.37)
     bias = torch.randn(n).to(out_dtype)
     out = kernels.scaled_int8_mm(a, b, row, col, scale, bias, out_dtype)
@@ -148,9 +145,9 @@ def test_scaled_int8_mm_accumulates_exactly_in_int32():
 
 
 def test_scaled_int8_mm_empty_and_single_row():
-    b = _int8(8, 5)
-    assert kernels.scaled_int8_mm(_int8(0, 8), b, torch.rand(0), None, None, None, torch.float32).shape == (0, 5)
-    a = _int8(1, 8)
+    b = random_int8(8, 5)
+    assert kernels.scaled_int8_mm(random_int8(0, 8), b, torch.rand(0), None, None, None, torch.float32).shape == (0, 5)
+    a = random_int8(1, 8)
     out = kernels.scaled_int8_mm(a, b, None, None, None, None, torch.float32)
     assert torch.equal(out, (a.long() @ b.long()).float())
 
@@ -160,8 +157,8 @@ def test_scaled_int8_mm_empty_and_single_row():
 def test_scaled_int8_mm_packed_matches_unpacked(k, transpose_b):
     torch.manual_seed(5)
     n = 11
-    w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    a = _int8(6, k if transpose_b else n)
+    w = random_int8(n, k, low=-1, high=2)
+    a = random_int8(6, k if transpose_b else n)
     out = kernels.scaled_int8_mm_packed(
         a, reference.pack_i2_in_i8(w), k, transpose_b, None, None, None, None, torch.float32
     )
@@ -171,35 +168,48 @@ def test_scaled_int8_mm_packed_matches_unpacked(k, transpose_b):
 
 def test_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="must be int8"):
-        kernels.scaled_int8_mm(torch.zeros(2, 3), _int8(3, 2), None, None, None, None, torch.float32)
+        kernels.scaled_int8_mm(torch.zeros(2, 3), random_int8(3, 2), None, None, None, None, torch.float32)
     with pytest.raises(RuntimeError, match="inner dimensions"):
-        kernels.scaled_int8_mm(_int8(2, 3), _int8(4, 2), None, None, None, None, torch.float32)
+        kernels.scaled_int8_mm(random_int8(2, 3), random_int8(4, 2), None, None, None, None, torch.float32)
     with pytest.raises(RuntimeError, match="floating-point"):
-        kernels.quantize_rowwise(_int8(2, 3), 1e-5)
+        kernels.quantize_rowwise(random_int8(2, 3), 1e-5)
     with pytest.raises(RuntimeError, match="2-D"):
         kernels.ternarize(torch.randn(2, 3, 4), torch.tensor(1.0), False)
 
 
-def _opcheck_cases():
+def _opcheck_samples() -> dict[str, tuple]:
+    """Sample arguments for ``torch.library.opcheck``, one entry per op of ``kernels.OPS`` (by its name)."""
     torch.manual_seed(6)
     x, w, s = torch.randn(9, 12), torch.randn(10, 12), torch.tensor(0.5)
-    a, b = _int8(9, 12), _int8(12, 10)
-    packed = reference.pack_i2_in_i8(torch.randint(-1, 2, (10, 12), dtype=torch.int8))
-    return [
-        (kernels.quantize_rowwise, (x, 1e-5)),
-        (kernels.quantize_colwise_scaled, (x, torch.rand(9), 1e-30)),
-        (kernels.weight_stats, (w,)),
-        (kernels.ternarize, (w, s, True)),
-        (kernels.binarize, (w, s, False)),
-        (kernels.scaled_int8_mm, (a, b, torch.rand(9), torch.rand(10), s, torch.randn(10), torch.bfloat16)),
-        (kernels.scaled_int8_mm_packed, (a, packed, 12, True, torch.rand(9), None, s, None, torch.float32)),
-    ]
+    a, b = random_int8(9, 12), random_int8(12, 10)
+    packed = reference.pack_i2_in_i8(random_int8(10, 12, low=-1, high=2))
+    return {
+        "quantize_rowwise": (x, 1e-5),
+        "quantize_colwise_scaled": (x, torch.rand(9), 1e-30),
+        "weight_stats": (w,),
+        "ternarize": (w, s, True),
+        "binarize": (w, s, False),
+        "scaled_int8_mm": (a, b, torch.rand(9), torch.rand(10), s, torch.randn(10), torch.bfloat16),
+        "scaled_int8_mm_packed": (a, packed, 12, True, torch.rand(9), None, s, None, torch.float32),
+        "rms_norm_quantize_rowwise": (x, torch.rand(12) + 0.5, 1e-6, torch.bfloat16, 1e-5),
+        "rms_norm_backward": (torch.randn(9, 12), x, torch.rand(12) + 0.5, torch.rand(9, 1) + 0.5),
+    }
 
 
-@pytest.mark.parametrize("case", range(7))
-def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
-    torch.library.opcheck(op, args)
+def test_every_op_has_an_opcheck_sample():
+    """A newly registered op must come with sample arguments, or ``test_opcheck`` would silently skip it."""
+    names = {op._name for op in kernels.OPS}
+    samples = _opcheck_samples()
+    assert not names - samples.keys(), f"ops in kernels.OPS without an opcheck sample: {sorted(names - samples.keys())}"
+    assert not samples.keys() - names, f"opcheck samples for ops not in kernels.OPS: {sorted(samples.keys() - names)}"
+
+
+@pytest.mark.parametrize("op", kernels.OPS, ids=lambda op: op._name)
+def test_opcheck(op):
+    samples = _opcheck_samples()
+    if op._name not in samples:
+        pytest.fail(f"no opcheck sample for bitnet_ao::{op._name}: add one to _opcheck_samples")
+    torch.library.opcheck(op, samples[op._name])
 
 
 def test_compiled_path_survives_more_variants_than_dynamos_recompile_limit(monkeypatch):

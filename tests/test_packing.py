@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bitnet_ao import kernels, pack_i2_in_i8, unpack_i2_in_i8
+from tests.conftest import random_int8
 
 
 def test_bit_layout_matches_hand_computed_bytes():
@@ -28,15 +29,15 @@ def test_odd_last_dimension_is_zero_padded():
 
 @pytest.mark.parametrize("shape", [(7, 33), (3, 4), (2, 5, 6), (1,), (4, 0)])
 def test_round_trip_is_exact(shape):
-    x = torch.randint(-2, 2, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    x = random_int8(*shape, low=-2, high=2, generator=torch.Generator().manual_seed(0))
     packed = pack_i2_in_i8(x)
     assert packed.shape == (*shape[:-1], -(-shape[-1] // 4))
     assert torch.equal(unpack_i2_in_i8(packed, shape[-1]), x)
 
 
 def test_agrees_with_kernel_packed_matmul():
-    w = torch.randint(-1, 2, (6, 10), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
-    a = torch.randint(-128, 128, (3, 10), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
+    w = random_int8(6, 10, low=-1, high=2, generator=torch.Generator().manual_seed(1))
+    a = random_int8(3, 10, generator=torch.Generator().manual_seed(2))
     out = kernels.scaled_int8_mm_packed(a, pack_i2_in_i8(w), 10, True, None, None, None, None, torch.float32)
     assert torch.equal(out, (a.long() @ w.long().t()).float())
 

@@ -1,4 +1,9 @@
-"""benchmarks/pretrain.py end to end on the tiny preset, and its command-line plumbing."""
+"""benchmarks/pretrain.py end to end on the tiny preset, and its command-line plumbing.
+
+The baseline's dtype depends on the CPU (``benchmarks/hardware.py``: BF16 with native BF16 matmuls, FP32 on
+AVX2-only CPUs), so the expectations below are computed from ``hardware.baseline_dtype`` rather than written as
+"bf16": the tests pass on either kind of CPU.
+"""
 
 from __future__ import annotations
 
@@ -8,53 +13,127 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from torch import nn
 
-from benchmarks import pretrain, report
+from benchmarks import hardware, pretrain, report
 from benchmarks.data import ByteDataset, load_corpus
 from bitnet_ao import BitNetTrainingLinearWeight
 from bitnet_ao.surgery import NormedLinear
+
+CPU = torch.device("cpu")
+#: The baseline run's name on this CPU ("bf16" or "fp32").
+BASELINE = hardware.short_name(hardware.baseline_dtype(CPU))
+
+
+def _check_report_names_baseline(tmp_path: Path, out: str, dtype: str) -> dict:
+    """The printed hardware line and table header, the JSON and the plot's title all name the baseline dtype
+    ``dtype`` (a torch dtype name); returns the JSON."""
+    label = hardware.short_name(dtype).upper()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["baseline_dtype"] == results["args"]["dtype"] == dtype
+    assert results["hardware"] == hardware.describe(CPU) and results["machine"] == hardware.summary(CPU)
+    assert results["runs"][0]["label"] == label and results["runs"][0]["spec"]["dtype"] == dtype
+    lines = out.splitlines()
+    assert hardware.summary(CPU) in lines[0], "the output starts with the hardware"
+    (header,) = [line for line in lines if line.startswith("run ")]
+    assert f" vs {label} " in header
+    title = Image.open(tmp_path / "loss_curves.png").text["Title"]
+    assert f"vs {label} baseline" in title and hardware.summary(CPU) in title and len(title.splitlines()) == 2
+    return results
 
 
 def test_comparison_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = pretrain.main(["--preset", "tiny", "--out", str(tmp_path)])
     out = capsys.readouterr().out
 
-    assert [r["name"] for r in runs] == ["bf16", "bitnet"], "no arguments must mean the comparison"
+    assert [r["name"] for r in runs] == [BASELINE, "bitnet"], "no arguments must mean the comparison"
     for r in runs:
         first = sum(r["train_losses"][:3]) / 3
         assert r["final_train_loss"] < first - 1.0, f"{r['name']}: loss did not fall ({first} -> ...)"
         assert r["final_val_loss"] < math.log(256) - 1.0, f"{r['name']}: validation loss near chance"
         assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
 
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = _check_report_names_baseline(tmp_path, out, str(hardware.baseline_dtype(CPU)).removeprefix("torch."))
     assert results["runs"] == runs
     # Every row the table printed is in the output, built from the JSON's figures.
-    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["bf16"], ["bitnet"])]
+    table = [line.split() for line in out.splitlines() if line.split()[:1] in ([BASELINE], ["bitnet"])]
     assert [tuple(row) for row in table] == report.table_rows(results["runs"])
-    bf16, bitnet = results["runs"]
+    base, bitnet = results["runs"]
     assert table[1][2] == f"{bitnet['final_val_loss']:.4f}"
-    assert table[1][4] == f"{bitnet['tokens_per_s'] / bf16['tokens_per_s']:.2f}x"
+    assert table[1][4] == f"{bitnet['tokens_per_s'] / base['tokens_per_s']:.2f}x"
 
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
+@pytest.mark.slow  # 1 s after the test above, 6 to 17 s first in a process (the BitNet run compiles its helpers)
+@pytest.mark.parametrize(("dtype", "autocast"), [("float32", False), ("bfloat16", True)])
+def test_dtype_flag_sets_the_precision(
+    dtype: str, autocast: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--dtype float32`` trains and evaluates both runs without autocast (float32 logits); ``bfloat16`` under
+    autocast. Seen from inside: a hook on the output head records every forward, training and evaluation."""
+    seen: list[tuple[torch.dtype, bool]] = []
+    build_model = pretrain.build_model
+
+    def build_and_watch(*args: object, **kwargs: object) -> nn.Module:
+        model = build_model(*args, **kwargs)
+        model.output.register_forward_hook(lambda m, i, out: seen.append((out.dtype, torch.is_autocast_enabled("cpu"))))
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", build_and_watch)
+    argv = ["--preset", "tiny", "--steps", "4", "--eval-every", "2", "--dtype", dtype, "--out", str(tmp_path)]
+    runs = pretrain.main(argv)
+
+    evals = 2 * pretrain.PRESETS["tiny"]["eval_batches"]  # two evaluations per run
+    assert len(seen) == len(runs) * (4 + evals), "one output-head forward per step and per validation batch"
+    assert set(seen) == {(getattr(torch, dtype), autocast)}
+    short = hardware.short_name(dtype)
+    assert [r["name"] for r in runs] == [short, "bitnet"]
+    assert all(math.isfinite(loss) for r in runs for loss in r["train_losses"])
+    _check_report_names_baseline(tmp_path, capsys.readouterr().out, dtype)
+
+
 def test_run_specs_follow_flags() -> None:
-    (spec,) = pretrain.run_specs(
-        pretrain.parse_args(
-            ["--quantize", "bitnet", "--no-int8-grad-weight", "--weights", "binary", "--placement", "subln"]
-        )
+    args = pretrain.parse_args(
+        ["--quantize", "bitnet", "--no-int8-grad-weight", "--weights", "binary", "--placement", "subln"]
     )
-    assert spec == pretrain.RunSpec("bitnet", True, True, False, "binary", "subln")
+    (spec,) = pretrain.run_specs(args)
+    assert spec == pretrain.RunSpec("bitnet", True, True, False, "binary", "subln", args.dtype)
     (spec,) = pretrain.run_specs(pretrain.parse_args(["--quantize", "bitnet", "--no-surgery"]))
     assert spec.surgery is None
-    assert [s.name for s in pretrain.run_specs(pretrain.parse_args(["--quantize", "none"]))] == ["bf16"]
-    names = [s.name for s in pretrain.run_specs(pretrain.parse_args(["--ablate"]))]
-    assert names == ["bf16", "bitnet", "bitnet-no-surgery", "bitnet-subln", "bitnet-bf16-backward"]
+    assert [s.name for s in pretrain.run_specs(pretrain.parse_args(["--quantize", "none"]))] == [BASELINE]
+    for dtype, short in (("bfloat16", "bf16"), ("float32", "fp32")):
+        specs = pretrain.run_specs(pretrain.parse_args(["--ablate", "--dtype", dtype]))
+        assert [s.name for s in specs] == [
+            short,
+            "bitnet",
+            "bitnet-no-surgery",
+            "bitnet-subln",
+            f"bitnet-{short}-backward",
+        ]
+        assert {s.dtype for s in specs} == {dtype}
+        assert specs[0].label == short.upper() and f"{short.upper()} bwd" in specs[-1].label
     args = pretrain.parse_args(["--preset", "tiny", "--steps", "7"])
     assert args.steps == 7 and args.seq_len == pretrain.PRESETS["tiny"]["seq_len"]
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--steps", "0"])
+
+
+def test_dtype_auto_and_the_fp32_preset() -> None:
+    """``--dtype auto`` is the hardware's baseline; in float32 cpu-default trains less (its ``fp32`` dict), and the
+    flags still win over it."""
+    assert pretrain.parse_args([]).dtype == str(hardware.baseline_dtype(CPU)).removeprefix("torch.")
+    assert hardware.baseline_dtype(CPU) == (torch.bfloat16 if hardware.describe(CPU)["native_bf16"] else torch.float32)
+    bf16 = pretrain.parse_args(["--dtype", "bfloat16"])
+    assert (bf16.steps, bf16.batch_size, bf16.eval_every) == (50, 16, 25)
+    fp32 = pretrain.parse_args(["--dtype", "float32"])
+    assert (fp32.steps, fp32.batch_size, fp32.eval_every, fp32.seq_len) == (30, 8, 15, 128)
+    given = pretrain.parse_args(["--dtype", "float32", "--steps", "40", "--batch-size", "12"])
+    assert (given.steps, given.batch_size) == (40, 12)
+    tiny = pretrain.parse_args(["--preset", "tiny", "--dtype", "float32"])
+    assert tiny.steps == pretrain.PRESETS["tiny"]["steps"], "a preset without an fp32 dict trains as it is"
 
 
 def test_build_model_applies_the_spec() -> None:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bitnet_ao import private_api
+from tests.conftest import random_int8
 
 
 def test_in_backward_is_true_only_inside_a_backward_pass():
@@ -84,8 +85,8 @@ def test_tree_map_only_maps_only_instances_of_the_class():
 
 def test_int_mm_is_exact_int32():
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=g)
-    b = torch.randint(-128, 128, (64, 24), dtype=torch.int8, generator=g)
+    a = random_int8(32, 64, generator=g)
+    b = random_int8(64, 24, generator=g)
     out = private_api.int_mm(a, b)
     assert out.dtype == torch.int32 and torch.equal(out, (a.double() @ b.double()).to(torch.int32))
 

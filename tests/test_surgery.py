@@ -12,6 +12,7 @@ from benchmarks.model import ModelConfig, Transformer
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
 from bitnet_ao.norm import RMSNorm
 from bitnet_ao.surgery import NormedLinear, apply_bitnet_norms, quantize_filter
+from tests.conftest import fit, tiny_llama
 
 ATTN, MLP = ("wq", "wk", "wv", "wo"), ("w1", "w2", "w3")
 
@@ -22,13 +23,8 @@ def own_model() -> Transformer:
 
 
 def hf_model() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    return tiny_llama(vocab_size=256, max_position_embeddings=16)
 
 
 def torchtitan_model() -> nn.Module:
@@ -57,14 +53,7 @@ def train_losses(model: nn.Module, vocab: int, steps: int = 8) -> list[float]:
     """Fit one small batch with AdamW: a model whose gradients flow drives the loss down."""
     tokens = torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = loss_fn(model, tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return fit(lambda batch: loss_fn(model, batch), optimizer, [tokens] * steps)
 
 
 # (model factory, block prefix, pre-attention norm, pre-MLP norm, quantizable linears in forward order, untouched)

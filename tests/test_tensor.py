@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, unquantize_
+from tests.conftest import save_load_roundtrip
 
 
 def _quantized(dtype: torch.dtype = torch.float32, **config) -> nn.Sequential:
@@ -18,13 +18,6 @@ def _quantized(dtype: torch.dtype = torch.float32, **config) -> nn.Sequential:
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False)).to(dtype)
     quantize_(model, bitnet_training(**config))
     return model
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def test_optimizer_updates_master_weight_in_place():
@@ -42,7 +35,7 @@ def test_optimizer_updates_master_weight_in_place():
 
 def test_state_dict_roundtrip_weights_only_into_quantized_and_plain():
     model = _quantized(weights="binary")
-    sd = _roundtrip(model.state_dict())
+    sd = save_load_roundtrip(model.state_dict())
     # A checkpoint carries the master weights as plain tensors, not the recipe (tests/test_checkpoint.py).
     assert all(type(v) is torch.Tensor for v in sd.values())
 
@@ -63,7 +56,7 @@ def test_state_dict_roundtrip_weights_only_into_quantized_and_plain():
 
 def test_weight_itself_pickles_with_its_recipe_weights_only():
     weight = _quantized(weights="binary")[0].weight
-    loaded = _roundtrip(weight)
+    loaded = save_load_roundtrip(weight)
     assert isinstance(loaded, BitNetTrainingLinearWeight) and loaded.config == weight.config
     assert torch.equal(loaded._data, weight._data) and loaded.requires_grad
 
@@ -72,7 +65,7 @@ def test_plain_state_dict_loads_into_quantized_model():
     torch.manual_seed(1)
     plain = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8, bias=False))
     model = _quantized()
-    model.load_state_dict(_roundtrip(plain.state_dict()))
+    model.load_state_dict(save_load_roundtrip(plain.state_dict()))
     assert isinstance(model[0].weight, BitNetTrainingLinearWeight)
     assert torch.equal(model[0].weight._data, plain[0].weight)
 

@@ -9,7 +9,6 @@ optimizer container with the spec's ``post_optimizer_build_fn``, and torchtitan'
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import types
@@ -33,6 +32,7 @@ from bitnet_ao.integrations.torchtitan.config_registry import (  # noqa: E402
     llama3_8b_bitnet,
     llama3_debugmodel_bitnet,
 )
+from tests.conftest import free_port  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 8
@@ -297,12 +297,8 @@ def _fsdp_train_and_checkpoint(rank: int, tmp: str) -> None:
         print(f"losses {[round(x, 3) for x in losses]}, {STEPS} steps in {train_s:.1f}s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp2_training_with_scale_hook_and_dcp_checkpoint():
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_fsdp_worker, args=(_free_port(), tmp), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(_fsdp_worker, args=(free_port(), tmp), nprocs=WORLD_SIZE, join=True)

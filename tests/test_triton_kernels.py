@@ -20,6 +20,9 @@ pytest.importorskip("triton", reason="Triton is not installed (optional extra `b
 
 from bitnet_ao import kernels  # noqa: E402
 from bitnet_ao.kernels import reference, triton_backend, triton_common, triton_mm, triton_quant  # noqa: E402
+from tests.conftest import random_int8  # noqa: E402
+
+pytestmark = pytest.mark.triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -48,10 +51,6 @@ def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 3.0) -> torch.Tensor:
     return (torch.randn(shape, device=DEVICE) * scale).to(dtype)
-
-
-def _int8(*shape: int, low: int = -128, high: int = 128) -> torch.Tensor:
-    return torch.randint(low, high, shape, dtype=torch.int8, device=DEVICE)
 
 
 # --- registration ------------------------------------------------------------------------------------------
@@ -237,11 +236,11 @@ def test_int8_weight_of_empty_and_single_row():
 def _operands(layout: str, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``a (M, K)`` and ``b (K, N)`` as the three BitNet matmuls hold them (views, not copies)."""
     if layout == "NT":  # forward: x_q @ W_q.T, W_q stored (N, K)
-        return _int8(m, k), _int8(n, k, low=-1, high=2).t()
+        return random_int8(m, k, device=DEVICE), random_int8(n, k, low=-1, high=2, device=DEVICE).t()
     if layout == "NN":  # grad_input: g_q @ W_q, W_q stored (K, N) here
-        return _int8(m, k), _int8(k, n, low=-1, high=2)
+        return random_int8(m, k, device=DEVICE), random_int8(k, n, low=-1, high=2, device=DEVICE)
     # TN, grad_weight: g'_q.T @ x_q, g'_q stored (K, M)
-    return _int8(k, m).t(), _int8(k, n)
+    return random_int8(k, m, device=DEVICE).t(), random_int8(k, n, device=DEVICE)
 
 
 @pytest.mark.parametrize("layout", ["NT", "NN", "TN"])
@@ -296,12 +295,14 @@ def _assert_epilogue_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 def test_scaled_int8_mm_empty_m_does_not_launch(monkeypatch):
     monkeypatch.setattr(triton_mm, "_scaled_mm_kernel", None)  # any launch would now fail
     monkeypatch.setattr(triton_mm, "_scaled_mm_autotuned", None)
-    out = triton_mm.scaled_int8_mm(_int8(0, 8), _int8(8, 5), None, None, None, None, torch.bfloat16)
+    out = triton_mm.scaled_int8_mm(
+        random_int8(0, 8, device=DEVICE), random_int8(8, 5, device=DEVICE), None, None, None, None, torch.bfloat16
+    )
     assert out.shape == (0, 5) and out.dtype == torch.bfloat16
 
 
 def test_scaled_int8_mm_rejects_bad_epilogue():
-    a, b = _int8(4, 8), _int8(8, 5)
+    a, b = random_int8(4, 8, device=DEVICE), random_int8(8, 5, device=DEVICE)
     with pytest.raises(ValueError, match=r"col_scale must have shape \(5,\)"):
         triton_mm.scaled_int8_mm(a, b, None, torch.ones(4, device=DEVICE), None, None, torch.float32)
     with pytest.raises(ValueError, match="out_dtype"):
@@ -314,9 +315,9 @@ def test_scaled_int8_mm_packed(transpose_b, k):
     """2-bit packed B with k not a multiple of 4 (zero-padded bytes), values in {-2, -1, 0, 1}."""
     torch.manual_seed(5)
     n, m = 27, 19
-    w = _int8(n, k, low=-2, high=2)
+    w = random_int8(n, k, low=-2, high=2, device=DEVICE)
     packed = _ref(reference.pack_i2_in_i8, w)
-    a = _int8(m, k) if transpose_b else _int8(m, n)
+    a = random_int8(m, k, device=DEVICE) if transpose_b else random_int8(m, n, device=DEVICE)
     acc = triton_mm.scaled_int8_mm_packed(a, packed, k, transpose_b, None, None, None, None, torch.float32)
     acc_ref = _ref(reference.int8_mm, a, w.t() if transpose_b else w).float()
     assert torch.equal(acc, acc_ref)
@@ -330,11 +331,11 @@ def test_scaled_int8_mm_packed(transpose_b, k):
 
 def test_scaled_int8_mm_packed_strided_and_single_row():
     k, n = 22, 13
-    w = _int8(n, k, low=-1, high=2)
+    w = random_int8(n, k, low=-1, high=2, device=DEVICE)
     padded = torch.zeros(n, 16, dtype=torch.int8, device=DEVICE)
     padded[:, : (k + 3) // 4] = _ref(reference.pack_i2_in_i8, w)
     packed = padded[:, : (k + 3) // 4]  # row stride 16, not ceil(k / 4)
-    a = _int8(1, 2 * k)[:, ::2]
+    a = random_int8(1, 2 * k, device=DEVICE)[:, ::2]
     out = triton_mm.scaled_int8_mm_packed(a, packed, k, True, None, None, None, None, torch.float32)
     assert torch.equal(out, _ref(reference.int8_mm, a, w.t()).float())
 
@@ -391,6 +392,7 @@ def test_bitnet_linear_forward_backward_through_triton(weights, dtype):
 # --- GPU lowering, checked without a GPU ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter checks the math, not the GPU lowering: compile every kernel to an sm_90 cubin (no GPU needed,
     Triton ships ptxas), in a subprocess because this session's kernels are interpreted."""
