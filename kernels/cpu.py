@@ -36,15 +36,17 @@ def right_operand_k_contiguous(t: Tensor) -> bool:
 
 
 @functools.cache
-def _compiled(fn: Callable, variant: tuple) -> Callable:
+def _compiled(fn: Callable, variant: tuple, keep_narrowing_casts: bool) -> Callable:
     # Dynamo keeps at most `recompile_limit` (8) graphs per code object, and one body can meet more variants in a
     # process (three dtypes, two eps values, transposed or not, which optional scales...): past the limit a
     # fullgraph compile fails. A private copy of the code object per variant gives each variant its own cache.
     code_copy = fn.__code__.replace()
     copy = types.FunctionType(code_copy, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    # emulate_precision_casts: keep every rounding to a narrower dtype the body writes (by default inductor skips
-    # one that is cast straight back up), so the compiled body gives the eager reference's bits.
-    return torch.compile(copy, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+    # Inductor skips a cast to a narrower dtype that is cast straight back up unless emulate_precision_casts is on.
+    # Only bodies that round on purpose ask for it: with it on, a float32 body that casts to float32 corrupted the
+    # heap (torch 2.13.0, the fused norm in float32 training).
+    options = {"emulate_precision_casts": True} if keep_narrowing_casts else None
+    return torch.compile(copy, dynamic=True, fullgraph=True, options=options)
 
 
 def _variant(args: tuple) -> tuple:
@@ -52,11 +54,12 @@ def _variant(args: tuple) -> tuple:
     return tuple((a.dtype, a.dim(), a.is_contiguous()) if isinstance(a, Tensor) else a for a in args)
 
 
-def run_fused(fn: Callable, numel: int, *args):
+def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = False):
     """Run the elementwise/reduction body ``fn`` compiled by inductor when ``numel`` (the size of the work) is
-    at least ``COMPILE_MIN_NUMEL``, else eagerly. Also used outside the ops, e.g. by ``surgery.RMSNorm``."""
+    at least ``COMPILE_MIN_NUMEL``, else eagerly. Also used outside the ops, e.g. by ``norm.RMSNorm``.
+    ``keep_narrowing_casts``: the body rounds to a narrower dtype on purpose and the compiled code must too."""
     if numel >= COMPILE_MIN_NUMEL:
-        return _compiled(fn, _variant(args))(*args)
+        return _compiled(fn, _variant(args), keep_narrowing_casts)(*args)
     return fn(*args)
 
 
@@ -67,7 +70,18 @@ def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 def rms_norm_quantize_rowwise(
     x: Tensor, weight: Tensor, norm_eps: float, norm_dtype: torch.dtype, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return run_fused(reference.rms_norm_quantize_rowwise, x.numel(), x, weight, norm_eps, norm_dtype, eps)
+    # The norm's output is rounded to x.dtype and then to norm_dtype; either may be narrower than float32.
+    narrowing = min(x.dtype.itemsize, norm_dtype.itemsize) < torch.float32.itemsize
+    return run_fused(
+        reference.rms_norm_quantize_rowwise,
+        x.numel(),
+        x,
+        weight,
+        norm_eps,
+        norm_dtype,
+        eps,
+        keep_narrowing_casts=narrowing,
+    )
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
