@@ -42,9 +42,8 @@ def _compiled(fn: Callable, variant: tuple, keep_narrowing_casts: bool) -> Calla
     # fullgraph compile fails. A private copy of the code object per variant gives each variant its own cache.
     code_copy = fn.__code__.replace()
     copy = types.FunctionType(code_copy, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    # Inductor skips a cast to a narrower dtype that is cast straight back up unless emulate_precision_casts is on.
-    # Only bodies that round on purpose ask for it: with it on, a float32 body that casts to float32 corrupted the
-    # heap (torch 2.13.0, the fused norm in float32 training).
+    # Inductor skips a cast to a narrower dtype that is cast straight back up unless emulate_precision_casts is on;
+    # only bodies that round on purpose ask for it.
     options = {"emulate_precision_casts": True} if keep_narrowing_casts else None
     return torch.compile(copy, dynamic=True, fullgraph=True, options=options)
 
@@ -59,7 +58,11 @@ def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = Fals
     at least ``COMPILE_MIN_NUMEL``, else eagerly. Also used outside the ops, e.g. by ``norm.RMSNorm``.
     ``keep_narrowing_casts``: the body rounds to a narrower dtype on purpose and the compiled code must too."""
     if numel >= COMPILE_MIN_NUMEL:
-        return _compiled(fn, _variant(args), keep_narrowing_casts)(*args)
+        # Detached: the bodies run inside custom ops and autograd functions, never differentiated through, and a
+        # compiled (dynamic) graph handed a tensor that requires grad under no_grad (an nn.Parameter, the norm's
+        # gain) corrupts the heap on its second call (torch 2.13.0: "double free or corruption").
+        detached = [a.detach() if isinstance(a, Tensor) else a for a in args]
+        return _compiled(fn, _variant(args), keep_narrowing_casts)(*detached)
     return fn(*args)
 
 

@@ -87,8 +87,13 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 from bitnet_ao import bitnet_training
+from bitnet_ao.kernels import cpu, reference
 from bitnet_ao.surgery import NormedLinear
 torch.manual_seed(0)
+gain = nn.Parameter(torch.ones(1024))
+for _ in range(3):  # the bare trigger: a parameter handed to a compiled body under no_grad
+    with torch.no_grad():
+        cpu.run_fused(reference.rms_norm, 1 << 20, torch.randn(1024, 1024), gain, 1e-5)
 layers = nn.Sequential(*[NormedLinear(nn.Linear(1024, 1024), 1e-5) for _ in range(3)])
 quantize_(layers, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
 x = torch.randn(1024, 1024, requires_grad=True)
@@ -100,9 +105,10 @@ print("finite")
 
 
 @pytest.mark.slow
-def test_compiled_float32_fused_norm_trains_without_heap_corruption():
-    """Regression: compiled with inductor's emulate_precision_casts, the fused norm's float32 variant corrupted the
-    heap (``free(): invalid size``, torch 2.13.0) at these sizes; it is compiled without it now. Run in a
-    subprocess, since the failure kills the process."""
+def test_compiled_float32_norms_train_without_heap_corruption():
+    """Regression: a compiled (dynamic) body handed an ``nn.Parameter`` (the norm's gain) under no_grad corrupted
+    the heap on its second call (``free(): invalid size``, torch 2.13.0), which killed float32 training of any
+    model with these norms; ``cpu.run_fused`` now hands compiled bodies detached tensors. Run in a subprocess,
+    since the failure kills the process."""
     out = subprocess.run([sys.executable, "-c", _FLOAT32_TRAINING], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "finite" in out.stdout, out.stderr[-2000:]
