@@ -42,9 +42,14 @@ def _compiled(fn: Callable, variant: tuple, keep_narrowing_casts: bool) -> Calla
     # fullgraph compile fails. A private copy of the code object per variant gives each variant its own cache.
     code_copy = fn.__code__.replace()
     copy = types.FunctionType(code_copy, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    # Inductor skips a cast to a narrower dtype that is cast straight back up unless emulate_precision_casts is on;
-    # only bodies that round on purpose ask for it.
-    options = {"emulate_precision_casts": True} if keep_narrowing_casts else None
+    # fx_graph_cache off: in torch 2.13.0 inductor's FX graph cache hands a graph compiled where two sizes were
+    # equal (a 1024 x 1024 activation, one "duck-shaped" symbol) to a later compile where they differ, and the
+    # kernel writes out of bounds (heap corruption in float32 training; tests/test_ops.py). Compiling each body
+    # afresh per process costs a few seconds once. emulate_precision_casts: inductor skips a cast to a narrower
+    # dtype that is cast straight back up unless it is on; only bodies that round on purpose ask for it.
+    options: dict[str, bool] = {"fx_graph_cache": False}
+    if keep_narrowing_casts:
+        options["emulate_precision_casts"] = True
     return torch.compile(copy, dynamic=True, fullgraph=True, options=options)
 
 
@@ -58,11 +63,7 @@ def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = Fals
     at least ``COMPILE_MIN_NUMEL``, else eagerly. Also used outside the ops, e.g. by ``norm.RMSNorm``.
     ``keep_narrowing_casts``: the body rounds to a narrower dtype on purpose and the compiled code must too."""
     if numel >= COMPILE_MIN_NUMEL:
-        # Detached: the bodies run inside custom ops and autograd functions, never differentiated through, and a
-        # compiled (dynamic) graph handed a tensor that requires grad under no_grad (an nn.Parameter, the norm's
-        # gain) corrupts the heap on its second call (torch 2.13.0: "double free or corruption").
-        detached = [a.detach() if isinstance(a, Tensor) else a for a in args]
-        return _compiled(fn, _variant(args), keep_narrowing_casts)(*detached)
+        return _compiled(fn, _variant(args), keep_narrowing_casts)(*args)
     return fn(*args)
 
 

@@ -106,9 +106,8 @@ print("finite")
 
 @pytest.mark.slow
 def test_compiled_float32_norms_train_without_heap_corruption():
-    """Regression: a compiled (dynamic) body handed an ``nn.Parameter`` (the norm's gain) under no_grad corrupted
-    the heap on its second call (``free(): invalid size``, torch 2.13.0), which killed float32 training of any
-    model with these norms; ``cpu.run_fused`` now hands compiled bodies detached tensors. Run in a subprocess,
-    since the failure kills the process."""
+    """Regression: with inductor's FX graph cache on, compiled RMSNorm bodies corrupted the heap (``free(): invalid
+    size``, torch 2.13.0: a cached graph served to a compile it does not fit, see tests/test_ops.py), which killed
+    float32 training of any model with these norms. Run in a subprocess, since the failure kills the process."""
     out = subprocess.run([sys.executable, "-c", _FLOAT32_TRAINING], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "finite" in out.stdout, out.stderr[-2000:]

@@ -6,6 +6,9 @@ Every op runs twice: eagerly (small tensors) and through the inductor-compiled p
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -223,3 +226,26 @@ def test_compiled_path_survives_more_variants_than_dynamos_recompile_limit(monke
             x_q, s = kernels.quantize_rowwise(x.to(dtype), eps)
             q_ref, s_ref = act_quant(x.to(dtype), eps=eps)
             assert torch.equal(x_q, q_ref.to(torch.int8)) and torch.equal(s, s_ref)
+
+
+_DUCK_SHAPED_REUSE = """
+import torch
+from bitnet_ao.kernels import cpu, reference
+torch.manual_seed(0)
+for k in [256] + ([704] + [256] * 6) * 3:  # the RMSNorm backward of a block: M == K, then M != K
+    x, w, dy = torch.randn(256, k), torch.rand(k) + 0.5, torch.randn(256, k)
+    _, rstd = reference.rms_norm(x, w, 1e-5)
+    dx, dw = cpu.run_fused(reference.rms_norm_backward, 1 << 30, dy, x, w, rstd)
+    ex, ew = reference.rms_norm_backward(dy, x, w, rstd)
+    assert torch.allclose(dx, ex, atol=1e-4) and torch.allclose(dw, ew, atol=1e-3)
+print("exact")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_body_is_not_reused_across_size_equality():
+    """Regression (torch 2.13.0): inductor's FX graph cache served the graph compiled for M == K to the compile for
+    M != K, which wrote out of bounds (heap corruption in float32 training); ``cpu.run_fused`` compiles without
+    that cache. In a subprocess, since the failure kills the process."""
+    out = subprocess.run([sys.executable, "-c", _DUCK_SHAPED_REUSE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "exact" in out.stdout, out.stderr[-2000:]
