@@ -64,6 +64,23 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)
 
 
+def onednn_int8_linear_available() -> bool:
+    """Whether oneDNN's int8 linear ops exist in this build (torch 2.13.0 x86 builds: ``torch.ops.onednn``)."""
+    return hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def onednn_int8_linear(a_u8: Tensor, zero_point: int, weight_s8: Tensor) -> Tensor:
+    """``(a_u8 - zero_point) @ weight_s8.T`` as float32, by oneDNN's u8 x s8 linear (torch 2.13.0:
+    ``torch.ops.onednn.qlinear_prepack`` + ``qlinear_pointwise``, the ops inductor's int8 lowering uses), with
+    unit scales so the output is the integer sum itself. ``weight_s8`` is ``(N, K)``, prepacked on every call."""
+    n = weight_s8.shape[0]
+    packed = torch.ops.onednn.qlinear_prepack(weight_s8, None)
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(
+        a_u8, 1.0, zero_point, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
 def cpu_has_int8_dot_product() -> bool:
     """Whether this CPU has int8 dot-product instructions oneDNN uses for ``torch._int_mm`` (torch 2.13.0:
     ``torch.cpu._is_vnni_supported()`` for AVX-512 VNNI, ``torch.cpu._is_amx_tile_supported()`` for AMX)."""

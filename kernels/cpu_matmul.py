@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..private_api import cpu_has_int8_dot_product, int_mm
+from ..private_api import cpu_has_int8_dot_product, int_mm, onednn_int8_linear, onednn_int8_linear_available
 from . import reference
 
 ROUTES = ("int_mm", "onednn", "fp32", "reference")
@@ -44,7 +44,7 @@ ENV_VAR = "BITNET_AO_CPU_INT8_ROUTE"
 
 
 def _onednn_available() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    return platform.machine().lower() in ("x86_64", "amd64") and onednn_int8_linear_available()
 
 
 @functools.cache
@@ -112,14 +112,9 @@ def int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
 
 
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
-    n = b.shape[1]
-    weight = torch.ops.onednn.qlinear_prepack(b.t().contiguous(), None)
     # int8 -> uint8 + 128 is flipping the sign bit; oneDNN subtracts the zero point 128 back.
     a_u8 = a.contiguous().view(torch.uint8).bitwise_xor(0x80)
-    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
-    return torch.ops.onednn.qlinear_pointwise(
-        a_u8, 1.0, 128, weight, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
-    )
+    return onednn_int8_linear(a_u8, 128, b.t().contiguous())
 
 
 def _fp32_mm(a: Tensor, b: Tensor, block: int) -> Tensor:

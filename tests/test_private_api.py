@@ -91,6 +91,16 @@ def test_int_mm_is_exact_int32():
     assert out.dtype == torch.int32 and torch.equal(out, (a.double() @ b.double()).to(torch.int32))
 
 
+@pytest.mark.skipif(not private_api.onednn_int8_linear_available(), reason="no oneDNN int8 linear in this build")
+def test_onednn_int8_linear_subtracts_the_zero_point_and_sums_exactly():
+    g = torch.Generator().manual_seed(1)
+    a_u8 = torch.randint(0, 256, (20, 48), dtype=torch.uint8, generator=g)
+    w = torch.randint(-1, 2, (12, 48), dtype=torch.int8, generator=g)
+    out = private_api.onednn_int8_linear(a_u8, 128, w)
+    assert out.dtype == torch.float32
+    assert torch.equal(out.double(), (a_u8.double() - 128) @ w.double().t())
+
+
 def test_dtensor_local_is_the_local_shard_object(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
