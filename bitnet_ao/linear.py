@@ -17,7 +17,7 @@ Saved for backward (docs/numerics.md#saved-for-backward): ``x_q`` (int8), ``s_x`
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -28,7 +28,6 @@ from .kernels.reference import ACTIVATION_EPS, GRADIENT_EPS
 from .weight_quant import WeightQuantization
 
 
-@runtime_checkable
 class BitNetWeight(Protocol):
     """What the BitNet autograd function needs from a weight of shape ``(N, K)``. Every weight kind implements it."""
 
@@ -56,6 +55,12 @@ class BitNetWeight(Protocol):
         """``a @ W_q.T`` (``transpose``, the forward) or ``a @ W_q`` (``grad_input``) from int8 ``a``, accumulated
         exactly in int32, times ``row_scale[:, None] * q.scale``, cast to ``out_dtype``, plus ``bias``."""
         ...
+
+
+def is_bitnet_weight(weight: Tensor) -> bool:
+    """Whether ``weight`` is a BitNet weight of any kind (implements :class:`BitNetWeight`). A check on the class,
+    which torch.compile folds to a constant (it cannot trace ``isinstance`` against a protocol)."""
+    return callable(getattr(type(weight), "bitnet_mm", None))
 
 
 class InputNorm(NamedTuple):

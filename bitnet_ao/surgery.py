@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .linear import BitNetWeight, InputNorm, bitnet_linear
+from .linear import InputNorm, bitnet_linear, is_bitnet_weight
 from .norm import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class NormedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         linear = self.linear
         fusable = (
-            isinstance(linear.weight, BitNetWeight)
+            is_bitnet_weight(linear.weight)
             and type(linear) is nn.Linear
             and not (linear._forward_hooks or linear._forward_pre_hooks)
             and self.norm.weight is not None

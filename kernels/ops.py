@@ -102,7 +102,11 @@ def rms_norm_quantize_rowwise(
 def _(x, weight, norm_eps, norm_dtype, eps):
     _check_2d("rms_norm_quantize_rowwise", x, "x")
     m = x.shape[0]
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(m, dtype=torch.float32), x.new_empty((m, 1))
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(m, dtype=torch.float32),
+        x.new_empty((m, 1), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("bitnet_ao::rms_norm_backward", mutates_args=())

@@ -111,3 +111,16 @@ def test_compiled_float32_norms_train_without_heap_corruption():
     float32 training of any model with these norms. Run in a subprocess, since the failure kills the process."""
     out = subprocess.run([sys.executable, "-c", _FLOAT32_TRAINING], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "finite" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_traces_the_fused_norm():
+    """Whole-model torch.compile: the fused ops' fake implementations must match the real ones (dtypes, shapes),
+    and the compiled forward and backward give the eager numbers."""
+    layer = _normed_bitnet_linear(64, 32, torch.float32)
+    x = torch.randn(4, 9, 64)
+    eager = _step(layer, x, fused=True, autocast=torch.bfloat16)
+    compiled_layer = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = _step(compiled_layer, x, fused=True, autocast=torch.bfloat16)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -194,7 +194,7 @@ def _opcheck_samples() -> dict[str, tuple]:
         "binarize": (w, s, False),
         "scaled_int8_mm": (a, b, torch.rand(9), torch.rand(10), s, torch.randn(10), torch.bfloat16),
         "scaled_int8_mm_packed": (a, packed, 12, True, torch.rand(9), None, s, None, torch.float32),
-        "rms_norm_quantize_rowwise": (x, torch.rand(12) + 0.5, 1e-6, torch.bfloat16, 1e-5),
+        "rms_norm_quantize_rowwise": (x.bfloat16(), torch.rand(12) + 0.5, 1e-6, torch.bfloat16, 1e-5),
         "rms_norm_backward": (torch.randn(9, 12), x, torch.rand(12) + 0.5, torch.rand(9, 1) + 0.5),
     }
 
