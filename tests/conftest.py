@@ -18,8 +18,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def tiny_llama_config(**overrides):
-    """A 2-layer Hugging Face ``LlamaConfig`` small enough for a test step in milliseconds (no download)."""
+def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
+    """A freshly initialized, seeded 2-layer Hugging Face ``LlamaForCausalLM``, small enough for a test step in
+    milliseconds (no download); ``overrides`` change its ``LlamaConfig``."""
     import transformers
 
     config = dict(
@@ -31,15 +32,8 @@ def tiny_llama_config(**overrides):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    return transformers.LlamaConfig(**{**config, **overrides})
-
-
-def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
-    """A freshly initialized ``LlamaForCausalLM`` of :func:`tiny_llama_config`, seeded."""
-    import transformers
-
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(tiny_llama_config(**overrides))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, **overrides}))
 
 
 def not_lm_head(module: nn.Module, fqn: str) -> bool:
