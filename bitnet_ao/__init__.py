@@ -4,23 +4,31 @@ from torchao.quantization import quantize_
 from bitnet_ao import bitnet_training
 quantize_(model, bitnet_training())
 
-Importing the package registers the ``quantize_`` handler (``tensor.py``) and installs the FSDP2 all-gather
-extension (``fsdp.py``). The modules import one way only; docs/design.md draws the order.
+For inference, ``quantize_(model, bitnet_inference())`` freezes the weights packed (2 bits per value).
+
+Importing the package registers the ``quantize_`` handlers (``tensor.py``, ``inference.py``) and installs the
+FSDP2 all-gather extension (``fsdp.py``). The modules import one way only; docs/design.md draws the order.
 """
 
-from .config import BitNetTrainingConfig, bitnet_training
+from .config import BitNetInferenceConfig, BitNetTrainingConfig, bitnet_inference, bitnet_training
 from .fsdp import precompute_bitnet_scale_for_fsdp
+from .inference import pack_linear_weight
 from .packed import BitNetPackedLinearWeight
-from .packing import pack_i2_in_i8, unpack_i2_in_i8
+from .packing import pack_i1_in_i8, pack_i2_in_i8, unpack_i1_in_i8, unpack_i2_in_i8
 from .tensor import BitNetTrainingLinearWeight, unquantize_
 
 __all__ = [
+    "BitNetInferenceConfig",
     "BitNetPackedLinearWeight",
     "BitNetTrainingConfig",
     "BitNetTrainingLinearWeight",
+    "bitnet_inference",
     "bitnet_training",
+    "pack_i1_in_i8",
     "pack_i2_in_i8",
+    "pack_linear_weight",
     "precompute_bitnet_scale_for_fsdp",
+    "unpack_i1_in_i8",
     "unpack_i2_in_i8",
     "unquantize_",
 ]

@@ -1,7 +1,8 @@
-"""``BitNetTrainingConfig``: the BitNet recipe of a linear layer, as the config ``quantize_`` takes.
+"""The configs ``quantize_`` takes: ``BitNetTrainingConfig`` (train with INT8 matmuls) and
+``BitNetInferenceConfig`` (run frozen, packed weights).
 
-Only the dataclass lives here, below everything else; the handler ``quantize_`` calls for it is registered
-beside the weight class it builds (``bitnet_ao/tensor.py``).
+Only the dataclasses live here, below everything else; the handler ``quantize_`` calls for each is registered
+beside the weight class it builds (``bitnet_ao/tensor.py``, ``bitnet_ao/inference.py``).
 """
 
 from __future__ import annotations
@@ -40,3 +41,29 @@ class BitNetTrainingConfig(AOBaseConfig):
 
 #: Lower-case alias for the ``quantize_`` call, as torchao names its configs.
 bitnet_training = BitNetTrainingConfig
+
+
+@dataclass(frozen=True)
+class BitNetInferenceConfig(AOBaseConfig):
+    """Frozen BitNet linears with packed weights, for inference (docs/inference.md).
+
+    Each selected weight becomes a ``BitNetPackedLinearWeight``: its ternary values 2 bits each (binary values
+    1 bit each) plus the float32 scale; the high-precision weight is dropped. ``F.linear`` on it quantizes the
+    activation per token and runs the exact INT8 matmul on the packed values: the same outputs as the training
+    forward, bit for bit.
+
+    Args:
+        weights: how to quantize a plain (not BitNet-trained) weight: ``"ternary"`` (abs-mean rule, the default)
+            or ``"binary"``. ``None`` (the default) means ternary for plain weights and the recipe it was trained
+            with for a BitNet training weight; naming a kind that contradicts the training recipe is an error.
+    """
+
+    weights: WeightKind | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights not in (None, "ternary", "binary"):
+            raise ValueError(f"BitNetInferenceConfig.weights must be 'ternary', 'binary' or None, got {self.weights!r}")
+
+
+#: Lower-case alias, as torchao names its configs.
+bitnet_inference = BitNetInferenceConfig

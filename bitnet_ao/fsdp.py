@@ -3,11 +3,12 @@ under FSDP2").
 
 ``fully_shard`` shards each ``BitNetTrainingLinearWeight`` (the high-precision master weight) along dim 0. Before
 each all-gather, every rank ternarizes (or binarizes) its shard with the scale of the WHOLE weight and packs it
-four values per byte (:mod:`bitnet_ao.packing` layout), so the wire carries ``ceil(K / 4)`` bytes per row instead
-of ``2 K`` (BF16): 1/8 of the bytes. The scale itself is not gathered: every rank derives it from the same
-all-reduced sums. After the all-gather, a :class:`BitNetPackedLinearWeight` stands in for the weight; ``F.linear``
-on it runs the BitNet autograd function of ``linear.py`` on the packed values directly (no BF16 weight is ever
-rebuilt), and its ``grad_weight`` is a plain tensor in the parameter dtype that FSDP2 reduce-scatters as usual.
+four values per byte (eight for binary weights; :mod:`bitnet_ao.packing` layout), so the wire carries ``ceil(K / 4)``
+bytes per row instead of ``2 K`` (BF16): 1/8 of the bytes (1/16 for binary weights). The scale itself is not
+gathered: every rank derives it from the same all-reduced sums. After the all-gather, a
+:class:`BitNetPackedLinearWeight` stands in for the weight; ``F.linear`` on it runs the BitNet autograd function of
+``linear.py`` on the packed values directly (no BF16 weight is ever rebuilt), and its ``grad_weight`` is a plain
+tensor in the parameter dtype that FSDP2 reduce-scatters as usual.
 
 Scales: ``s_w = sum|W| / numel(W)`` (and ``mean(W)`` for binary weights) from float64 sums all-reduced with the
 element counts over the FSDP shard group only (HSDP replicas hold identical shards and are left out), so a sharded
@@ -48,7 +49,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import kernels
 from .kernels import reference
-from .packed import BitNetPackedLinearWeight
+from .packed import BitNetPackedLinearWeight, bits_per_value
 from .private_api import dtensor_local, in_backward
 from .tensor import BitNetTrainingLinearWeight
 from .weight_quant import quantization_from_stats, quantize_weight
@@ -107,17 +108,18 @@ def _scale_state(weight: BitNetTrainingLinearWeight, group: dist.ProcessGroup) -
 
 
 def pre_all_gather(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> tuple[tuple[Tensor], tuple[Tensor, int]]:
-    """All-gather input: the shard quantized with the global scale, 2-bit packed, ``(P, ceil(K / 4))`` int8.
+    """All-gather input: the shard quantized with the global scale and packed, ``(P, ceil(K / 4))`` int8 (binary
+    weights: 1 bit per value, ``(P, ceil(K / 8))``).
 
     ``P = ceil(N / world)`` is FSDP2's padded shard height: every rank must contribute the same number of bytes,
     so a short (or empty) last shard is padded with zero bytes. FSDP2 keeps real rows first (rank ``r`` holds rows
-    ``r P ..``), so the gathered ``(world P, ceil(K / 4))`` tensor is the packed weight followed by padding.
+    ``r P ..``), so the gathered ``(world P, bytes per row)`` tensor is the packed weight followed by padding.
     Metadata: the float32 scale and ``N``.
     """
     state = _scale_state(weight, mesh.get_group())
     n, k = state.rows, weight.shape[1]
     q = quantization_from_stats(state.sums, n * k, weight.config)
-    packed = reference.pack_i2_in_i8(quantize_weight(weight._data, q, transpose=False))
+    packed = reference.pack_weight(quantize_weight(weight._data, q, transpose=False), bits_per_value(weight.config))
     padded_rows = -(-n // mesh.size())
     if packed.shape[0] != padded_rows:
         packed = F.pad(packed, (0, 0, 0, padded_rows - packed.shape[0]))

@@ -1,9 +1,11 @@
-"""``BitNetPackedLinearWeight``: a BitNet weight that arrives already quantized, 2-bit packed with its scale.
+"""``BitNetPackedLinearWeight``: a BitNet weight that exists only quantized, packed with its scale.
 
-The FSDP2 all-gather produces it (``bitnet_ao/fsdp.py``): every rank contributes its shard ternarized with the
-global scale and packed four values per byte, and the gathered bytes are wrapped, without a copy, as this
-weight. ``F.linear`` on it runs the BitNet autograd function straight on the packed values; nothing else is
-allowed on it, since no high-precision weight exists.
+Two producers: the FSDP2 all-gather (``bitnet_ao/fsdp.py``: every rank packs its shard with the global scale and
+the gathered bytes are wrapped, without a copy) and ``quantize_(model, bitnet_inference())``
+(``bitnet_ao/inference.py``: the frozen deployment weight). ``F.linear`` on it runs the BitNet autograd function
+straight on the packed values. Besides that it supports what a frozen parameter meets: views and ``detach``,
+``.to(device / dtype)``, ``clone``/``deepcopy``, ``copy_`` from another packed weight (``load_state_dict``) and
+pickling. Nothing else: no high-precision weight exists to run it on.
 """
 
 from __future__ import annotations
@@ -16,17 +18,24 @@ from . import kernels
 from .config import BitNetTrainingConfig
 from .kernels import reference
 from .linear import bitnet_linear
-from .private_api import disable_torch_function_subclass, make_wrapper_subclass
+from .private_api import disable_torch_function_subclass, make_wrapper_subclass, stable_hash_for_caching
 from .weight_quant import WeightQuantization
 
 aten = torch.ops.aten
 
 
-class BitNetPackedLinearWeight(Tensor):
-    """An ``(N, K)`` BitNet weight already quantized: values 2-bit packed in ``packed`` ``(N, ceil(K / 4))`` int8
-    (the layout of docs/numerics.md#2-bit-packing) and the float32 weight scale ``scale``.
+def bits_per_value(config: BitNetTrainingConfig) -> int:
+    """2 for ternary weights (four per byte), 1 for binary weights (eight per byte)."""
+    return 1 if config.weights == "binary" else 2
 
-    Its ``dtype`` is the parameter dtype FSDP2 asked for: the dtype of ``grad_weight``, which is a plain tensor.
+
+class BitNetPackedLinearWeight(Tensor):
+    """An ``(N, K)`` BitNet weight already quantized: its values packed along ``K`` in ``packed`` int8 (ternary:
+    2 bits each, ``(N, ceil(K / 4))``; binary: 1 bit each, ``(N, ceil(K / 8))``; docs/numerics.md#2-bit-packing)
+    and the float32 weight scale ``scale``.
+
+    Its ``dtype`` is the dtype of the weight it stands for (under FSDP2, the parameter dtype FSDP2 asked for, which
+    is the dtype of ``grad_weight``); the linear's output has the input's dtype, as for any BitNet weight.
     """
 
     packed: Tensor
@@ -56,18 +65,34 @@ class BitNetPackedLinearWeight(Tensor):
         config: BitNetTrainingConfig,
         requires_grad: bool = False,
     ) -> None:
-        if packed.dtype != torch.int8 or packed.dim() != 2 or packed.shape[1] != (in_features + 3) // 4:
+        bits = bits_per_value(config)
+        if (
+            packed.dtype != torch.int8
+            or packed.dim() != 2
+            or packed.shape[1] != reference.packed_columns(in_features, bits)
+        ):
             raise ValueError(
-                f"BitNetPackedLinearWeight: packed must be int8 of shape (N, ceil({in_features} / 4)), got "
-                f"{packed.dtype} {tuple(packed.shape)}"
+                f"BitNetPackedLinearWeight: a {config.weights} weight with in_features={in_features} needs int8 "
+                f"packed values of shape (N, {reference.packed_columns(in_features, bits)}) ({bits} bits per "
+                f"value), got {packed.dtype} {tuple(packed.shape)}"
+            )
+        if scale.dtype != torch.float32 or scale.numel() != 1:
+            raise ValueError(
+                f"BitNetPackedLinearWeight: scale must be one float32 value, got {scale.dtype} {tuple(scale.shape)}"
             )
         self.packed = packed
         self.scale = scale
         self.config = config
 
+    @property
+    def bits(self) -> int:
+        return bits_per_value(self.config)
+
     def __repr__(self) -> str:
-        shape = tuple(self.shape)
-        return f"{type(self).__name__}(shape={shape}, dtype={self.dtype}, scale={self.scale}, config={self.config})"
+        return (
+            f"{type(self).__name__}(shape={tuple(self.shape)}, {self.config.weights}, {self.bits}-bit values, "
+            f"dtype={self.dtype}, scale={self.scale.item() if self.scale.device.type != 'meta' else '?'})"
+        )
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[torch.dtype, BitNetTrainingConfig]]:
         return ["packed", "scale"], (self.dtype, self.config)
@@ -77,14 +102,25 @@ class BitNetPackedLinearWeight(Tensor):
         dtype, config = meta
         return cls(inner["packed"], inner["scale"], outer_size[1], dtype, config)
 
+    def _stable_hash_for_caching(self) -> str:
+        # Key for torch.compile's AOT autograd cache: what a compiled graph specializes on, no data.
+        meta = (tuple(self.shape), self.dtype, self.device.type, self.requires_grad, self.config)
+        return stable_hash_for_caching(meta)
+
+    def __reduce_ex__(self, protocol: int):
+        # torch.save of a whole module: the packed bytes and scale, loadable with weights_only=True once
+        # bitnet_ao is imported (registered as safe globals below).
+        args = (self.packed, self.scale, self.shape[1], self.dtype, self.config, self.requires_grad)
+        return (BitNetPackedLinearWeight, args)
+
     # --- the BitNetWeight interface of the autograd function (bitnet_ao/linear.py) ---------------------------
 
     def bitnet_quantization(self) -> WeightQuantization:
-        # Quantized with the global scale before the all-gather; a binary weight's centre is already spent.
+        # Quantized before it was packed; a binary weight's centre is already spent.
         return WeightQuantization(self.scale, None)
 
     def bitnet_int8(self, q: WeightQuantization) -> Tensor:
-        return reference.unpack_i2_in_i8(self.packed, self.shape[1])
+        return reference.unpack_weight(self.packed, self.shape[1], self.bits)
 
     def bitnet_mm(
         self,
@@ -96,13 +132,15 @@ class BitNetPackedLinearWeight(Tensor):
         out_dtype: torch.dtype,
     ) -> Tensor:
         return kernels.scaled_int8_mm_packed(
-            a, self.packed, self.shape[1], transpose, row_scale, None, q.scale, bias, out_dtype
+            a, self.packed, self.shape[1], transpose, row_scale, None, q.scale, bias, out_dtype, self.bits
         )
 
     # --- everything else ------------------------------------------------------------------------------------
 
-    def _same(self, requires_grad: bool = False) -> BitNetPackedLinearWeight:
-        return type(self)(self.packed, self.scale, self.shape[1], self.dtype, self.config, requires_grad)
+    def _with(
+        self, packed: Tensor, scale: Tensor, dtype: torch.dtype | None = None, requires_grad: bool = False
+    ) -> BitNetPackedLinearWeight:
+        return type(self)(packed, scale, self.shape[1], dtype or self.dtype, self.config, requires_grad)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -114,19 +152,41 @@ class BitNetPackedLinearWeight(Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         weight = args[0]
         # detach/alias: nn.Parameter and autograd bookkeeping. as_strided: FSDP2 views the all-gather output as
         # the unsharded parameter with the original (contiguous) size and stride, i.e. the tensor itself.
-        if func in (aten.detach.default, aten.alias.default):
-            return weight._same()
-        if func is aten.as_strided.default and _is_identity_view(weight, *args[1:], **(kwargs or {})):
-            return weight._same()
+        if func in (aten.detach.default, aten.alias.default) or (
+            func is aten.as_strided.default and _is_identity_view(weight, *args[1:], **kwargs)
+        ):
+            return weight._with(weight.packed, weight.scale)
+        if func is aten.clone.default:
+            return weight._with(weight.packed.clone(), weight.scale.clone())
+        if func is aten._to_copy.default and set(kwargs) <= {"dtype", "device", "layout", "non_blocking"}:
+            # .to(device) moves the packed bytes; .to(dtype) changes the dtype the weight stands for.
+            device, non_blocking = kwargs.get("device"), kwargs.get("non_blocking", False)
+            packed = weight.packed.to(device=device, non_blocking=non_blocking)
+            scale = weight.scale.to(device=device, non_blocking=non_blocking)
+            return weight._with(packed, scale, kwargs.get("dtype"))
+        if func is aten.copy_.default and isinstance(args[1], cls) and _same_layout(weight, args[1]):
+            weight.packed.copy_(args[1].packed)
+            weight.scale.copy_(args[1].scale)
+            return weight
         raise NotImplementedError(
-            f"BitNetPackedLinearWeight (the FSDP2-gathered BitNet weight, shape {tuple(weight.shape)}) only "
-            f"supports F.linear, not {func}; use the sharded master weight for anything else"
+            f"BitNetPackedLinearWeight (a packed {weight.config.weights} BitNet weight, shape "
+            f"{tuple(weight.shape)}) supports F.linear, .to(), clone and copy_ from another packed weight, not "
+            f"{func}; no high-precision weight exists (train the master weight, or unpack with "
+            "bitnet_ao.unpack_i2_in_i8 / unpack_i1_in_i8)"
         )
 
 
 def _is_identity_view(weight: Tensor, size, stride, storage_offset: int | None = 0) -> bool:
     n, k = weight.shape
     return list(size) == [n, k] and list(stride) == [k, 1] and not storage_offset
+
+
+def _same_layout(a: BitNetPackedLinearWeight, b: BitNetPackedLinearWeight) -> bool:
+    return a.shape == b.shape and a.packed.shape == b.packed.shape
+
+
+torch.serialization.add_safe_globals([BitNetPackedLinearWeight])

@@ -10,6 +10,7 @@ Checked on torch 2.13.0 and Triton 3.9.0 (:data:`CHECKED_ON`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,12 @@ def make_wrapper_subclass(cls: type, shape: torch.Size | tuple[int, ...], **kwar
     """A tensor of class ``cls`` with the given metadata and no storage (torch 2.13.0:
     ``Tensor._make_wrapper_subclass``), the base of every wrapper tensor subclass in torch and torchao."""
     return Tensor._make_wrapper_subclass(cls, shape, **kwargs)
+
+
+def stable_hash_for_caching(meta: tuple) -> str:
+    """What a tensor subclass's ``_stable_hash_for_caching`` (the key torch.compile's AOT autograd cache asks
+    for) returns: a digest of everything a compiled graph specializes on, ``meta``, and no data."""
+    return hashlib.blake2b(repr(meta).encode(), digest_size=16).hexdigest()
 
 
 def tree_map_only(cls: type, fn: Callable, tree: Any) -> Any:

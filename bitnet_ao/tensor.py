@@ -10,8 +10,6 @@ of this class (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``) is installed 
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +24,7 @@ from .private_api import (
     dtensor_local,
     is_compiling_with_fake_tensors,
     make_wrapper_subclass,
+    stable_hash_for_caching,
     tree_map_only,
 )
 from .weight_quant import WeightQuantization, quantize_weight, weight_quantization
@@ -91,7 +90,7 @@ class BitNetTrainingLinearWeight(Tensor):
     def _stable_hash_for_caching(self) -> str:
         # Key for torch.compile's AOT autograd cache: everything a compiled graph specializes on, no data.
         meta = (tuple(self.shape), self._data.stride(), self.dtype, self.device.type, self.requires_grad, self.config)
-        return hashlib.blake2b(repr(meta).encode(), digest_size=16).hexdigest()
+        return stable_hash_for_caching(meta)
 
     def __reduce_ex__(self, protocol: int):
         # Pickle as (master weight, config): loadable with torch.load(weights_only=True) once bitnet_ao is

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..private_api import int_mm
-from . import cpu_matmul, reference
+from . import cpu_gemv, cpu_matmul, reference
 
 #: Tensors with at least this many elements take the compiled path. ``BITNET_AO_COMPILE_MIN_NUMEL``
 #: overrides it (0: always compile; a huge number: never).
@@ -145,9 +145,15 @@ def scaled_int8_mm_packed(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    bits: int = 2,
 ) -> Tensor:
-    # Unpack once, into the layout this device's matmul is fastest with, then run the plain matmul.
-    b = run_fused(reference.unpack_i2_in_i8, b_packed.numel(), b_packed, k)
+    # Decode-sized forwards read the packed weight directly (cpu_gemv.c); everything else unpacks once, into
+    # the layout this device's matmul is fastest with, then runs the plain matmul.
+    if cpu_gemv.applies(a, k, transpose_b):
+        acc = cpu_gemv.packed_gemv(a, b_packed, k, bits)
+        if acc is not None:
+            return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
+    b = run_fused(reference.unpack_weight, b_packed.numel(), b_packed, k, bits)
     b = b.t() if transpose_b else b
     b = b.t().contiguous().t() if right_operand_k_contiguous(a) else b.contiguous()
     return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=True)

@@ -234,21 +234,28 @@ def scaled_int8_mm_packed(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    bits: int = 2,
 ) -> Tensor:
-    """:func:`scaled_int8_mm` with ``B`` 2-bit packed as ``(N, ceil(k / 4))`` int8 (``reference.pack_i2_in_i8``).
-    ``transpose_b=True`` computes ``a (M, k) @ B.T``; ``False`` computes ``a (M, N) @ B``."""
-    _check_packed(a, b_packed, k, transpose_b)
+    """:func:`scaled_int8_mm` with a BitNet weight ``B`` packed along ``k`` (``reference.pack_weight``): ternary
+    values 2 bits each (``bits=2``, ``(N, ceil(k / 4))``) or binary values 1 bit each (``bits=1``,
+    ``(N, ceil(k / 8))``). ``transpose_b=True`` computes ``a (M, k) @ B.T``; ``False`` computes ``a (M, N) @ B``.
+    ``B`` must hold weight values ({-1, 0, 1}; the 2-bit code of -2 is not a weight value)."""
+    _check_packed(a, b_packed, k, transpose_b, bits)
     return backend_for(a).scaled_int8_mm_packed(
-        a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype
+        a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype, bits
     )
 
 
-def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool) -> None:
+def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool, bits: int) -> None:
     _check_2d("scaled_int8_mm_packed", a, "a")
     _check_2d("scaled_int8_mm_packed", b_packed, "b_packed")
+    torch._check(bits in (1, 2), lambda: f"bitnet_ao.scaled_int8_mm_packed: bits must be 1 or 2, got {bits}")
     torch._check(
-        b_packed.shape[1] == (k + 3) // 4,
-        lambda: f"bitnet_ao.scaled_int8_mm_packed: b_packed {tuple(b_packed.shape)} does not hold k={k} columns",
+        b_packed.shape[1] == reference.packed_columns(k, bits),
+        lambda: (
+            f"bitnet_ao.scaled_int8_mm_packed: b_packed {tuple(b_packed.shape)} does not hold k={k} "
+            f"{bits}-bit values per row"
+        ),
     )
     _, inner = reference.packed_matmul_dims(b_packed, k, transpose_b)
     torch._check(
@@ -258,8 +265,8 @@ def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool) -> Non
 
 
 @scaled_int8_mm_packed.register_fake
-def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype):
-    _check_packed(a, b_packed, k, transpose_b)
+def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype, bits=2):
+    _check_packed(a, b_packed, k, transpose_b, bits)
     n, _ = reference.packed_matmul_dims(b_packed, k, transpose_b)
     return a.new_empty((a.shape[0], n), dtype=out_dtype)
 

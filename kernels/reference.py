@@ -159,7 +159,40 @@ def scaled_int8_mm(
     return scale_output(int8_mm(a, b), row_scale, col_scale, scale, bias, out_dtype)
 
 
-# --- 2-bit packing: four int2 values per int8 byte ------------------------------------------------------
+# --- packing: four 2-bit values (ternary) or eight 1-bit values (binary) per int8 byte ----------------------
+
+
+def values_per_byte(bits: int) -> int:
+    """4 for 2-bit (ternary) packing, 8 for 1-bit (binary) packing."""
+    if bits not in (1, 2):
+        raise ValueError(f"bitnet_ao packing: bits must be 1 (binary weights) or 2 (ternary weights), got {bits}")
+    return 8 // bits
+
+
+def packed_columns(k: int, bits: int) -> int:
+    """Bytes per packed row of ``k`` values: ``ceil(k / values_per_byte(bits))``."""
+    per = values_per_byte(bits)
+    return (k + per - 1) // per
+
+
+def _pack_fields(fields: Tensor, bits: int) -> Tensor:
+    # fields: int32 codes in [0, 2**bits); code 4 j + i (2-bit) or 8 j + i (1-bit) of a row -> bits i*bits.. of byte j.
+    per = values_per_byte(bits)
+    pad = (-fields.shape[-1]) % per
+    if pad:
+        fields = torch.nn.functional.pad(fields, (0, pad))
+    v = fields.reshape(*fields.shape[:-1], -1, per)
+    packed = v[..., 0]
+    for i in range(1, per):
+        packed = packed | (v[..., i] << (bits * i))
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def _unpack_fields(packed: Tensor, bits: int) -> Tensor:
+    # The int8 codes of every value, in row order; the arithmetic shift's sign bits are masked away.
+    mask = (1 << bits) - 1
+    fields = torch.stack([(packed >> (bits * i)) & mask for i in range(values_per_byte(bits))], dim=-1)
+    return fields.reshape(*packed.shape[:-1], -1)
 
 
 def pack_i2_in_i8(x: Tensor) -> Tensor:
@@ -169,25 +202,41 @@ def pack_i2_in_i8(x: Tensor) -> Tensor:
     (``-1 -> 0b11``, ``0 -> 0b00``, ``1 -> 0b01``, ``-2 -> 0b10``). A last dimension that is not a multiple of
     4 is zero-padded, so the result has ``ceil(K / 4)`` bytes per row.
     """
-    k = x.shape[-1]
-    pad = (-k) % 4
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    v = x.reshape(*x.shape[:-1], -1, 4).to(torch.int32) & 0b11
-    packed = v[..., 0] | (v[..., 1] << 2) | (v[..., 2] << 4) | (v[..., 3] << 6)
-    return packed.to(torch.uint8).view(torch.int8)
+    return _pack_fields(x.to(torch.int32) & 0b11, 2)
 
 
 def unpack_i2_in_i8(packed: Tensor, k: int) -> Tensor:
     """Inverse of :func:`pack_i2_in_i8`: int8 values in ``{-2, -1, 0, 1}``, last dimension trimmed to ``k``."""
-    # Shift the wanted two bits to the top of the byte, then an arithmetic right shift sign-extends them.
-    shifted = torch.stack([packed << (6 - 2 * i) for i in range(4)], dim=-1)
-    values = (shifted >> 6).reshape(*packed.shape[:-1], -1)
-    return values[..., :k]
+    codes = _unpack_fields(packed, 2)
+    return (codes - 2 * (codes & 0b10))[..., :k]
+
+
+def pack_i1_in_i8(x: Tensor) -> Tensor:
+    """Pack int8 values in ``{-1, 1}`` (binary weights) eight to a byte along the last dimension.
+
+    Value ``8 j + i`` of a row goes to bit ``i`` of byte ``j``: 1 for ``+1``, 0 for ``-1``. A last dimension
+    that is not a multiple of 8 is padded with 0 bits, so the result has ``ceil(K / 8)`` bytes per row.
+    """
+    return _pack_fields((x > 0).to(torch.int32), 1)
+
+
+def unpack_i1_in_i8(packed: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_i1_in_i8`: int8 values in ``{-1, 1}``, last dimension trimmed to ``k``."""
+    return (2 * _unpack_fields(packed, 1) - 1)[..., :k]
+
+
+def pack_weight(q: Tensor, bits: int) -> Tensor:
+    """A ternary (``bits=2``) or binary (``bits=1``) int8 weight packed along its last dimension."""
+    return pack_i2_in_i8(q) if values_per_byte(bits) == 4 else pack_i1_in_i8(q)
+
+
+def unpack_weight(packed: Tensor, k: int, bits: int) -> Tensor:
+    """Inverse of :func:`pack_weight`: the int8 weight with last dimension ``k``."""
+    return unpack_i2_in_i8(packed, k) if values_per_byte(bits) == 4 else unpack_i1_in_i8(packed, k)
 
 
 def packed_matmul_dims(b_packed: Tensor, k: int, transpose_b: bool) -> tuple[int, int]:
-    """``(out_columns, inner)`` of :func:`scaled_int8_mm_packed` for a ``(N, ceil(k / 4))`` packed ``B``:
+    """``(out_columns, inner)`` of :func:`scaled_int8_mm_packed` for a ``(N, packed_columns(k, bits))`` ``B``:
     ``(N, k)`` for ``a @ B.T``, ``(k, N)`` for ``a @ B``."""
     n = b_packed.shape[0]
     return (n, k) if transpose_b else (k, n)
@@ -203,10 +252,12 @@ def scaled_int8_mm_packed(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    bits: int = 2,
 ) -> Tensor:
-    """Scaled int8 matmul with a 2-bit packed ``(N, ceil(k / 4))`` weight ``B`` (the FSDP2 all-gather output).
+    """Scaled int8 matmul with a packed ``(N, packed_columns(k, bits))`` weight ``B`` (:func:`pack_weight`: the
+    FSDP2 all-gather output and the inference weight).
 
     ``transpose_b=True``: ``a (M, k) @ B.T`` (forward, NT). ``transpose_b=False``: ``a (M, N) @ B`` (grad_input, NN).
     """
-    b = unpack_i2_in_i8(b_packed, k)
+    b = unpack_weight(b_packed, k, bits)
     return scaled_int8_mm(a, b.t() if transpose_b else b, row_scale, col_scale, scale, bias, out_dtype)

@@ -253,9 +253,13 @@ def scaled_int8_mm_packed(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    bits: int = 2,
 ) -> Tensor:
-    """``reference.scaled_int8_mm_packed``: ``B`` is ``(N, ceil(k / 4))`` 2-bit packed and never unpacked to
-    memory. ``transpose_b=True``: ``a (M, k) @ B.T``; ``False``: ``a (M, N) @ B``, output ``(M, k)``."""
+    """``reference.scaled_int8_mm_packed``: a 2-bit ``B`` (``(N, ceil(k / 4))``) is never unpacked to memory.
+    ``transpose_b=True``: ``a (M, k) @ B.T``; ``False``: ``a (M, N) @ B``, output ``(M, k)``. A 1-bit (binary)
+    ``B`` is re-packed to 2 bits first (a pass over ``N k / 4`` bytes): the kernel decodes 2-bit values only."""
+    if bits == 1:
+        b_packed = reference.pack_i2_in_i8(reference.unpack_i1_in_i8(b_packed, k))
     n, inner = reference.packed_matmul_dims(b_packed, k, transpose_b)
     mode = B_PACKED_T if transpose_b else B_PACKED
     return _launch("scaled_int8_mm_packed", a, b_packed, n, inner, mode, row_scale, col_scale, scale, bias, out_dtype)

@@ -20,6 +20,7 @@ ORDER = [
     # kernels: the numerics contract as code, the backends, the custom ops
     "bitnet_ao.kernels.reference",
     "bitnet_ao.kernels.cpu_matmul",
+    "bitnet_ao.kernels.cpu_gemv",
     "bitnet_ao.kernels.cpu",
     "bitnet_ao.kernels.triton_common",
     "bitnet_ao.kernels.triton_quant",
@@ -37,6 +38,8 @@ ORDER = [
     # weight kinds
     "bitnet_ao.packed",
     "bitnet_ao.tensor",
+    # deployment: freezing weight kinds into packed ones
+    "bitnet_ao.inference",
     # integrations
     "bitnet_ao.fsdp",
     "bitnet_ao.surgery",

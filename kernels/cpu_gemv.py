@@ -1,0 +1,127 @@
+"""The small-M (decode) packed matmul on CPU: ``cpu_gemv.c``, compiled for this CPU on first use.
+
+Decoding one token multiplies a single activation row by every weight: the time goes into reading the weights.
+A BF16 weight is 2 bytes per value; the packed ternary weight is 1/4 byte, but only a kernel that reads it packed
+gains from that (unpacking to int8 first writes and reads a full byte per value, and inductor's code for the
+fused expression is compute-bound at about BF16's speed). ``cpu_gemv.c`` is that kernel, in plain C that the
+compiler vectorizes (docs/kernels.md has the measurements).
+
+The source is built once per machine and cached (``BITNET_AO_CACHE_DIR``, default ``~/.cache/bitnet_ao``) with
+the C compiler inductor uses (``CC``, else ``cc``/``gcc``), ``-O3 -march=native -fopenmp``. When torch is told
+to stay at AVX2 (``ATEN_CPU_CAPABILITY=avx2``) the kernel is built for ``x86-64-v3`` (AVX2 + FMA) instead, so an
+AVX-512 machine can stand in for an AVX2 one. Without a working compiler :func:`packed_gemv` returns ``None``
+(after a one-time warning) and the caller unpacks instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .reference import packed_columns
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+#: Largest M the decode kernel takes; larger matmuls unpack the weight and use the CPU's int8 matmul route.
+MAX_M = 16
+#: Largest K the kernel's int32 sums hold exactly (each term ``|u a| <= 2 * 128``).
+MAX_K = 1 << 22
+
+
+def _march() -> str:
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if platform.machine().lower() in ("x86_64", "amd64") and capability in ("avx2", "default"):
+        return "-march=x86-64-v3" if capability == "avx2" else "-march=x86-64"
+    return "-march=native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BITNET_AO_CACHE_DIR", Path.home() / ".cache" / "bitnet_ao"))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("bitnet_ao: no C compiler found; the packed decode matmul unpacks the weight", stacklevel=3)
+        return None
+    flags = ["-O3", _march(), "-fopenmp", "-shared", "-fPIC"]
+    source = SOURCE.read_bytes()
+    # -march=native builds for the machine that compiles: the key names the machine too.
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_gemv-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            built = Path(tmp) / path.name
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                warnings.warn(
+                    f"bitnet_ao: building the packed decode matmul failed ({compiler} {' '.join(flags)}); the "
+                    f"weight is unpacked instead:\n{result.stderr[-2000:]}",
+                    stacklevel=3,
+                )
+                return None
+            os.replace(built, path)  # atomic: concurrent ranks never load a half-written library
+    library = ctypes.CDLL(str(path))
+    library.bitnet_packed_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
+    library.bitnet_packed_gemv.restype = ctypes.c_int
+    return library
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def available() -> bool:
+    """Whether the decode kernel is built (building it on the first call)."""
+    return _library() is not None
+
+
+def applies(a: Tensor, k: int, transpose_b: bool) -> bool:
+    """Whether :func:`packed_gemv` takes ``a @ B.T``: a forward on CPU with at most :data:`MAX_M` rows."""
+    return a.device.type == "cpu" and transpose_b and 0 < a.shape[0] <= MAX_M and 0 < k <= MAX_K
+
+
+def packed_gemv(a: Tensor, b_packed: Tensor, k: int, bits: int) -> Tensor | None:
+    """Exact ``a (M, k) @ B.T`` in int32 for int8 ``a`` and ``B`` packed ``(N, packed_columns(k, bits))``
+    (ternary or binary values), or ``None`` when the kernel could not be built."""
+    library = _library()
+    if library is None:
+        return None
+    a = a.contiguous()
+    b_packed = b_packed.contiguous()
+    m, n = a.shape[0], b_packed.shape[0]
+    acc = torch.empty((m, n), dtype=torch.int32)
+    failed = library.bitnet_packed_gemv(
+        a.data_ptr(), b_packed.data_ptr(), acc.data_ptr(), m, n, k, packed_columns(k, bits), bits,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError(f"bitnet_ao packed decode matmul: out of memory for a ({m}, {k}) @ ({n}, {k}).T")
+    return acc
