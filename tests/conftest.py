@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -84,3 +85,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def force_routes(monkeypatch):
+    """``force_routes(ternary, full)``: make the CPU int8 matmuls take the given routes (``cpu_matmul.ROUTES``)
+    for the rest of the test, whatever this CPU would choose."""
+    from bitnet_ao.kernels import cpu_matmul
+
+    def force(ternary: str, full: str) -> None:
+        monkeypatch.setattr(cpu_matmul, "routes", lambda: {"ternary": ternary, "full": full})
+
+    return force

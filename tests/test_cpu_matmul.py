@@ -26,14 +26,6 @@ def _exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.double() @ b.double()
 
 
-@pytest.fixture
-def force_routes(monkeypatch):
-    def force(ternary: str, full: str) -> None:
-        monkeypatch.setattr(cpu_matmul, "routes", lambda: {"ternary": ternary, "full": full})
-
-    return force
-
-
 def _operands(m: int, k: int, n: int, ternary: bool, extreme: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if extreme:

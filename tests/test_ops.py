@@ -157,14 +157,15 @@ def test_scaled_int8_mm_empty_and_single_row():
 
 @pytest.mark.parametrize("k", [5, 32, 33])
 @pytest.mark.parametrize("transpose_b", [True, False])
-def test_scaled_int8_mm_packed_matches_unpacked(k, transpose_b):
+@pytest.mark.parametrize("m", [6, 30])  # the decode kernel (M <= 16) and the unpacking path
+@pytest.mark.parametrize("bits", [2, 1])
+def test_scaled_int8_mm_packed_matches_unpacked(k, transpose_b, m, bits):
     torch.manual_seed(5)
     n = 11
-    w = random_int8(n, k, low=-1, high=2)
-    a = random_int8(6, k if transpose_b else n)
-    out = kernels.scaled_int8_mm_packed(
-        a, reference.pack_i2_in_i8(w), k, transpose_b, None, None, None, None, torch.float32
-    )
+    w = random_int8(n, k, low=-1, high=2) if bits == 2 else random_int8(n, k, low=0, high=2) * 2 - 1
+    a = random_int8(m, k if transpose_b else n)
+    packed = reference.pack_i2_in_i8(w) if bits == 2 else reference.pack_i1_in_i8(w)
+    out = kernels.scaled_int8_mm_packed(a, packed, k, transpose_b, None, None, None, None, torch.float32, bits)
     b = w.t() if transpose_b else w
     assert torch.equal(out, (a.long() @ b.long()).float())
 

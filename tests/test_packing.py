@@ -1,11 +1,12 @@
-"""``bitnet_ao.pack_i2_in_i8`` / ``unpack_i2_in_i8``: the 2-bit layout, exact round trips, clear errors."""
+"""``bitnet_ao.pack_i2_in_i8`` / ``pack_i1_in_i8`` and their inverses: the bit layouts, exact round trips, clear
+errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bitnet_ao import kernels, pack_i2_in_i8, unpack_i2_in_i8
+from bitnet_ao import kernels, pack_i1_in_i8, pack_i2_in_i8, unpack_i1_in_i8, unpack_i2_in_i8
 from tests.conftest import random_int8
 
 
@@ -33,6 +34,22 @@ def test_round_trip_is_exact(shape):
     packed = pack_i2_in_i8(x)
     assert packed.shape == (*shape[:-1], -(-shape[-1] // 4))
     assert torch.equal(unpack_i2_in_i8(packed, shape[-1]), x)
+
+
+def test_one_bit_layout_and_round_trip():
+    # Value 8j+i sits at bit i of byte j: 1 for +1, 0 for -1; the last byte is padded with 0 bits.
+    x = torch.tensor([[1, -1, -1, 1, 1, 1, -1, -1, 1, -1]], dtype=torch.int8)
+    packed = pack_i1_in_i8(x)
+    assert packed.view(torch.uint8).tolist() == [[0b0011_1001, 0b0000_0001]]
+    assert torch.equal(unpack_i1_in_i8(packed, 10), x)
+    for shape in [(5, 17), (2, 3, 8), (4, 0)]:
+        y = random_int8(*shape, low=0, high=2, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        assert pack_i1_in_i8(y).shape == (*shape[:-1], -(-shape[-1] // 8))
+        assert torch.equal(unpack_i1_in_i8(pack_i1_in_i8(y), shape[-1]), y)
+    with pytest.raises(ValueError, match="-1 or 1, got a 0"):
+        pack_i1_in_i8(torch.tensor([1, 0], dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"k=17 does not match packed rows of 2 bytes \(they hold between 9 and 16"):
+        unpack_i1_in_i8(packed, 17)
 
 
 def test_agrees_with_kernel_packed_matmul():

@@ -329,6 +329,38 @@ def test_scaled_int8_mm_packed(transpose_b, k):
     _assert_epilogue_close(out, ref)
 
 
+@pytest.mark.parametrize("transpose_b", [True, False], ids=["NT", "NN"])
+def test_scaled_int8_mm_packed_binary(transpose_b):
+    """1-bit packed (binary) B, k not a multiple of 8: re-packed to 2 bits, then the same kernel."""
+    n, k, m = 21, 27, 5
+    w = random_int8(n, k, low=0, high=2, device=DEVICE) * 2 - 1
+    packed = _ref(reference.pack_i1_in_i8, w)
+    a = random_int8(m, k, device=DEVICE) if transpose_b else random_int8(m, n, device=DEVICE)
+    acc = triton_mm.scaled_int8_mm_packed(a, packed, k, transpose_b, None, None, None, None, torch.float32, 1)
+    assert torch.equal(acc, _ref(reference.int8_mm, a, w.t() if transpose_b else w).float())
+
+
+def test_packed_inference_linear_on_the_triton_backend():
+    """quantize_(..., bitnet_inference()) then F.linear with every op on the Triton kernels: the torch backend's
+    outputs, bit for bit (decode-sized M = 1 and a larger M, ternary and binary)."""
+    from torchao.quantization import quantize_
+
+    from bitnet_ao import bitnet_inference, bitnet_training
+
+    for kind in ("ternary", "binary"):
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(37, 23).to(DEVICE)
+        quantize_(linear, bitnet_training(weights=kind))
+        quantize_(linear, bitnet_inference())
+        for m in (1, 20):
+            x = torch.randn(m, 37, device=DEVICE)
+            with torch.no_grad(), kernels.use_backend("triton"):
+                out = linear(x)
+            with torch.no_grad(), kernels.use_backend("torch"):
+                expected = linear(x)
+            assert torch.equal(out, expected), (kind, m)
+
+
 def test_scaled_int8_mm_packed_strided_and_single_row():
     k, n = 22, 13
     w = random_int8(n, k, low=-1, high=2, device=DEVICE)
