@@ -52,6 +52,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class KVCache:
+    """Keys and values of every layer for generation (``benchmarks/bench_inference.py``): one
+    ``(B, n_heads, max_seq_len, head_dim)`` pair per layer, filled up to ``length`` positions."""
+
+    def __init__(self, config: ModelConfig, batch: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (batch, config.n_heads, config.max_seq_len, config.dim // config.n_heads)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.length = 0
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -61,11 +72,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.dim, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+        """``cache``: this layer's key and value buffers and the position ``x`` starts at (generation)."""
         B, T, C = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            keys, values, start = cache
+            keys[:, :, start : start + T], values[:, :, start : start + T] = k, v
+            k, v = keys[:, :, : start + T], values[:, :, : start + T]
+        # Causal within the new tokens; a single new token (decoding) sees every cached one.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -90,8 +107,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -117,15 +134,23 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Logits ``(B, T, vocab)``, or the mean cross-entropy against ``targets`` when given."""
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Logits ``(B, T, vocab)``, or the mean cross-entropy against ``targets`` when given. With ``cache`` the
+        tokens continue the cached sequence (a prompt into an empty cache, then one token at a time)."""
+        start = cache.length if cache is not None else 0
         seq_len = tokens.shape[1]
-        if seq_len > self.config.max_seq_len:
-            raise ValueError(f"Transformer: sequence of {seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        if start + seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"Transformer: sequence of {start + seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if start and seq_len > 1:
+            raise ValueError("Transformer: after the prompt, a KVCache takes one token per forward")
+        cos, sin = self.rope_cos[start : start + seq_len], self.rope_sin[start : start + seq_len]
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, (cache.keys[i], cache.values[i], start) if cache is not None else None)
+        if cache is not None:
+            cache.length += seq_len
         logits = self.output(self.norm(h))
         if targets is None:
             return logits

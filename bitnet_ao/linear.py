@@ -70,6 +70,24 @@ class InputNorm(NamedTuple):
     eps: float
 
 
+def _forward(
+    x2: Tensor,
+    weight: BitNetWeight,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    norm_weight: Tensor | None,
+    norm_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, WeightQuantization, Tensor | None]:
+    """The forward on the flattened ``(M, K)`` input: ``(y, x_q, s_x, q, rstd)``, rstd ``None`` without a norm."""
+    rstd = None
+    if norm_weight is None:
+        x_q, s_x = kernels.quantize_rowwise(x2, ACTIVATION_EPS)
+    else:
+        x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS)
+    q = weight.bitnet_quantization()
+    return weight.bitnet_mm(x_q, q, True, s_x, bias, out_dtype), x_q, s_x, q, rstd
+
+
 class _BitNetLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -84,15 +102,8 @@ class _BitNetLinearFunction(torch.autograd.Function):
     ) -> Tensor:
         n, k = weight.shape
         x2 = x.reshape(-1, k)
-        if norm_weight is None:
-            x_q, s_x = kernels.quantize_rowwise(x2, ACTIVATION_EPS)
-            saved_norm: tuple[Tensor, ...] = ()
-        else:
-            x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS)
-            saved_norm = (x2, norm_weight, rstd)
-        q = weight.bitnet_quantization()
-        y = weight.bitnet_mm(x_q, q, True, s_x, bias, out_dtype)
-
+        y, x_q, s_x, q, rstd = _forward(x2, weight, bias, out_dtype, norm_weight, norm_eps)
+        saved_norm = (x2, norm_weight, rstd) if norm_weight is not None else ()
         ctx.save_for_backward(x_q, s_x, weight, *saved_norm, *q)
         ctx.config = config
         ctx.x_shape = x.shape
@@ -168,4 +179,9 @@ def bitnet_linear(
     if bias is not None:
         bias = bias.to(dtype)
     norm_weight, norm_eps = input_norm if input_norm is not None else (None, 0.0)
-    return _BitNetLinearFunction.apply(input, weight, bias, weight.config, dtype, norm_weight, norm_eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, norm_weight)):
+        return _BitNetLinearFunction.apply(input, weight, bias, weight.config, dtype, norm_weight, norm_eps)
+    # Nothing to differentiate (inference, frozen weights): skip the autograd function and what it saves.
+    n, k = weight.shape
+    y = _forward(input.reshape(-1, k), weight, bias, dtype, norm_weight, norm_eps)[0]
+    return y.reshape(*input.shape[:-1], n)

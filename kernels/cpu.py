@@ -147,13 +147,20 @@ def scaled_int8_mm_packed(
     out_dtype: torch.dtype,
     bits: int = 2,
 ) -> Tensor:
-    # Decode-sized forwards read the packed weight directly (cpu_gemv.c); everything else unpacks once, into
-    # the layout this device's matmul is fastest with, then runs the plain matmul.
+    # Decode-sized forwards read the packed weight directly (cpu_gemv.c); everything else unpacks the weight
+    # once (cpu_gemv.c too) and runs this CPU's int8 matmul route.
     if cpu_gemv.applies(a, k, transpose_b):
         acc = cpu_gemv.packed_gemv(a, b_packed, k, bits)
         if acc is not None:
             return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
-    b = run_fused(reference.unpack_weight, b_packed.numel(), b_packed, k, bits)
-    b = b.t() if transpose_b else b
-    b = b.t().contiguous().t() if right_operand_k_contiguous(a) else b.contiguous()
+    # Unpacked B is row-major (N, K). The forward's B.T is then a column-major view, which torch._int_mm takes
+    # about as fast as a row-major copy (docs/kernels.md) and oneDNN wants anyway; grad_input's B is row-major
+    # as torch._int_mm wants, and copied to column-major for oneDNN.
+    b = cpu_gemv.unpack(b_packed, k, bits)
+    if b is None:
+        b = run_fused(reference.unpack_weight, b_packed.numel(), b_packed, k, bits)
+    if transpose_b:
+        b = b.t()
+    elif right_operand_k_contiguous(a):
+        b = b.t().contiguous().t()
     return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=True)

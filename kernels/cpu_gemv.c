@@ -14,6 +14,7 @@
  * No intrinsics: the same source builds, exact, for any CPU the compiler targets. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int64_t M, int64_t N, int64_t K,
                        int64_t kp, int64_t bits, int64_t threads) {
@@ -71,4 +72,35 @@ int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int
     free(planes);
     free(sums);
     return failed;
+}
+
+/* Unpack W (N rows of kp bytes, as above) into its (N, K) int8 values, row-major: a byte decodes to its 4 (or 8)
+ * values with one table lookup. */
+void bitnet_unpack(const uint8_t* packed, int8_t* out, int64_t N, int64_t K, int64_t kp, int64_t bits,
+                   int64_t threads) {
+    const int64_t per = 8 / bits;
+    const int64_t kk = kp * per;
+    int8_t table[256][8];
+    for (int b = 0; b < 256; ++b) {
+        for (int64_t i = 0; i < per; ++i) {
+            const int code = (b >> (bits * i)) & ((1 << bits) - 1);
+            table[b][i] = (int8_t)(bits == 2 ? code - ((code & 2) << 1) : 2 * code - 1);
+        }
+    }
+#pragma omp parallel num_threads((int)threads)
+    {
+        int8_t* row_values = (int8_t*)malloc((size_t)kk);  /* a row with its padding values */
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            if (row_values == NULL) continue;
+            const uint8_t* row = packed + n * kp;
+            if (bits == 2) {
+                for (int64_t j = 0; j < kp; ++j) memcpy(row_values + 4 * j, table[row[j]], 4);
+            } else {
+                for (int64_t j = 0; j < kp; ++j) memcpy(row_values + 8 * j, table[row[j]], 8);
+            }
+            memcpy(out + n * K, row_values, (size_t)K);
+        }
+        free(row_values);
+    }
 }
