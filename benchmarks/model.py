@@ -155,3 +155,68 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+#: This model's module names -> Hugging Face Llama's (``LlamaForCausalLM``), per transformer block and outside.
+HF_BLOCK_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def to_hf_llama(model: Transformer) -> nn.Module:
+    """The same network as a Hugging Face ``LlamaForCausalLM`` (same weights, BitNet norms and BitNet weights), for
+    ``bitnet_ao.integrations.transformers.save_pretrained_bitnet``. The architectures match exactly: RMSNorm
+    pre-norms, SwiGLU, rotary embeddings on the two halves of each head (transformers' ``rotate_half``), one
+    key/value head per query head, an untied head."""
+    import transformers
+    from torchao.quantization import quantize_
+
+    from bitnet_ao.surgery import NormedLinear, apply_bitnet_norms, quantize_filter
+
+    c = model.config
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.dim,
+            intermediate_size=c.hidden_dim,
+            num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads,
+            num_key_value_heads=c.n_heads,
+            max_position_embeddings=c.max_seq_len,
+            rms_norm_eps=c.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            tie_word_embeddings=False,
+        )
+    )
+    block = model.layers[0]
+    normed = [isinstance(block.get_submodule(p), NormedLinear) for p in ("attention.wq", "attention.wo")]
+    if any(normed):
+        eps = next(m.norm.eps for m in model.modules() if isinstance(m, NormedLinear))
+        keep = not isinstance(block.attention_norm, nn.Identity)
+        apply_bitnet_norms(hf, "faq" if all(normed) else "subln", eps=eps, keep_block_norms=keep)
+    weight = block.attention.wq.weight if not normed[0] else block.attention.wq.linear.weight
+    recipe = getattr(weight, "config", None)
+    if recipe is not None:
+        quantize_(hf, recipe, filter_fn=quantize_filter)  # the master-weight recipe: state dicts hold master weights
+    hf.load_state_dict({_hf_key(k): v for k, v in model.state_dict().items()})
+    return hf.to(next(model.parameters()).dtype)
+
+
+def _hf_key(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "layers":
+        rest = ".".join(parts[2:])
+        name = next((n for n in sorted(HF_BLOCK_NAMES, key=len, reverse=True) if rest.startswith(n)), None)
+        if name is not None:
+            rest = HF_BLOCK_NAMES[name] + rest[len(name) :]
+        return f"model.layers.{parts[1]}.{rest}"
+    return ".".join([HF_TOP_NAMES.get(parts[0], parts[0]), *parts[1:]])

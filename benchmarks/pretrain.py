@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from benchmarks import hardware, report
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
-from benchmarks.model import ModelConfig, Transformer
+from benchmarks.model import ModelConfig, Transformer, to_hf_llama
 from benchmarks.timing import synchronize
 from bitnet_ao import bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
@@ -124,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: the Python standard library's source)")  # fmt: skip
     p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="cap on the corpus size")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results.json and loss_curves.png")
+    p.add_argument(
+        "--save-hf",
+        action="store_true",
+        help="also write each trained BitNet model to OUT/hf-RUN as a "
+        "Hugging Face BitNet checkpoint (transformers' AutoModelForCausalLM loads it; docs/huggingface.md)",
+    )
     args = p.parse_args(argv)
     # Stored by name, as the flag spells it: the arguments go to results.json as they are.
     args.dtype = str(hardware.resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
@@ -326,6 +332,10 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
             eval_time += time.perf_counter() - eval_start
     synchronize(device)
     timed = time.perf_counter() - timed_start - eval_time
+    if args.save_hf and spec.quantize:
+        from bitnet_ao.integrations.transformers import save_pretrained_bitnet
+
+        print(f"wrote {save_pretrained_bitnet(to_hf_llama(model), args.out / f'hf-{spec.name}')}")
     return {
         "name": spec.name,
         "label": spec.label,

@@ -195,12 +195,16 @@ def _replace(block: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def apply_bitnet_norms(model: nn.Module, placement: Placement = "faq", eps: float = 1e-5) -> SurgeryReport:
+def apply_bitnet_norms(
+    model: nn.Module, placement: Placement = "faq", eps: float = 1e-5, keep_block_norms: bool = False
+) -> SurgeryReport:
     """Insert the BitNet RMSNorms into every transformer block of ``model``, in place; see the module doc.
 
     Call it before ``quantize_`` (and before building the optimizer: the new norms have parameters). The
     norms are created on the device and in the dtype of the linear they precede, with unit gain.
-    Returns a :class:`SurgeryReport`, also logged at INFO level.
+    ``keep_block_norms``: with the FAQ placement, keep the block's pre-norms too (a model trained that way, e.g.
+    in transformers with ``use_rms_norm``, has learned gains there). Returns a :class:`SurgeryReport`, also
+    logged at INFO level.
     """
     if placement not in ("faq", "subln"):
         raise ValueError(f"apply_bitnet_norms: placement must be 'faq' or 'subln', got {placement!r}")
@@ -214,7 +218,7 @@ def apply_bitnet_norms(model: nn.Module, placement: Placement = "faq", eps: floa
         for path in layout.linears(placement):
             _replace(block, path, NormedLinear(_get(block, path), eps))
             report.inserted.append(prefix + path)
-        if placement == "faq":
+        if placement == "faq" and not keep_block_norms:
             for path in (layout.attention_norm, layout.mlp_norm):
                 _replace(block, path, nn.Identity())
                 report.removed.append(prefix + path)

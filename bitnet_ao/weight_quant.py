@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import kernels
 from .config import BitNetTrainingConfig
-from .kernels.reference import weight_scales_from_stats
+from .kernels.reference import WEIGHT_EPS, weight_scales_from_stats
 
 
 class WeightQuantization(NamedTuple):
@@ -40,3 +41,64 @@ def quantize_weight(w: Tensor, q: WeightQuantization, transpose: bool) -> Tensor
     if q.center is None:
         return kernels.ternarize(w, q.scale, transpose)
     return kernels.binarize(w, q.center, transpose)
+
+
+def master_weight_for(values: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """A high-precision weight whose ternary BitNet quantization is exactly ``values`` (int8 in {-1, 0, 1}) with the
+    float32 scale ``scale``: the start for training from an already quantized checkpoint (a packed Hugging Face
+    BitNet weight), so that exporting it again before any step gives back the same values and scale.
+
+    ``W_q * scale`` would not do: its abs-mean is ``scale`` times the fraction of nonzero values, so the scale
+    would shrink. Instead every nonzero value gets the magnitude ``scale * numel / nnz`` (rounded down to
+    ``dtype``, some one step up), and the remainder of ``sum |W| = scale * numel`` goes to a few zero positions
+    as values far below ``scale / 2``, which still quantize to 0. The result is checked by quantizing it.
+    """
+    if values.dtype != torch.int8 or values.dim() != 2:
+        raise TypeError(
+            f"master_weight_for: values must be a 2-D int8 tensor, got {values.dtype} {tuple(values.shape)}"
+        )
+    target_scale = float(scale)
+    nonzero = values != 0
+    nnz, numel = int(nonzero.sum()), values.numel()
+    if target_scale < WEIGHT_EPS or nnz == 0:
+        raise ValueError(
+            f"master_weight_for: a scale of {target_scale:g} with {nnz} nonzero values cannot be the abs-mean "
+            f"of a weight that quantizes back to them (the abs-mean is clamped at {WEIGHT_EPS:g} before dividing)"
+        )
+    total = target_scale * numel  # exact in float64: a float32 times an integer below 2**29
+    low = _round_down(total / nnz, dtype)
+    high = torch.nextafter(low, torch.tensor(float("inf"), dtype=dtype))
+    step = float(high) - float(low)
+    n_high = min(int((total - nnz * float(low)) // step), nnz - 1)
+    magnitudes = torch.full((nnz,), float(low), dtype=torch.float64)
+    magnitudes[:n_high] = float(high)
+    weight = torch.zeros(numel, dtype=torch.float64)
+    weight[nonzero.flatten()] = magnitudes * values[nonzero].double()
+    # What is left of the abs-sum goes to zero positions, each below scale / 4, greedily in shrinking pieces.
+    remainder = total - float(magnitudes.sum())
+    zeros = (~nonzero).flatten().nonzero().flatten().tolist()
+    for index in zeros[:64]:
+        if remainder <= total * 2.0**-45:
+            break
+        piece = float(_round_down(min(remainder, target_scale / 4), dtype))
+        weight[index] = piece
+        remainder -= piece
+    weight = weight.reshape(values.shape).to(dtype)
+    q = weight_quantization(weight, _TERNARY)
+    if q.scale.item() != target_scale or not torch.equal(quantize_weight(weight, q, transpose=False), values):
+        raise ValueError(
+            f"master_weight_for: no {dtype} weight of shape {tuple(values.shape)} reproduces these values with "
+            f"scale {target_scale:g} exactly (too few zero values to carry the rounding); use float32"
+        )
+    return weight
+
+
+def _round_down(x: float, dtype: torch.dtype) -> Tensor:
+    """The largest ``dtype`` value not above the positive float ``x``."""
+    t = torch.tensor(x, dtype=torch.float64).to(dtype)
+    if float(t) > x:
+        t = torch.nextafter(t, torch.tensor(0.0, dtype=dtype))
+    return t
+
+
+_TERNARY = BitNetTrainingConfig(weights="ternary")

@@ -45,6 +45,7 @@ ORDER = [
     "bitnet_ao.surgery",
     "bitnet_ao",
     "bitnet_ao.integrations",
+    "bitnet_ao.integrations.transformers",
     "bitnet_ao.integrations.torchtitan.converter",
     "bitnet_ao.integrations.torchtitan.hooks",
     "bitnet_ao.integrations.torchtitan.config_registry",
