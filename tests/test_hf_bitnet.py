@@ -183,6 +183,18 @@ def test_what_transformers_cannot_load_is_refused(tmp_path):
         save_pretrained_bitnet(tiny_llama(), tmp_path)
 
 
+def test_a_packed_weight_without_its_scale_is_an_error(tmp_path):
+    """transformers loads a missing weight_scale as 0.0 (all-zero outputs, a 'MISSING' line); we refuse."""
+    from safetensors.torch import save_file
+
+    save_pretrained_bitnet(_bitnet_llama("faq"), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight_scale"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is packed but has no weight_scale"):
+        from_pretrained_bitnet(tmp_path)
+
+
 @pytest.mark.parametrize("placement", ["faq", "subln"])
 def test_benchmark_model_exports_through_its_hf_llama_twin(tmp_path, placement):
     """benchmarks/model.py (Meta names) -> to_hf_llama -> save_pretrained_bitnet -> stock from_pretrained."""
