@@ -181,7 +181,13 @@ def bitnet_linear(
     norm_weight, norm_eps = input_norm if input_norm is not None else (None, 0.0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, norm_weight)):
         return _BitNetLinearFunction.apply(input, weight, bias, weight.config, dtype, norm_weight, norm_eps)
-    # Nothing to differentiate (inference, frozen weights): skip the autograd function and what it saves.
+    # Nothing to differentiate (inference, frozen weights): skip the autograd function and what it saves, and take
+    # the weight's fused forward where it has one (the optional BitNetWeight.bitnet_forward).
     n, k = weight.shape
-    y = _forward(input.reshape(-1, k), weight, bias, dtype, norm_weight, norm_eps)[0]
+    x2 = input.reshape(-1, k)
+    fused = getattr(type(weight), "bitnet_forward", None)
+    if fused is not None:
+        y = fused(weight, x2, norm_weight, norm_eps, bias, dtype)
+    else:
+        y = _forward(x2, weight, bias, dtype, norm_weight, norm_eps)[0]
     return y.reshape(*input.shape[:-1], n)

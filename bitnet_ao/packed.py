@@ -135,6 +135,15 @@ class BitNetPackedLinearWeight(Tensor):
             a, self.packed, self.shape[1], transpose, row_scale, None, q.scale, bias, out_dtype, self.bits
         )
 
+    def bitnet_forward(
+        self, x2: Tensor, norm_weight: Tensor | None, norm_eps: float, bias: Tensor | None, out_dtype: torch.dtype
+    ) -> Tensor:
+        """The optional no-grad fast path of the interface: the whole forward on the flattened input in one op
+        (``kernels.packed_linear``; one C call per linear when decoding on CPU)."""
+        return kernels.run_packed_linear(
+            x2, norm_weight, norm_eps, self.packed, self.shape[1], self.bits, self.scale, bias, out_dtype
+        )
+
     # --- everything else ------------------------------------------------------------------------------------
 
     def _with(

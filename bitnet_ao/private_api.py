@@ -36,6 +36,12 @@ def is_compiling_with_fake_tensors() -> bool:
     return torch._guards.TracingContext.try_get() is not None
 
 
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` (fake tensors, FLOP or communication counters, functionalization) is on the
+    stack (torch 2.13.0: ``torch._C._len_torch_dispatch_stack``): such a mode must see a custom op as one op."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 #: Context manager that turns ``__torch_function__`` of tensor subclasses off (torch 2.13.0:
 #: ``torch._C.DisableTorchFunctionSubclass``): a subclass's own override calls the plain function through it.
 disable_torch_function_subclass = torch._C.DisableTorchFunctionSubclass

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..private_api import int_mm
 from . import cpu_gemv, cpu_matmul, reference
+from .reference import ACTIVATION_EPS
 
 #: Tensors with at least this many elements take the compiled path. ``BITNET_AO_COMPILE_MIN_NUMEL``
 #: overrides it (0: always compile; a huge number: never).
@@ -164,3 +165,27 @@ def scaled_int8_mm_packed(
     elif right_operand_k_contiguous(a):
         b = b.t().contiguous().t()
     return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=True)
+
+
+def packed_linear(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_eps: float,
+    b_packed: Tensor,
+    k: int,
+    bits: int,
+    scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor | None:
+    """``ops.packed_linear`` in one C call for decode-sized inputs, or ``None`` (the op then composes the
+    quantization and ``scaled_int8_mm_packed``). Only where the training forward of the same shape runs its
+    quantization eagerly (below ``COMPILE_MIN_NUMEL``): the C code repeats the eager reference's float
+    operations, and the norm's one reduction (rstd) is computed here by the same torch expression."""
+    if not cpu_gemv.applies(x, k, True) or x.numel() >= COMPILE_MIN_NUMEL:
+        return None
+    xf = x.float()
+    rstd = reference.rms_norm_rstd(xf, norm_eps) if norm_weight is not None else None
+    return cpu_gemv.packed_linear(
+        xf, rstd, norm_weight, x.dtype, out_dtype, ACTIVATION_EPS, b_packed, k, bits, scale, bias, out_dtype
+    )

@@ -12,6 +12,7 @@
  *   ternary: sum_k w a = sum_k u a - sum_k a;   binary: sum_k w a = 2 sum_k u a - sum_k a.
  * Padding values of the last byte decode to some u, but their activation plane entries are zero.
  * No intrinsics: the same source builds, exact, for any CPU the compiler targets. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,7 @@ static void decode_binary(const uint8_t* row, uint8_t* u, int64_t kp) {
     for (int64_t j = 0; j < kp; ++j) u[7 * kp + j] = (uint8_t)((row[j] >> 7) & 1);
 }
 
+/* acc = a @ W.T exactly; returns nonzero when out of memory. */
 int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int64_t M, int64_t N, int64_t K,
                        int64_t kp, int64_t bits, int64_t threads) {
     const int64_t per = 8 / bits;
@@ -136,4 +138,79 @@ void bitnet_unpack(const uint8_t* packed, int8_t* out, int64_t N, int64_t K, int
         }
         free(row_values);
     }
+}
+
+/* --- the whole inference forward of a packed linear for a few rows (decode) -------------------------------
+ * y = ((acc * s_x[m]) * s_w) rounded to the output dtype, + bias, where acc is the exact int32 product of the
+ * per-row int8 activation and the packed weight, and the activation is x, or x normalized by an RMSNorm whose
+ * rstd the caller computed (with torch, so it is the same float as the training forward's). Every float
+ * operation is the one bitnet_ao.kernels.reference performs, in the same order and rounding (built with
+ * -ffp-contract=off), so the outputs equal the training forward's bit for bit. Dtype codes: 0 float32,
+ * 1 bfloat16, 2 float16. */
+
+static float round_to(float v, int64_t code) {
+    if (code == 1) { /* round to nearest even, as c10::BFloat16 */
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        u = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        memcpy(&v, &u, 4);
+        return v;
+    }
+    if (code == 2) return (float)(_Float16)v;
+    return v;
+}
+
+static void store(void* out, int64_t i, float v, int64_t code) {
+    if (code == 1) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        ((uint16_t*)out)[i] = (uint16_t)(u >> 16);
+    } else if (code == 2) {
+        ((_Float16*)out)[i] = (_Float16)v;
+    } else {
+        ((float*)out)[i] = v;
+    }
+}
+
+int bitnet_packed_linear(const float* x, const float* rstd, const float* norm_weight, int64_t x_code,
+                         int64_t norm_code, double eps, const uint8_t* packed, float w_scale, const float* bias,
+                         int64_t out_code, void* out, int64_t M, int64_t N, int64_t K, int64_t kp, int64_t bits,
+                         int64_t threads) {
+    int8_t* x_q = (int8_t*)malloc((size_t)(M * K > 0 ? M * K : 1));
+    float* s_x = (float*)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
+    int32_t* acc = (int32_t*)malloc((size_t)(M * N > 0 ? M * N : 1) * sizeof(int32_t));
+    int failed = x_q == NULL || s_x == NULL || y == NULL || acc == NULL;
+    const float eps_f = (float)eps;
+    for (int64_t m = 0; m < M && !failed; ++m) {
+        const float* row = x + m * K;
+        float absmax = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            float v = row[k];
+            if (rstd != NULL) v = round_to(round_to(v * rstd[m] * norm_weight[k], x_code), norm_code);
+            y[k] = v;
+            const float a = fabsf(v);
+            absmax = a > absmax ? a : absmax;
+        }
+        const float s = (absmax < eps_f ? eps_f : absmax) / 127.0f;
+        s_x[m] = s;
+        for (int64_t k = 0; k < K; ++k) {
+            float q = nearbyintf(y[k] / s);
+            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+            x_q[m * K + k] = (int8_t)q;
+        }
+    }
+    if (!failed) failed = bitnet_packed_gemv(x_q, packed, acc, M, N, K, kp, bits, threads);
+    for (int64_t m = 0; m < M && !failed; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+            float v = round_to((float)acc[m * N + n] * s_x[m] * w_scale, out_code);
+            if (bias != NULL) v = round_to(v + round_to(bias[n], out_code), out_code);
+            store(out, m * N + n, v, out_code);
+        }
+    }
+    free(x_q);
+    free(s_x);
+    free(y);
+    free(acc);
+    return failed;
 }

@@ -62,7 +62,8 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         warnings.warn("bitnet_ao: no C compiler found; the packed decode matmul unpacks the weight", stacklevel=3)
         return None
-    flags = ["-O3", _march(), "-fopenmp", "-shared", "-fPIC"]
+    # -ffp-contract=off: no fused multiply-adds, every float operation rounds where torch's does.
+    flags = ["-O3", _march(), "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
     source = SOURCE.read_bytes()
     # -march=native builds for the machine that compiles: the key names the machine too.
     key = hashlib.sha256(
@@ -70,26 +71,41 @@ def _library() -> ctypes.CDLL | None:
     ).hexdigest()[:16]
     path = _cache_dir() / f"cpu_gemv-{key}.so"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            built = Path(tmp) / path.name
-            result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+        try:
+            error = _build(compiler, flags, path)
+        except OSError as e:  # an unwritable cache directory, a compiler that cannot start
+            error = str(e)
+        if error is not None:
+            warnings.warn(
+                f"bitnet_ao: building the packed decode matmul failed ({compiler} {' '.join(flags)}); the weight "
+                f"is unpacked instead:\n{error[-2000:]}",
+                stacklevel=3,
             )
-            if result.returncode != 0:
-                warnings.warn(
-                    f"bitnet_ao: building the packed decode matmul failed ({compiler} {' '.join(flags)}); the "
-                    f"weight is unpacked instead:\n{result.stderr[-2000:]}",
-                    stacklevel=3,
-                )
-                return None
-            os.replace(built, path)  # atomic: concurrent ranks never load a half-written library
+            return None
     library = ctypes.CDLL(str(path))
     library.bitnet_packed_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
     library.bitnet_packed_gemv.restype = ctypes.c_int
     library.bitnet_unpack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
     library.bitnet_unpack.restype = None
+    f = library.bitnet_packed_linear
+    f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_void_p, ctypes.c_float]
+    f.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
+    f.restype = ctypes.c_int
     return library
+
+
+def _build(compiler: str, flags: list[str], path: Path) -> str | None:
+    """Compile ``cpu_gemv.c`` to ``path``; the compiler's error output on failure, else ``None``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        result = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            return result.stderr or f"exit status {result.returncode}"
+        os.replace(built, path)  # atomic: concurrent ranks never load a half-written library
+    return None
 
 
 def _cpu_signature() -> str:
@@ -98,6 +114,10 @@ def _cpu_signature() -> str:
     except (OSError, StopIteration):
         flags = ""
     return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+#: The dtype codes of cpu_gemv.c.
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def available() -> bool:
@@ -142,3 +162,45 @@ def unpack(b_packed: Tensor, k: int, bits: int) -> Tensor | None:
         b_packed.data_ptr(), out.data_ptr(), n, k, packed_columns(k, bits), bits, torch.get_num_threads()
     )
     return out
+
+
+def packed_linear(
+    xf: Tensor,
+    rstd: Tensor | None,
+    norm_weight: Tensor | None,
+    x_dtype: torch.dtype,
+    norm_dtype: torch.dtype,
+    eps: float,
+    b_packed: Tensor,
+    k: int,
+    bits: int,
+    scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor | None:
+    """The inference forward of a packed linear in one call (``cpu_gemv.c`` ``bitnet_packed_linear``): the float32
+    input ``xf`` (normalized with ``rstd`` and ``norm_weight``, rounded to ``x_dtype`` then ``norm_dtype``, when
+    given), quantized per row, times ``B``, scaled, plus ``bias``. ``None`` when the kernel could not be built or
+    a dtype has no code."""
+    library = _library()
+    codes = [_DTYPE_CODES.get(d) for d in (x_dtype, norm_dtype, out_dtype)]
+    if library is None or None in codes:
+        return None
+    xf = xf.contiguous()
+    b_packed = b_packed.contiguous()
+    m, n = xf.shape[0], b_packed.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype)
+    rstd = rstd.contiguous() if rstd is not None else None
+    norm_weight = norm_weight.float().contiguous() if norm_weight is not None else None
+    bias = bias.float().contiguous() if bias is not None else None
+    failed = library.bitnet_packed_linear(
+        xf.data_ptr(), _ptr(rstd), _ptr(norm_weight), codes[0], codes[1], eps, b_packed.data_ptr(), float(scale),
+        _ptr(bias), codes[2], out.data_ptr(), m, n, k, packed_columns(k, bits), bits, torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError(f"bitnet_ao packed linear: out of memory for ({m}, {k}) @ ({n}, {k}).T")
+    return out
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None else None

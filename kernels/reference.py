@@ -44,8 +44,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm over the last dimension of a 2-D ``x``: ``x / rms(x) * weight`` computed in float32 and cast back to
     ``x.dtype``, and ``rstd = 1 / rms(x)`` per row, shape ``(M, 1)`` float32, for the backward."""
     xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    rstd = rms_norm_rstd(xf, eps)
     return (xf * rstd * weight.float()).to(x.dtype), rstd
+
+
+def rms_norm_rstd(xf: Tensor, eps: float) -> Tensor:
+    """``1 / rms`` of each row of the float32 ``xf``, shape ``(M, 1)``: the one reduction of :func:`rms_norm`."""
+    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:

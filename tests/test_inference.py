@@ -69,7 +69,7 @@ def test_decode_kernel_is_exact(bits, m, k, n):
 
 
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 16, 40])  # decode kernel (M <= 16) and unpack + int8 matmul route
 def test_packed_forward_equals_training_forward(kind, dtype, m):
     trained, packed = _trained_and_packed(kind, dtype)
@@ -90,6 +90,22 @@ def test_every_cpu_route_gives_the_same_bits(force_routes, monkeypatch, route, d
         if not decode_kernel:
             monkeypatch.setattr(cpu_gemv, "applies", lambda *args: False)
         assert torch.equal(packed(x), expected)
+
+
+def test_without_the_c_kernel_the_weight_is_unpacked_and_exact(monkeypatch, tmp_path):
+    """A machine whose C compiler fails: one warning naming the failure, then the unpacking path, same bits."""
+    monkeypatch.setenv("BITNET_AO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_gemv, "_compiler", lambda: "false")  # a "compiler" that always fails
+    cpu_gemv._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="building the packed decode matmul failed"):
+            assert not cpu_gemv.available()
+        trained, packed = _trained_and_packed("ternary", torch.bfloat16)
+        x = torch.randn(1, IN, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(packed(x), trained(x))
+    finally:
+        cpu_gemv._library.cache_clear()
 
 
 def test_packed_forward_matches_the_spec():

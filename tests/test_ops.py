@@ -195,9 +195,42 @@ def _opcheck_samples() -> dict[str, tuple]:
         "binarize": (w, s, False),
         "scaled_int8_mm": (a, b, torch.rand(9), torch.rand(10), s, torch.randn(10), torch.bfloat16),
         "scaled_int8_mm_packed": (a, packed, 12, True, torch.rand(9), None, s, None, torch.float32),
+        "packed_linear": (x.bfloat16(), torch.rand(12) + 0.5, 1e-6, packed, 12, 2, s, torch.randn(10), torch.bfloat16),
         "rms_norm_quantize_rowwise": (x.bfloat16(), torch.rand(12) + 0.5, 1e-6, torch.bfloat16, 1e-5),
         "rms_norm_backward": (torch.randn(9, 12), x, torch.rand(12) + 0.5, torch.rand(9, 1) + 0.5),
     }
+
+
+@pytest.mark.parametrize("m", [1, 40])  # the fused C call and the composed path
+@pytest.mark.parametrize("norm", [False, True])
+def test_packed_linear_is_quantize_then_packed_matmul(m, norm):
+    """The inference op against its definition: (RMSNorm +) row-wise quantization, then the packed matmul; and
+    run_packed_linear (no dispatcher in eager) gives the same bits while a dispatch mode still sees the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(8)
+    x, gain = torch.randn(m, 37, dtype=torch.bfloat16), torch.rand(37) + 0.5
+    packed = reference.pack_i2_in_i8(random_int8(20, 37, low=-1, high=2))
+    s, bias = torch.tensor(0.03), torch.randn(20, dtype=torch.bfloat16)
+    if norm:
+        x_q, row, _ = reference.rms_norm_quantize_rowwise(x, gain, 1e-5, torch.bfloat16, reference.ACTIVATION_EPS)
+    else:
+        x_q, row = reference.quantize_rowwise(x, reference.ACTIVATION_EPS)
+    expected = reference.scaled_int8_mm_packed(x_q, packed, 37, True, row, None, s, bias, torch.bfloat16)
+    args = (x, gain if norm else None, 1e-5, packed, 37, 2, s, bias, torch.bfloat16)
+    assert torch.equal(kernels.packed_linear(*args), expected)
+    assert torch.equal(kernels.run_packed_linear(*args), expected)
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        kernels.run_packed_linear(*args)
+    assert torch.ops.bitnet_ao.packed_linear.default in mode.ops
 
 
 def test_every_op_has_an_opcheck_sample():

@@ -51,6 +51,19 @@ class _Marked(Tensor):
             return func(*args, **(kwargs or {}))
 
 
+def test_dispatch_mode_active_only_inside_a_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert not private_api.dispatch_mode_active()
+    with Count():
+        assert private_api.dispatch_mode_active()
+    assert not private_api.dispatch_mode_active()
+
+
 def test_disable_torch_function_subclass_bypasses_the_override():
     t = torch.ones(3).as_subclass(_Marked)
     _Marked.calls.clear()
