@@ -22,7 +22,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from .config import BitNetInferenceConfig, BitNetTrainingConfig
 from .kernels import reference
 from .packed import BitNetPackedLinearWeight, bits_per_value
-from .tensor import BitNetTrainingLinearWeight
+from .tensor import BitNetTrainingLinearWeight, register_checkpoint_hooks
 from .weight_quant import quantize_weight, weight_quantization
 
 #: State-dict key suffix of the weight scale next to the packed ``weight`` (the name Hugging Face uses too).
@@ -67,7 +67,7 @@ def _bitnet_inference_transform(module: nn.Module, config: BitNetInferenceConfig
     if not data.dtype.is_floating_point:
         raise TypeError(f"bitnet_inference: {module!r} has a {data.dtype} weight; expected a floating-point weight")
     module.weight = nn.Parameter(pack_linear_weight(data, recipe), requires_grad=False)
-    _register_checkpoint_hooks(module)
+    register_checkpoint_hooks(module, _state_dict_post_hook, _load_state_dict_pre_hook)
     return module
 
 
@@ -105,11 +105,3 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
     packed = value.detach().to(param.device)
     scale = scale.detach().to(device=param.device, dtype=torch.float32).reshape(())
     state_dict[prefix + "weight"] = BitNetPackedLinearWeight(packed, scale, k, param.dtype, param.config)
-
-
-def _register_checkpoint_hooks(module: nn.Module) -> None:
-    if getattr(module, "_bitnet_inference_hooks", False):
-        return
-    module.register_state_dict_post_hook(_state_dict_post_hook)
-    module.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
-    module._bitnet_inference_hooks = True

@@ -10,6 +10,8 @@ of this class (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``) is installed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -204,13 +206,19 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
             state_dict[prefix + name] = BitNetTrainingLinearWeight(value.detach(), param.config)
 
 
-def register_checkpoint_hooks(module: nn.Module) -> None:
-    """Make ``module``'s state dicts hold plain master weights and its loads keep the recipe (once per module)."""
-    if getattr(module, "_bitnet_checkpoint_hooks", False):
+def register_checkpoint_hooks(
+    module: nn.Module,
+    state_dict_post_hook: Callable = _state_dict_post_hook,
+    load_pre_hook: Callable = _load_state_dict_pre_hook,
+) -> None:
+    """Register a state-dict post-hook and a load pre-hook on ``module``, once per pair of hooks. The defaults make
+    its state dicts hold plain master weights and its loads keep the recipe; ``inference.py`` passes its own."""
+    registered = module.__dict__.setdefault("_bitnet_checkpoint_hooks", set())
+    if (state_dict_post_hook, load_pre_hook) in registered:
         return
-    module.register_state_dict_post_hook(_state_dict_post_hook)
-    module.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
-    module._bitnet_checkpoint_hooks = True
+    module.register_state_dict_post_hook(state_dict_post_hook)
+    module.register_load_state_dict_pre_hook(load_pre_hook)
+    registered.add((state_dict_post_hook, load_pre_hook))
 
 
 torch.serialization.add_safe_globals([BitNetTrainingLinearWeight, BitNetTrainingConfig, _rebuild_bitnet_weight])
