@@ -84,10 +84,13 @@ def test_stock_from_pretrained_matches_our_forward_fp32(tmp_path, linear_class, 
     assert rel <= 1e-4, f"relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
-def test_stock_from_pretrained_bf16_agrees_on_argmax(tmp_path, mode):
-    model = _bitnet_llama("faq", torch.bfloat16)
-    save_pretrained_bitnet(model, tmp_path, quantization_mode=mode)
+@pytest.mark.parametrize(
+    ("linear_class", "mode"), [("autobitlinear", "offline"), ("bitlinear", "offline"), ("autobitlinear", "online")]
+)
+@pytest.mark.parametrize("placement", ["faq", "subln"])
+def test_stock_from_pretrained_bf16_agrees_on_argmax(tmp_path, linear_class, mode, placement):
+    model = _bitnet_llama(placement, torch.bfloat16)
+    save_pretrained_bitnet(model, tmp_path, linear_class=linear_class, quantization_mode=mode)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     ids = torch.randint(0, VOCAB, (16, 64), generator=torch.Generator().manual_seed(1))
     agree = (_logits(model, ids).argmax(-1) == _logits(loaded, ids).argmax(-1)).float().mean()
