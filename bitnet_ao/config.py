@@ -26,6 +26,11 @@ class BitNetTrainingConfig(AOBaseConfig):
             column, the saved int8 activation reused). ``False`` runs it in the activation dtype.
         weights: ``"ternary"`` for BitNet b1.58 ({-1, 0, 1}, abs-mean scale) or ``"binary"`` for the original
             1-bit BitNet ({-1, 1} around the mean).
+        scale_groups: ``G``, the number of groups the weight scale (and, with ``group_dim=1``, the activation
+            scale) is computed over, the BitNet paper's group quantization for tensor parallelism
+            (docs/numerics.md#group-scales-for-tensor-parallelism). 1: one scale per weight.
+        group_dim: 0: groups of ``out_features / G`` rows (column-parallel layers); 1: groups of
+            ``in_features / G`` columns (row-parallel layers). ``G`` must divide that dimension.
 
     The defaults come from the convergence measurement in docs/benchmarks.md; the math is docs/numerics.md.
     """
@@ -33,10 +38,34 @@ class BitNetTrainingConfig(AOBaseConfig):
     int8_grad_input: bool = True
     int8_grad_weight: bool = True
     weights: WeightKind = "ternary"
+    scale_groups: int = 1
+    group_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.weights not in ("ternary", "binary"):
             raise ValueError(f"BitNetTrainingConfig.weights must be 'ternary' or 'binary', got {self.weights!r}")
+        if not isinstance(self.scale_groups, int) or self.scale_groups < 1:
+            raise ValueError(f"BitNetTrainingConfig.scale_groups must be a positive int, got {self.scale_groups!r}")
+        if self.group_dim not in (0, 1):
+            raise ValueError(
+                f"BitNetTrainingConfig.group_dim must be 0 (groups of output rows) or 1 (groups of input columns), "
+                f"got {self.group_dim!r}"
+            )
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the scales are per group (``scale_groups > 1``)."""
+        return self.scale_groups > 1
+
+    def check_shape(self, shape: tuple[int, ...], where: str) -> None:
+        """Raise naming ``where`` unless ``scale_groups`` divides the grouped dimension of a weight of ``shape``."""
+        n, k = shape
+        size, name = (n, "out_features") if self.group_dim == 0 else (k, "in_features")
+        if size % self.scale_groups:
+            raise ValueError(
+                f"{where}: scale_groups={self.scale_groups} with group_dim={self.group_dim} must divide {name}={size} "
+                f"(nn.Linear(in_features={k}, out_features={n}))"
+            )
 
 
 #: Lower-case alias for the ``quantize_`` call, as torchao names its configs.

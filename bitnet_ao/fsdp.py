@@ -116,6 +116,11 @@ def pre_all_gather(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> tupl
     ``r P ..``), so the gathered ``(world P, bytes per row)`` tensor is the packed weight followed by padding.
     Metadata: the float32 scale and ``N``.
     """
+    if weight.config.grouped:
+        raise NotImplementedError(
+            f"BitNet FSDP2 all-gather: a weight of shape {tuple(weight.shape)} with scale_groups="
+            f"{weight.config.scale_groups}: FSDP2 with group scales (FSDP2 x tensor parallelism) is not built yet"
+        )
     state = _scale_state(weight, mesh.get_group())
     n, k = state.rows, weight.shape[1]
     q = quantization_from_stats(state.sums, n * k, weight.config)

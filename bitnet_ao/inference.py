@@ -35,7 +35,8 @@ def pack_linear_weight(
     """Quantize the high-precision ``(N, K)`` ``weight`` with ``config``'s rule and pack it."""
     q = weight_quantization(weight, config)
     packed = reference.pack_weight(quantize_weight(weight, q, transpose=False), bits_per_value(config))
-    return BitNetPackedLinearWeight(packed, q.scale.reshape(()), weight.shape[1], weight.dtype, config, requires_grad)
+    scale = q.scale if config.grouped else q.scale.reshape(())
+    return BitNetPackedLinearWeight(packed, scale, weight.shape[1], weight.dtype, config, requires_grad)
 
 
 def _recipe(weight: Tensor, config: BitNetInferenceConfig, module: nn.Module) -> BitNetTrainingConfig:
@@ -95,7 +96,12 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
         state_dict[prefix + "weight"] = pack_linear_weight(value.detach().to(param.device), param.config)
         return
     expected = (n, reference.packed_columns(k, param.bits))
-    if value.dtype != torch.int8 or tuple(value.shape) != expected or scale is None:
+    if (
+        value.dtype != torch.int8
+        or tuple(value.shape) != expected
+        or scale is None
+        or scale.numel() != param.scale.numel()
+    ):
         raise ValueError(
             f"bitnet_inference: loading {prefix}weight into a packed {param.config.weights} "
             f"nn.Linear(in_features={k}, out_features={n}): expected int8 {expected} packed values and "
@@ -103,5 +109,5 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
             f"{'no scale' if scale is None else f'a scale of shape {tuple(scale.shape)}'}"
         )
     packed = value.detach().to(param.device)
-    scale = scale.detach().to(device=param.device, dtype=torch.float32).reshape(())
+    scale = scale.detach().to(device=param.device, dtype=torch.float32).reshape(param.scale.shape)
     state_dict[prefix + "weight"] = BitNetPackedLinearWeight(packed, scale, k, param.dtype, param.config)

@@ -70,6 +70,57 @@ class InputNorm(NamedTuple):
     eps: float
 
 
+def quantize_groups(t: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row int8 quantization of each of ``groups`` equal column blocks of ``t (M, C)``: ``(t_q (M, C), s (M,
+    groups))``; the plain per-row quantization, scale ``(M,)``, for one group."""
+    if groups == 1:
+        return kernels.quantize_rowwise(t, eps)
+    m, c = t.shape
+    t_q, s = kernels.quantize_rowwise(t.reshape(m * groups, c // groups), eps)
+    return t_q.view(m, c), s.view(m, groups)
+
+
+def scaled_mm_groups(
+    a: Tensor,
+    b: Tensor,
+    row_scale: Tensor,
+    q: WeightQuantization,
+    config: BitNetTrainingConfig,
+    transpose: bool,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``a @ b`` for the int8 BitNet weight operand ``b`` (``W_q.T`` when ``transpose``, else ``W_q``), scaled by the
+    row scales and the weight's scale(s) (docs/numerics.md#group-scales-for-tensor-parallelism): the shared body of
+    every weight kind's ``bitnet_mm`` once it has ``b``.
+
+    - One scale: one matmul, ``* row_scale[:, None] * s_w``.
+    - Groups along ``b``'s columns (column-parallel forward, row-parallel ``grad_input``): one matmul, the group
+      scales as per-column scales.
+    - Groups along the reduction (row-parallel forward, column-parallel ``grad_input``; ``row_scale`` is then
+      ``(M, G)``): one matmul per group, ``(a_g @ b_g) * row_scale[:, g] * s_w[g]`` summed in float32.
+    """
+    if not config.grouped:
+        return kernels.scaled_int8_mm(a, b, row_scale, None, q.scale, bias, out_dtype, b_ternary=True)
+    if (config.group_dim == 0) == transpose:
+        return kernels.scaled_int8_mm(a, b, row_scale, q.scale.flatten(), None, bias, out_dtype, b_ternary=True)
+    groups = row_scale.shape[1]
+    size = b.shape[0] // groups
+    per_group = q.scale.flatten()[::size]
+    out = None
+    for g in range(groups):
+        blocks = slice(g * size, (g + 1) * size)
+        b_g = b[blocks]
+        if not (b_g.is_contiguous() or b_g.t().is_contiguous()):
+            b_g = b_g.contiguous()
+        part = kernels.scaled_int8_mm(
+            a[:, blocks].contiguous(), b_g, row_scale[:, g].contiguous(), None, per_group[g], None, torch.float32, True
+        )
+        out = part if out is None else out + part
+    out = out.to(out_dtype)
+    return out + bias.to(out_dtype) if bias is not None else out
+
+
 def _forward(
     x2: Tensor,
     weight: BitNetWeight,
@@ -80,8 +131,10 @@ def _forward(
 ) -> tuple[Tensor, Tensor, Tensor, WeightQuantization, Tensor | None]:
     """The forward on the flattened ``(M, K)`` input: ``(y, x_q, s_x, q, rstd)``, rstd ``None`` without a norm."""
     rstd = None
+    config = weight.config
     if norm_weight is None:
-        x_q, s_x = kernels.quantize_rowwise(x2, ACTIVATION_EPS)
+        # Row-parallel groups: one activation scale per (token, group of K / G inputs).
+        x_q, s_x = quantize_groups(x2, config.scale_groups if config.group_dim == 1 else 1, ACTIVATION_EPS)
     else:
         x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS)
     q = weight.bitnet_quantization()
@@ -122,8 +175,11 @@ class _BitNetLinearFunction(torch.autograd.Function):
 
         if ctx.needs_input_grad[0] or (ctx.norm and ctx.needs_input_grad[5]):
             if config.int8_grad_input:
-                g_q, s_g = kernels.quantize_rowwise(g, GRADIENT_EPS)
+                # Column-parallel groups: one gradient scale per (token, group of N / G outputs).
+                g_q, s_g = quantize_groups(g, config.scale_groups if config.group_dim == 0 else 1, GRADIENT_EPS)
                 grad_x = weight.bitnet_mm(g_q, q, False, s_g, None, g.dtype)
+            elif config.grouped:
+                grad_x = g @ (weight.bitnet_int8(q).to(g.dtype) * q.scale.to(g.dtype))
             else:
                 grad_x = (g @ weight.bitnet_int8(q).to(g.dtype)) * q.scale.to(g.dtype)
             if ctx.norm:
@@ -133,11 +189,20 @@ class _BitNetLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.x_shape)
 
         if ctx.needs_input_grad[1]:
+            # s_x is (M,), or (M, G) for row-parallel groups: then each block of K / G columns has its own.
+            groups = s_x.shape[1] if s_x.dim() == 2 else 1
             if config.int8_grad_weight:
-                g_q, s_g = kernels.quantize_colwise_scaled(g, s_x, GRADIENT_EPS)
-                grad_w = kernels.scaled_int8_mm(g_q.t(), x_q, s_g, None, None, None, weight.dtype)
+                blocks = []
+                per_group = zip(x_q.chunk(groups, dim=1), s_x.reshape(s_x.shape[0], groups).unbind(1), strict=True)
+                for x_q_g, s_x_g in per_group:
+                    g_q, s_g = kernels.quantize_colwise_scaled(g, s_x_g.contiguous(), GRADIENT_EPS)
+                    blocks.append(
+                        kernels.scaled_int8_mm(g_q.t(), x_q_g.contiguous(), s_g, None, None, None, weight.dtype)
+                    )
+                grad_w = blocks[0] if groups == 1 else torch.cat(blocks, dim=1)
             else:
-                x_fq = (x_q * s_x[:, None]).to(g.dtype)
+                s_cols = s_x[:, None] if groups == 1 else s_x.repeat_interleave(x_q.shape[1] // groups, dim=1)
+                x_fq = (x_q * s_cols).to(g.dtype)
                 grad_w = (g.t() @ x_fq).to(weight.dtype)
 
         if ctx.needs_input_grad[2]:
@@ -186,8 +251,7 @@ def bitnet_linear(
     n, k = weight.shape
     x2 = input.reshape(-1, k)
     fused = getattr(type(weight), "bitnet_forward", None)
-    if fused is not None:
-        y = fused(weight, x2, norm_weight, norm_eps, bias, dtype)
-    else:
+    y = fused(weight, x2, norm_weight, norm_eps, bias, dtype) if fused is not None else None
+    if y is None:
         y = _forward(x2, weight, bias, dtype, norm_weight, norm_eps)[0]
     return y.reshape(*input.shape[:-1], n)

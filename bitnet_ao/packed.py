@@ -17,7 +17,7 @@ from torch import Tensor
 from . import kernels
 from .config import BitNetTrainingConfig
 from .kernels import reference
-from .linear import bitnet_linear
+from .linear import bitnet_linear, scaled_mm_groups
 from .private_api import disable_torch_function_subclass, make_wrapper_subclass, stable_hash_for_caching
 from .weight_quant import WeightQuantization
 
@@ -76,9 +76,12 @@ class BitNetPackedLinearWeight(Tensor):
                 f"packed values of shape (N, {reference.packed_columns(in_features, bits)}) ({bits} bits per "
                 f"value), got {packed.dtype} {tuple(packed.shape)}"
             )
-        if scale.dtype != torch.float32 or scale.numel() != 1:
+        n = packed.shape[0]
+        scale_shape = () if not config.grouped else (n, 1) if config.group_dim == 0 else (1, in_features)
+        if scale.dtype != torch.float32 or tuple(scale.shape) != scale_shape:
             raise ValueError(
-                f"BitNetPackedLinearWeight: scale must be one float32 value, got {scale.dtype} {tuple(scale.shape)}"
+                f"BitNetPackedLinearWeight: scale must be float32 of shape {scale_shape} (scale_groups="
+                f"{config.scale_groups}, group_dim={config.group_dim}), got {scale.dtype} {tuple(scale.shape)}"
             )
         self.packed = packed
         self.scale = scale
@@ -91,7 +94,8 @@ class BitNetPackedLinearWeight(Tensor):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, {self.config.weights}, {self.bits}-bit values, "
-            f"dtype={self.dtype}, scale={self.scale.item() if self.scale.device.type != 'meta' else '?'})"
+            f"dtype={self.dtype}, scale={self.scale.flatten()[0].item() if self.scale.device.type != 'meta' else '?'}"
+            f"{', ...' if self.config.grouped else ''})"
         )
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[torch.dtype, BitNetTrainingConfig]]:
@@ -131,15 +135,23 @@ class BitNetPackedLinearWeight(Tensor):
         bias: Tensor | None,
         out_dtype: torch.dtype,
     ) -> Tensor:
+        if self.config.grouped:  # group scales: the matmul per group runs on the unpacked values
+            w_q = self.bitnet_int8(q)
+            return scaled_mm_groups(
+                a, w_q.t() if transpose else w_q, row_scale, q, self.config, transpose, bias, out_dtype
+            )
         return kernels.scaled_int8_mm_packed(
             a, self.packed, self.shape[1], transpose, row_scale, None, q.scale, bias, out_dtype, self.bits
         )
 
     def bitnet_forward(
         self, x2: Tensor, norm_weight: Tensor | None, norm_eps: float, bias: Tensor | None, out_dtype: torch.dtype
-    ) -> Tensor:
+    ) -> Tensor | None:
         """The optional no-grad fast path of the interface: the whole forward on the flattened input in one op
-        (``kernels.packed_linear``; one C call per linear when decoding on CPU)."""
+        (``kernels.packed_linear``; one C call per linear when decoding on CPU). ``None`` for group scales, which
+        take the general path."""
+        if self.config.grouped:
+            return None
         return kernels.run_packed_linear(
             x2, norm_weight, norm_eps, self.packed, self.shape[1], self.bits, self.scale, bias, out_dtype
         )

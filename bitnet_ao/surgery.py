@@ -128,6 +128,7 @@ class NormedLinear(nn.Module):
         linear = self.linear
         fusable = (
             is_bitnet_weight(linear.weight)
+            and not (linear.weight.config.grouped and linear.weight.config.group_dim == 1)
             and type(linear) is nn.Linear
             and not (linear._forward_hooks or linear._forward_pre_hooks)
             and self.norm.weight is not None

@@ -20,7 +20,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from . import kernels
 from .config import BitNetTrainingConfig
-from .linear import bitnet_linear
+from .linear import bitnet_linear, scaled_mm_groups
 from .private_api import (
     disable_torch_function_subclass,
     dtensor_local,
@@ -50,6 +50,19 @@ _KEEP_SUBCLASS = {
     aten.new_zeros.default,
     aten.new_empty.default,
     aten.new_empty_strided.default,
+}
+
+
+# Matmuls: F.linear never reaches them (__torch_function__ takes it first), so one arriving here is a decomposed
+# F.linear, e.g. on a DTensor from a stock tensor-parallel style; running it would train in full precision.
+_MATMULS = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten.matmul.default,
+    aten.linear.default,
+    aten.mv.default,
 }
 
 
@@ -124,7 +137,7 @@ class BitNetTrainingLinearWeight(Tensor):
             b = quantize_weight(w, q, not transpose).t()
         else:
             b = quantize_weight(w, q, transpose)
-        return kernels.scaled_int8_mm(a, b, row_scale, None, q.scale, bias, out_dtype, b_ternary=True)
+        return scaled_mm_groups(a, b, row_scale, q, self.config, transpose, bias, out_dtype)
 
     # --- torch function / dispatch ------------------------------------------------------------------------
 
@@ -144,6 +157,15 @@ class BitNetTrainingLinearWeight(Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in _MATMULS:
+            weight = next(a for a in args if isinstance(a, cls))
+            raise RuntimeError(
+                f"BitNetTrainingLinearWeight (shape {tuple(weight.shape)}): {func} would multiply by the "
+                "full-precision master weight. This is F.linear taken apart, typically on a DTensor from a stock "
+                "tensor-parallel style: use bitnet_ao.tensor_parallel.BitNetColwiseParallel / BitNetRowwiseParallel "
+                "(docs/tensor_parallel.md). For a deliberate full-precision product, use the plain master weight "
+                "(unquantize_ or weight._data)."
+            )
         out = func(*tree_map_only(cls, _unwrap, args), **tree_map_only(cls, _unwrap, kwargs))
         if func._schema.is_mutable and isinstance(args[0], cls):
             # In-place update (optimizer step, copy_ from load_state_dict): the wrapper, with its own recipe,
@@ -238,6 +260,7 @@ def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) 
             f"bitnet_training: {module!r} has a {data.dtype} weight; BitNet training needs a floating-point "
             "master weight (float32, bfloat16 or float16)"
         )
+    config.check_shape(tuple(data.shape), f"bitnet_training: {module!r}")
     module.weight = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
     register_checkpoint_hooks(module)
     return module

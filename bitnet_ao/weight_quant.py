@@ -17,23 +17,41 @@ from .kernels.reference import WEIGHT_EPS, weight_scales_from_stats
 
 
 class WeightQuantization(NamedTuple):
-    """How a weight was quantized: what the backward needs to rebuild the same int8 weight without a copy."""
+    """How a weight was quantized: what the backward needs to rebuild the same int8 weight without a copy.
 
-    #: ``s_w = mean |W|``, float32 scalar: the int8 matmul's output is multiplied by it.
+    With group scales (``config.scale_groups = G > 1``) both fields hold one value per row (``group_dim=0``, shape
+    ``(N, 1)``) or per column (``group_dim=1``, ``(1, K)``): each group's value repeated over its rows or
+    columns, so that they broadcast against the weight in ``ternarize`` / ``binarize`` as they are.
+    """
+
+    #: ``s_w = mean |W|``, float32 scalar (or per group, see above): the int8 matmul's output is multiplied by it.
     scale: Tensor
     #: Binary weights only: ``mean(W)``, the value subtracted before ``sign``; ``None`` for ternary weights.
     center: Tensor | None
 
 
 def quantization_from_stats(stats: Tensor, numel: int, config: BitNetTrainingConfig) -> WeightQuantization:
-    """The quantization of a weight of ``numel`` elements from its float64 ``(sum |W|, sum W)``."""
+    """The quantization of a weight of ``numel`` elements from its float64 ``(sum |W|, sum W)`` (``(G, 2)`` and
+    the elements of one group for group scales, which come back one per group, not yet repeated)."""
     scale, mean = weight_scales_from_stats(stats, numel)
     return WeightQuantization(scale, mean if config.weights == "binary" else None)
 
 
 def weight_quantization(w: Tensor, config: BitNetTrainingConfig) -> WeightQuantization:
-    """The quantization of the whole weight ``w``."""
-    return quantization_from_stats(kernels.weight_stats(w), w.numel(), config)
+    """The quantization of the whole weight ``w``: one scale, or one per group of rows or columns."""
+    if not config.grouped:
+        return quantization_from_stats(kernels.weight_stats(w), w.numel(), config)
+    groups = w.chunk(config.scale_groups, dim=config.group_dim)
+    stats = torch.stack([kernels.weight_stats(g.contiguous()) for g in groups])
+    q = quantization_from_stats(stats, groups[0].numel(), config)
+    return WeightQuantization(*(None if t is None else per_row_or_column(t, w.shape, config) for t in q))
+
+
+def per_row_or_column(per_group: Tensor, shape: tuple[int, ...], config: BitNetTrainingConfig) -> Tensor:
+    """One value per group, ``(G,)``, repeated over the group's rows (``(N, 1)``) or columns (``(1, K)``)."""
+    size = shape[config.group_dim]
+    repeated = per_group.repeat_interleave(size // per_group.numel())
+    return repeated[:, None] if config.group_dim == 0 else repeated[None, :]
 
 
 def quantize_weight(w: Tensor, q: WeightQuantization, transpose: bool) -> Tensor:

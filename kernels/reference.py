@@ -99,9 +99,10 @@ def weight_stats(w: Tensor) -> Tensor:
 
 
 def weight_scales_from_stats(stats: Tensor, numel: int) -> tuple[Tensor, Tensor]:
-    """``(s_w, alpha)`` as float32 scalars: the abs-mean scale and the mean (the binary-weight centre)."""
+    """``(s_w, alpha)`` as float32: the abs-mean scale and the mean (the binary-weight centre); scalars from
+    ``(2,)`` stats, one per group from ``(G, 2)``."""
     means = stats / numel
-    return means[0].float(), means[1].float()
+    return means[..., 0].float(), means[..., 1].float()
 
 
 def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:

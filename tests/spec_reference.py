@@ -54,3 +54,41 @@ def snr_db(approx: Tensor, exact: Tensor) -> float:
     exact = exact.double()
     noise = (approx.double() - exact).pow(2).sum()
     return float(10 * torch.log10(exact.pow(2).sum() / noise))
+
+
+def grouped(fn, w: Tensor, groups: int, dim: int) -> tuple[Tensor, Tensor]:
+    """``fn`` (ternary_weight or binary_weight) applied per group of rows (dim 0) or columns (dim 1): the
+    quantized weight and the scale of each element's group (the BitNet paper's group quantization)."""
+    parts = [fn(block) for block in w.chunk(groups, dim=dim)]
+    values = torch.cat([q for q, _ in parts], dim=dim)
+    scales = torch.cat(
+        [s.expand(block.shape) for (_, s), block in zip(parts, w.chunk(groups, dim=dim), strict=True)], dim=dim
+    )
+    return values, scales
+
+
+def act_quant_groups(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8 over each of ``groups`` blocks of the last dimension: values and per-element scales."""
+    parts = [act_quant(block) for block in x.chunk(groups, dim=-1)]
+    values = torch.cat([q for q, _ in parts], dim=-1)
+    scales = torch.cat([s.unsqueeze(-1).expand(q.shape) for q, s in parts], dim=-1)
+    return values, scales
+
+
+class FakeQuantGroupBitLinear(nn.Linear):
+    """:class:`FakeQuantBitLinear` with group scales: weight scales per group of rows (``group_dim=0``) or of
+    columns (``group_dim=1``, where the activation scale is per token and group too)."""
+
+    def __init__(self, *args, groups: int, group_dim: int, weights: str = "ternary", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.groups, self.group_dim, self.weights = groups, group_dim, weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, s = act_quant_groups(x, self.groups if self.group_dim == 1 else 1)
+        x_fq = (q * s).to(x.dtype)
+        fn = ternary_weight if self.weights == "ternary" else binary_weight
+        wq, sw = grouped(fn, self.weight, self.groups, self.group_dim)
+        w_fq = (wq * sw).to(self.weight.dtype)
+        x_ste = x + (x_fq - x).detach()
+        w_ste = self.weight + (w_fq - self.weight).detach()
+        return F.linear(x_ste, w_ste, self.bias)

@@ -42,6 +42,7 @@ ORDER = [
     "bitnet_ao.inference",
     # integrations
     "bitnet_ao.fsdp",
+    "bitnet_ao.tensor_parallel",
     "bitnet_ao.surgery",
     "bitnet_ao",
     "bitnet_ao.integrations",

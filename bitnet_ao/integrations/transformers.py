@@ -196,6 +196,11 @@ def _check_exportable(
         where = f"save_pretrained_bitnet: {name} (nn.Linear(in_features={k}, out_features={n}))"
         if linear.weight.config.weights != "ternary":
             raise ValueError(f"{where} has binary weights; transformers' BitNet layers are ternary")
+        if linear.weight.config.grouped:
+            raise ValueError(
+                f"{where} has {linear.weight.config.scale_groups} group scales; transformers' BitNet checkpoints hold "
+                "one scale per weight"
+            )
         if linear.bias is not None:
             raise ValueError(f"{where} has a bias; transformers' BitNet checkpoints carry none")
         if mode == "offline" and n % 4:
