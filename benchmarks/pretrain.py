@@ -40,7 +40,6 @@ if not __package__:  # run as `python benchmarks/pretrain.py`: make the reposito
 
 import torch
 from torch import nn
-from torchao.quantization import quantize_
 from tqdm import tqdm
 
 from benchmarks import hardware, report
@@ -49,6 +48,7 @@ from benchmarks.model import ModelConfig, Transformer, to_hf_llama
 from benchmarks.timing import synchronize
 from bitnet_ao import bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
+from bitnet_ao.tensor_parallel import quantize_for_tensor_parallel
 
 #: Steps left out of the throughput figure: compilation and allocator warm-up happen here.
 TIMING_WARMUP = 3
@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", choices=("ternary", "binary"), default="ternary")
     p.add_argument("--surgery", action=bool_flag, default=True, help="BitNet norms (bitnet_ao.surgery)")
     p.add_argument("--placement", choices=("faq", "subln"), default="faq", help="where the surgery puts norms")
+    p.add_argument(
+        "--scale-groups",
+        type=int,
+        default=1,
+        help="BitNet group scales along each linear's tensor-"
+        "parallel dimension (the single-device twin of a TP run; docs/tensor_parallel.md)",
+    )
     p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile the model (preset default)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's, for the dtype)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's, for the dtype)")
@@ -154,6 +161,7 @@ class RunSpec:
     weights: str = "ternary"
     surgery: str | None = None  # a bitnet_ao.surgery placement, or None for no surgery
     dtype: str = "bfloat16"
+    scale_groups: int = 1  # group scales along each linear's tensor-parallel dimension (docs/tensor_parallel.md)
 
     @property
     def label(self) -> str:
@@ -180,7 +188,16 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     dense = hardware.short_name(args.dtype)
     baseline = RunSpec(dense, quantize=False, dtype=args.dtype)
     surgery = args.placement if args.surgery else None
-    bitnet = RunSpec("bitnet", True, args.int8_grad_input, args.int8_grad_weight, args.weights, surgery, args.dtype)
+    bitnet = RunSpec(
+        "bitnet",
+        True,
+        args.int8_grad_input,
+        args.int8_grad_weight,
+        args.weights,
+        surgery,
+        args.dtype,
+        args.scale_groups,
+    )
     if args.ablate:
         return [
             baseline,
@@ -207,7 +224,7 @@ def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: tor
         config = bitnet_training(
             int8_grad_input=spec.int8_grad_input, int8_grad_weight=spec.int8_grad_weight, weights=spec.weights
         )
-        quantize_(model, config, filter_fn=quantize_filter)
+        quantize_for_tensor_parallel(model, config, spec.scale_groups, filter_fn=quantize_filter)
     return model
 
 

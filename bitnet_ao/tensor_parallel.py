@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
+from torchao.quantization import quantize_
 
+from .config import BitNetTrainingConfig
+from .surgery import LAYOUTS, quantize_filter
 from .tensor import BitNetTrainingLinearWeight
 
 
@@ -116,3 +120,33 @@ def _shard(t: Tensor, mesh: DeviceMesh, placement, config) -> DTensor:
         return dt
     local = BitNetTrainingLinearWeight(dt.to_local().contiguous(), config)
     return DTensor.from_local(local, mesh, [placement], run_check=False, shape=dt.shape, stride=dt.stride())
+
+
+#: Paths (relative to a transformer block) of the linears tensor parallelism shards by input column: the
+#: attention output and the MLP's down projection, for every block layout bitnet_ao.surgery knows.
+ROW_PARALLEL_PATHS = tuple(sorted({p for layout in LAYOUTS for p in (layout.attention_output, layout.mlp_output)}))
+
+
+def tensor_parallel_group_dim(fqn: str) -> int:
+    """1 for a row-parallel linear (``ROW_PARALLEL_PATHS``, also as ``<path>.linear`` inside a ``NormedLinear``),
+    0 for every other (column-parallel) one: the ``group_dim`` its group scales need."""
+    return 1 if fqn.removesuffix(".linear").endswith(ROW_PARALLEL_PATHS) else 0
+
+
+def quantize_for_tensor_parallel(
+    model: nn.Module,
+    config: BitNetTrainingConfig,
+    scale_groups: int,
+    filter_fn: Callable[[nn.Module, str], bool] = quantize_filter,
+) -> nn.Module:
+    """``quantize_(model, config)`` with ``scale_groups`` group scales along each linear's tensor-parallel
+    dimension (``tensor_parallel_group_dim``): the single-device model that a TP run of any degree dividing
+    ``scale_groups`` equals."""
+    for group_dim in (0, 1):
+        recipe = dataclasses.replace(config, scale_groups=scale_groups, group_dim=group_dim)
+
+        def selected(module: nn.Module, fqn: str, group_dim: int = group_dim) -> bool:
+            return filter_fn(module, fqn) and tensor_parallel_group_dim(fqn) == group_dim
+
+        quantize_(model, recipe, filter_fn=selected)
+    return model

@@ -123,3 +123,31 @@ def test_packed_inference_with_groups_equals_training(group_dim):
     quantize_(fresh, bitnet_inference())
     fresh.load_state_dict(save_load_roundtrip(packed.state_dict()))
     assert torch.equal(fresh.weight.scale, packed.weight.scale)
+
+
+def test_quantize_for_tensor_parallel_groups_each_linear_along_its_tp_dimension():
+    from benchmarks.model import ModelConfig, Transformer
+    from bitnet_ao.surgery import apply_bitnet_norms
+    from bitnet_ao.tensor_parallel import quantize_for_tensor_parallel, tensor_parallel_group_dim
+
+    model = Transformer(ModelConfig(vocab_size=16, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=8))
+    apply_bitnet_norms(model)
+    quantize_for_tensor_parallel(model, bitnet_training(), scale_groups=4)
+    configs = {
+        name: m.weight.config for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "output"
+    }
+    assert {name: c.group_dim for name, c in configs.items()} == {
+        "layers.0.attention.wq.linear": 0,
+        "layers.0.attention.wk.linear": 0,
+        "layers.0.attention.wv.linear": 0,
+        "layers.0.attention.wo.linear": 1,
+        "layers.0.feed_forward.w1.linear": 0,
+        "layers.0.feed_forward.w2.linear": 1,
+        "layers.0.feed_forward.w3.linear": 0,
+    }
+    assert {c.scale_groups for c in configs.values()} == {4}
+    assert not isinstance(model.output.weight, type(model.layers[0].attention.wq.linear.weight))
+    assert tensor_parallel_group_dim("model.layers.3.self_attn.o_proj") == 1
+    assert tensor_parallel_group_dim("model.layers.3.mlp.up_proj") == 0
+    tokens = torch.randint(0, 16, (2, 8))
+    model(tokens, tokens).backward()  # the grouped model trains (the fused norm falls back where it must)

@@ -42,8 +42,8 @@ ORDER = [
     "bitnet_ao.inference",
     # integrations
     "bitnet_ao.fsdp",
-    "bitnet_ao.tensor_parallel",
     "bitnet_ao.surgery",
+    "bitnet_ao.tensor_parallel",
     "bitnet_ao",
     "bitnet_ao.integrations",
     "bitnet_ao.integrations.transformers",
