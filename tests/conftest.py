@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
+import json
 import os
 import socket
+import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,3 +102,49 @@ def force_routes(monkeypatch):
         monkeypatch.setattr(cpu_matmul, "routes", lambda: {"ternary": ternary, "full": full})
 
     return force
+
+
+def run_distributed(module: str, world: int, out_dir: str) -> None:
+    """Spawn ``world`` gloo processes that run the scenarios of test module ``module`` (its
+    ``scenarios(world, out_dir)``: name -> function returning a JSON-able dict) in order. Rank 0 writes each result,
+    or the traceback of the one that raised (the launch stops there), to ``out_dir/<name>.json``."""
+    import torch.multiprocessing as mp
+
+    with contextlib.suppress(mp.ProcessRaisedException):  # the failing scenario's JSON says why
+        mp.start_processes(
+            _distributed_worker, (world, free_port(), out_dir, module), nprocs=world, start_method="spawn"
+        )
+
+
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str, module: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, scenario in importlib.import_module(module).scenarios(world, out_dir).items():
+            try:
+                result = scenario()
+            except Exception:
+                result = {"error": traceback.format_exc()}
+                raise
+            finally:
+                if rank == 0:
+                    Path(out_dir, f"{name}.json").write_text(json.dumps(result))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def read_results(out_dir: str) -> dict[str, dict]:
+    """The scenario results :func:`run_distributed` wrote, by name."""
+    return {p.stem: json.loads(p.read_text()) for p in Path(out_dir).glob("*.json")}
+
+
+def scenario_result(results: dict[str, dict], name: str) -> dict:
+    """One scenario's result, failing the test with the scenario's traceback if it raised or did not run."""
+    if name not in results:
+        pytest.fail(f"scenario {name} did not run (an earlier scenario failed: {sorted(results)})")
+    if results[name].get("error"):
+        pytest.fail(f"scenario {name} raised:\n{results[name]['error']}")
+    return results[name]

@@ -9,17 +9,13 @@ gradients summed in FSDP's reduction order and averaged (single-process training
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
-import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -27,7 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torchao.quantization import quantize_
 
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, precompute_bitnet_scale_for_fsdp
-from tests.conftest import free_port
+from tests.conftest import read_results, run_distributed, scenario_result
 
 # One module fixture spawns 2 then 4 gloo processes and runs every scenario (about a minute on 2 CPU cores).
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -294,25 +290,11 @@ SCENARIOS_2: dict[str, Callable[[], dict]] = {
 SCENARIOS_4: dict[str, Callable[[], dict]] = {"hsdp": _hsdp}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    scenarios = {**(SCENARIOS_2 if world == 2 else SCENARIOS_4)}
-    if world == 2:
-        scenarios["dcp"] = lambda: _dcp(os.path.join(out_dir, "ckpt"))
-    try:
-        for name, scenario in scenarios.items():
-            try:
-                result = scenario()
-            except Exception:
-                result = {"error": traceback.format_exc()}
-                raise
-            finally:
-                if rank == 0:
-                    Path(out_dir, f"{name}.json").write_text(json.dumps(result))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
+    """The scenarios of a launch of ``world`` processes (``tests/conftest.py`` ``run_distributed``)."""
+    if world == 4:
+        return dict(SCENARIOS_4)
+    return {**SCENARIOS_2, "dcp": lambda: _dcp(os.path.join(out_dir, "ckpt"))}
 
 
 @pytest.fixture(scope="module")
@@ -323,38 +305,29 @@ def results() -> Iterator[dict[str, dict]]:
         os.environ["BITNET_AO_COMPILE_MIN_NUMEL"] = str(1 << 40)
         try:
             for world in (2, 4):
-                with contextlib.suppress(mp.ProcessRaisedException):  # the failing scenario's JSON says why
-                    mp.start_processes(_worker, (world, free_port(), out_dir), nprocs=world, start_method="spawn")
+                run_distributed(__name__, world, out_dir)
         finally:
             if saved is None:
                 del os.environ["BITNET_AO_COMPILE_MIN_NUMEL"]
             else:
                 os.environ["BITNET_AO_COMPILE_MIN_NUMEL"] = saved
-        yield {p.stem: json.loads(p.read_text()) for p in Path(out_dir).glob("*.json")}
-
-
-def _get(results: dict[str, dict], name: str) -> dict:
-    if name not in results:
-        pytest.fail(f"scenario {name} did not run (an earlier scenario failed: {sorted(results)})")
-    if "error" in results[name]:
-        pytest.fail(f"scenario {name} raised:\n{results[name]['error']}")
-    return results[name]
+        yield read_results(out_dir)
 
 
 @pytest.mark.parametrize("name", ["fp32_reshard_precompute", "fp32_uneven_no_reshard_fallback", "binary_uneven"])
 def test_fsdp_fp32_matches_single_process(results, name):
-    r = _get(results, name)
+    r = scenario_result(results, name)
     assert r["max_rel_err"] < 1e-5, r
 
 
 @pytest.mark.parametrize("name", ["bf16_params", "bf16_params_uneven"])
 def test_fsdp_bf16_param_dtype_close_to_single_process(results, name):
-    r = _get(results, name)
+    r = scenario_result(results, name)
     assert r["max_rel_err"] < 1e-2, r
 
 
 def test_precompute_is_one_collective_and_all_gathers_run_none(results):
-    r = _get(results, "collectives")
+    r = scenario_result(results, "collectives")
     n = r["n_weights"]
     assert n == 4, r
     assert r["in_precompute"] == 1, r
@@ -365,27 +338,27 @@ def test_precompute_is_one_collective_and_all_gathers_run_none(results):
 
 
 def test_all_gather_moves_an_eighth_of_bf16(results):
-    r = _get(results, "bytes")
+    r = scenario_result(results, "bytes")
     assert r["bitnet"] * 8 == r["bf16"], r  # K a multiple of 4: exactly 1/8, the scale is not gathered
-    odd = _get(results, "bytes_odd")
+    odd = scenario_result(results, "bytes_odd")
     # K = 33 packs into ceil(33 / 4) = 9 bytes per row against 66; rows padded the same way in both.
     assert odd["bitnet"] * 66 == odd["bf16"] * 9, odd
 
 
 def test_dcp_save_load_resume_equals_uninterrupted(results):
-    r = _get(results, "dcp")
+    r = scenario_result(results, "dcp")
     assert r["resumed"] == r["uninterrupted"], r
     assert "BitNetTrainingLinearWeight" in r["local_types"], "loading must keep the recipe"
     assert r["saved"] == ["Tensor"], "the checkpoint holds plain master-weight shards"
 
 
 def test_compiled_blocks_match_eager(results):
-    r = _get(results, "compiled")
+    r = scenario_result(results, "compiled")
     assert r["max_rel_err"] < 1e-6, r
 
 
 def test_hsdp_2x2_matches_single_process_and_scales_are_global(results):
-    r = _get(results, "hsdp")
+    r = scenario_result(results, "hsdp")
     assert r["max_rel_err"] < 1e-5, r
     assert r["precompute_calls"] == 1
     assert r["sums"] == pytest.approx(r["ref_sums"], rel=1e-12)

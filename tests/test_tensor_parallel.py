@@ -5,22 +5,15 @@ plan issues for plain linears, and the stock styles on a BitNet weight raise ins
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import tempfile
-import traceback
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torchao.quantization import quantize_
 
-from tests.conftest import free_port
+from tests.conftest import read_results, run_distributed, scenario_result
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -89,8 +82,8 @@ def _stock_styles_raise() -> dict:
     try:
         model(torch.randn(2, DIM))
     except RuntimeError as e:
-        return {"error": None, "message": str(e)}
-    return {"error": None, "message": "no error: the stock styles ran the BitNet weights"}
+        return {"message": str(e)}
+    return {"message": "no error: the stock styles ran the BitNet weights"}
 
 
 def _collectives() -> dict:
@@ -115,49 +108,26 @@ def _collectives() -> dict:
     return counts
 
 
-SCENARIOS = {
-    "ternary": lambda: _matches_single_device("ternary"),
-    "binary": lambda: _matches_single_device("binary"),
-    "stock": _stock_styles_raise,
-    "collectives": _collectives,
-}
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for name, scenario in SCENARIOS.items():
-            try:
-                result = scenario()
-            except Exception:
-                result = {"error": traceback.format_exc()}
-            if rank == 0:
-                Path(out_dir, f"{name}.json").write_text(json.dumps(result))
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
+    """The scenarios of the 2-process launch (``tests/conftest.py`` ``run_distributed``)."""
+    return {
+        "ternary": lambda: _matches_single_device("ternary"),
+        "binary": lambda: _matches_single_device("binary"),
+        "stock": _stock_styles_raise,
+        "collectives": _collectives,
+    }
 
 
 @pytest.fixture(scope="module")
 def results() -> Iterator[dict[str, dict]]:
     with tempfile.TemporaryDirectory() as out_dir:
-        with contextlib.suppress(mp.ProcessRaisedException):
-            mp.start_processes(_worker, (TP, free_port(), out_dir), nprocs=TP, start_method="spawn")
-        yield {p.stem: json.loads(p.read_text()) for p in Path(out_dir).glob("*.json")}
-
-
-def _get(results: dict[str, dict], name: str) -> dict:
-    if name not in results:
-        pytest.fail(f"scenario {name} did not run: {sorted(results)}")
-    if results[name].get("error"):
-        pytest.fail(f"scenario {name} raised:\n{results[name]['error']}")
-    return results[name]
+        run_distributed(__name__, TP, out_dir)
+        yield read_results(out_dir)
 
 
 @pytest.mark.parametrize("weights", ["ternary", "binary"])
 def test_tp2_equals_single_device_with_the_same_groups(results, weights):
-    r = _get(results, weights)
+    r = scenario_result(results, weights)
     assert r["local_groups"] == 1 and r["local_shape"] == [HIDDEN // TP, DIM]
     ref, tp = torch.tensor(r["reference"]), torch.tensor(r["tp"])
     assert ((tp - ref).abs() / ref.abs()).max() < 1e-5, (r["reference"], r["tp"])
@@ -165,11 +135,11 @@ def test_tp2_equals_single_device_with_the_same_groups(results, weights):
 
 
 def test_stock_styles_on_bitnet_weights_raise_naming_the_bitnet_styles(results):
-    message = _get(results, "stock")["message"]
+    message = scenario_result(results, "stock")["message"]
     assert "BitNetColwiseParallel" in message and "full-precision" in message, message
 
 
 def test_no_collective_beyond_the_stock_plan(results):
-    counts = _get(results, "collectives")
+    counts = scenario_result(results, "collectives")
     assert counts["bitnet"] == counts["plain"], counts
     assert sum(counts["bitnet"].values()) >= 2  # forward all-reduce (w2) and backward all-reduce (w1's input)
