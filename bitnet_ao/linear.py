@@ -63,6 +63,21 @@ def is_bitnet_weight(weight: Tensor) -> bool:
     return callable(getattr(type(weight), "bitnet_mm", None))
 
 
+class SequenceGather(Protocol):
+    """Sequence parallelism (``bitnet_ao.tensor_parallel``): the input arrives sharded along the sequence (dim -2
+    of ``x``). The linear quantizes its shard, which per-token scales allow exactly, and gathers the int8 values and
+    scales instead of the high-precision activation; in the backward the input gradient, a partial sum over the
+    tensor-parallel ranks, goes back to the shard."""
+
+    def gather(self, x_q: Tensor, s_x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(M_local, K)`` int8 and ``(M_local,)`` scales -> the whole sequence's, ``(M, K)`` and ``(M,)``."""
+        ...
+
+    def scatter(self, grad_x: Tensor) -> Tensor:
+        """``(M, K)`` partial input gradient -> this rank's ``(M_local, K)``, summed over the ranks."""
+        ...
+
+
 class InputNorm(NamedTuple):
     """An RMSNorm applied to the linear's input inside the linear: fused with the activation quantization."""
 
@@ -128,8 +143,10 @@ def _forward(
     out_dtype: torch.dtype,
     norm_weight: Tensor | None,
     norm_eps: float,
+    gather: SequenceGather | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, WeightQuantization, Tensor | None]:
-    """The forward on the flattened ``(M, K)`` input: ``(y, x_q, s_x, q, rstd)``, rstd ``None`` without a norm."""
+    """The forward on the flattened ``(M, K)`` input: ``(y, x_q, s_x, q, rstd)``, rstd ``None`` without a norm;
+    ``x_q`` and ``s_x`` are the whole sequence's with ``gather``."""
     rstd = None
     config = weight.config
     if norm_weight is None:
@@ -137,6 +154,8 @@ def _forward(
         x_q, s_x = quantize_groups(x2, config.scale_groups if config.group_dim == 1 else 1, ACTIVATION_EPS)
     else:
         x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS)
+    if gather is not None:
+        x_q, s_x = gather.gather(x_q, s_x)
     q = weight.bitnet_quantization()
     return weight.bitnet_mm(x_q, q, True, s_x, bias, out_dtype), x_q, s_x, q, rstd
 
@@ -152,17 +171,19 @@ class _BitNetLinearFunction(torch.autograd.Function):
         out_dtype: torch.dtype,
         norm_weight: Tensor | None,
         norm_eps: float,
+        gather: SequenceGather | None,
     ) -> Tensor:
         n, k = weight.shape
         x2 = x.reshape(-1, k)
-        y, x_q, s_x, q, rstd = _forward(x2, weight, bias, out_dtype, norm_weight, norm_eps)
+        y, x_q, s_x, q, rstd = _forward(x2, weight, bias, out_dtype, norm_weight, norm_eps, gather)
         saved_norm = (x2, norm_weight, rstd) if norm_weight is not None else ()
         ctx.save_for_backward(x_q, s_x, weight, *saved_norm, *q)
         ctx.config = config
         ctx.x_shape = x.shape
         ctx.norm = norm_weight is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.reshape(*x.shape[:-1], n)
+        ctx.gather = gather
+        return y.reshape(*x.shape[:-2], -1, n) if gather is not None else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -182,6 +203,8 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 grad_x = g @ (weight.bitnet_int8(q).to(g.dtype) * q.scale.to(g.dtype))
             else:
                 grad_x = (g @ weight.bitnet_int8(q).to(g.dtype)) * q.scale.to(g.dtype)
+            if ctx.gather is not None:
+                grad_x = ctx.gather.scatter(grad_x)
             if ctx.norm:
                 # grad_x is the gradient of the normalized input; the norm's backward takes it to x. It reaches the
                 # norm in x's dtype, as through the cast between an unfused norm and linear: the same numbers.
@@ -208,7 +231,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
 
-        return grad_x, grad_w, grad_b, None, None, grad_norm, None
+        return grad_x, grad_w, grad_b, None, None, grad_norm, None, None
 
 
 def _describe(weight: BitNetWeight) -> str:
@@ -227,7 +250,11 @@ def _check_inputs(x: Tensor, weight: BitNetWeight, bias: Tensor | None) -> None:
 
 
 def bitnet_linear(
-    input: Tensor, weight: BitNetWeight, bias: Tensor | None = None, input_norm: InputNorm | None = None
+    input: Tensor,
+    weight: BitNetWeight,
+    bias: Tensor | None = None,
+    input_norm: InputNorm | None = None,
+    sequence_gather: SequenceGather | None = None,
 ) -> Tensor:
     """``F.linear`` for a BitNet weight. Under autocast the input and bias are cast to the autocast dtype first,
     as autocast would for a plain linear; the output has the (cast) input's dtype.
@@ -235,7 +262,9 @@ def bitnet_linear(
     ``input_norm``: ``F.linear(rms_norm(input), ...)`` with the norm fused into the activation quantization (one
     pass over the input instead of three), the same int8 values as the norm followed by the linear. The norm runs
     in float32 on the input as it is (like ``bitnet_ao.norm.RMSNorm``, not under autocast), and its output is
-    rounded to the dtype the linear computes in before it is quantized."""
+    rounded to the dtype the linear computes in before it is quantized.
+
+    ``sequence_gather``: sequence parallelism, see :class:`SequenceGather`; the output covers the whole sequence."""
     _check_inputs(input, weight, bias)
     device_type = input.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else input.dtype
@@ -245,13 +274,17 @@ def bitnet_linear(
         bias = bias.to(dtype)
     norm_weight, norm_eps = input_norm if input_norm is not None else (None, 0.0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, norm_weight)):
-        return _BitNetLinearFunction.apply(input, weight, bias, weight.config, dtype, norm_weight, norm_eps)
+        return _BitNetLinearFunction.apply(
+            input, weight, bias, weight.config, dtype, norm_weight, norm_eps, sequence_gather
+        )
     # Nothing to differentiate (inference, frozen weights): skip the autograd function and what it saves, and take
     # the weight's fused forward where it has one (the optional BitNetWeight.bitnet_forward).
     n, k = weight.shape
     x2 = input.reshape(-1, k)
-    fused = getattr(type(weight), "bitnet_forward", None)
+    fused = getattr(type(weight), "bitnet_forward", None) if sequence_gather is None else None
     y = fused(weight, x2, norm_weight, norm_eps, bias, dtype) if fused is not None else None
     if y is None:
-        y = _forward(x2, weight, bias, dtype, norm_weight, norm_eps)[0]
+        y = _forward(x2, weight, bias, dtype, norm_weight, norm_eps, sequence_gather)[0]
+    if sequence_gather is not None:
+        return y.reshape(*input.shape[:-2], -1, n)
     return y.reshape(*input.shape[:-1], n)

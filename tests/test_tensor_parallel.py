@@ -40,12 +40,22 @@ def _bitnet_mlp(weights: str = "ternary") -> MLP:
     return model
 
 
-def _losses(model: nn.Module, steps: int = 5) -> list[float]:
+def _losses(model: nn.Module, steps: int = 5, sequence_parallel: bool = False) -> list[float]:
+    """Training losses of 5 AdamW steps. ``sequence_parallel``: each rank feeds its part of the sequence and the
+    output, sharded the same way, is gathered for the loss."""
+    from torch.distributed.tensor import DTensor, Shard
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(steps):
         x = torch.randn(4, 6, DIM, generator=torch.Generator().manual_seed(step))
-        loss = model(x).square().mean()
+        if sequence_parallel:
+            mesh = model.w1._bitnet_tp_mesh
+            y = model(x.chunk(TP, dim=1)[mesh.get_local_rank()])
+            y = DTensor.from_local(y, mesh, [Shard(1)], run_check=False).full_tensor()
+        else:
+            y = model(x)
+        loss = y.square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -53,20 +63,31 @@ def _losses(model: nn.Module, steps: int = 5) -> list[float]:
     return losses
 
 
-def _matches_single_device(weights: str) -> dict:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import parallelize_module
+def _plan(sequence_parallel: bool, bitnet: bool = True) -> dict:
+    """Colwise w1 + rowwise w2, with sequence parallelism (activations sharded on dim 1 outside the pair) or not."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from bitnet_ao.tensor_parallel import BitNetColwiseParallel, BitNetRowwiseParallel
+
+    colwise, rowwise = (BitNetColwiseParallel, BitNetRowwiseParallel) if bitnet else (ColwiseParallel, RowwiseParallel)
+    if sequence_parallel:
+        return {"w1": colwise(input_layouts=Shard(1)), "w2": rowwise(output_layouts=Shard(1))}
+    return {"w1": colwise(), "w2": rowwise()}
+
+
+def _matches_single_device(weights: str, sequence_parallel: bool = False) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
 
     reference = _losses(_bitnet_mlp(weights))
     model = _bitnet_mlp(weights)
     mesh = init_device_mesh("cpu", (TP,))
-    parallelize_module(model, mesh, {"w1": BitNetColwiseParallel(), "w2": BitNetRowwiseParallel()})
+    parallelize_module(model, mesh, _plan(sequence_parallel))
     local = model.w1.weight.to_local()
     return {
         "reference": reference,
-        "tp": _losses(model),
+        "tp": _losses(model, sequence_parallel=sequence_parallel),
         "local_groups": local.config.scale_groups,
         "local_shape": list(local.shape),
     }
@@ -86,24 +107,19 @@ def _stock_styles_raise() -> dict:
     return {"message": "no error: the stock styles ran the BitNet weights"}
 
 
-def _collectives() -> dict:
+def _collectives(sequence_parallel: bool) -> dict:
     """Collectives of one forward + backward: the BitNet plan against the stock plan on plain linears."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.debug import CommDebugMode
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from bitnet_ao.tensor_parallel import BitNetColwiseParallel, BitNetRowwiseParallel
+    from torch.distributed.tensor.parallel import parallelize_module
 
     mesh = init_device_mesh("cpu", (TP,))
     counts = {}
-    for name, model, plan in (
-        ("bitnet", _bitnet_mlp(), {"w1": BitNetColwiseParallel(), "w2": BitNetRowwiseParallel()}),
-        ("plain", MLP(), {"w1": ColwiseParallel(), "w2": RowwiseParallel()}),
-    ):
-        parallelize_module(model, mesh, plan)
+    for name, model in (("bitnet", _bitnet_mlp()), ("plain", MLP())):
+        parallelize_module(model, mesh, _plan(sequence_parallel, bitnet=name == "bitnet"))
         mode = CommDebugMode()
         with mode:
-            model(torch.randn(3, DIM, requires_grad=True)).sum().backward()
+            model(torch.randn(3, 4, DIM, requires_grad=True)).sum().backward()
         counts[name] = {str(op): n for op, n in mode.get_comm_counts().items()}
     return counts
 
@@ -113,8 +129,11 @@ def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
     return {
         "ternary": lambda: _matches_single_device("ternary"),
         "binary": lambda: _matches_single_device("binary"),
+        "ternary_sp": lambda: _matches_single_device("ternary", sequence_parallel=True),
+        "binary_sp": lambda: _matches_single_device("binary", sequence_parallel=True),
         "stock": _stock_styles_raise,
-        "collectives": _collectives,
+        "collectives": lambda: _collectives(sequence_parallel=False),
+        "collectives_sp": lambda: _collectives(sequence_parallel=True),
     }
 
 
@@ -125,8 +144,9 @@ def results() -> Iterator[dict[str, dict]]:
         yield read_results(out_dir)
 
 
-@pytest.mark.parametrize("weights", ["ternary", "binary"])
+@pytest.mark.parametrize("weights", ["ternary", "binary", "ternary_sp", "binary_sp"])
 def test_tp2_equals_single_device_with_the_same_groups(results, weights):
+    """With and without sequence parallelism (then the int8 activation and its scales are all-gathered)."""
     r = scenario_result(results, weights)
     assert r["local_groups"] == 1 and r["local_shape"] == [HIDDEN // TP, DIM]
     ref, tp = torch.tensor(r["reference"]), torch.tensor(r["tp"])
@@ -139,7 +159,10 @@ def test_stock_styles_on_bitnet_weights_raise_naming_the_bitnet_styles(results):
     assert "BitNetColwiseParallel" in message and "full-precision" in message, message
 
 
-def test_no_collective_beyond_the_stock_plan(results):
-    counts = scenario_result(results, "collectives")
+@pytest.mark.parametrize("name", ["collectives", "collectives_sp"])
+def test_no_collective_beyond_the_stock_plan(results, name):
+    counts = scenario_result(results, name)
     assert counts["bitnet"] == counts["plain"], counts
-    assert sum(counts["bitnet"].values()) >= 2  # forward all-reduce (w2) and backward all-reduce (w1's input)
+    # Without SP: the forward all-reduce (w2) and the backward all-reduce (w1's input gradient); with SP the
+    # all-gather (w1's input) and reduce-scatter (w2's output) and their backward counterparts.
+    assert sum(counts["bitnet"].values()) >= 2
