@@ -52,7 +52,7 @@ from .kernels import reference
 from .packed import BitNetPackedLinearWeight, bits_per_value
 from .private_api import dtensor_local, in_backward
 from .tensor import BitNetTrainingLinearWeight
-from .weight_quant import quantization_from_stats, quantize_weight
+from .weight_quant import WeightQuantization, per_row_or_column, quantization_from_stats, quantize_weight
 
 
 class ScaleState(NamedTuple):
@@ -94,11 +94,39 @@ def _local_stats(weight: BitNetTrainingLinearWeight) -> Tensor:
     return torch.cat([kernels.weight_stats(w), rows])
 
 
-def _scale_state(weight: BitNetTrainingLinearWeight, group: dist.ProcessGroup) -> ScaleState:
+def _group_stats(weight: BitNetTrainingLinearWeight, rows: int, mesh: DeviceMesh) -> Tensor:
+    """float64 ``(sum |w|, sum w)`` of each scale group over this shard, ``(G, 2)``: all-reducible. Groups of
+    columns lie whole in every shard; groups of rows are found from the shard's first row (FSDP2 puts rank ``r``'s
+    rows at ``r ceil(N / world)``)."""
+    w, config = weight._data, weight.config
+    if config.group_dim == 1:
+        blocks = w.reshape(w.shape[0], config.scale_groups, -1)
+        return torch.stack([blocks.abs().sum((0, 2), dtype=torch.float64), blocks.sum((0, 2), dtype=torch.float64)], 1)
+    first_row = mesh.get_local_rank() * -(-rows // mesh.size())
+    group_of_row = torch.div(
+        first_row + torch.arange(w.shape[0], device=w.device), rows // config.scale_groups, rounding_mode="floor"
+    )
+    row_stats = torch.stack([w.abs().sum(1, dtype=torch.float64), w.sum(1, dtype=torch.float64)], dim=1)
+    return torch.zeros(config.scale_groups, 2, dtype=torch.float64, device=w.device).index_add_(
+        0, group_of_row, row_stats
+    )
+
+
+def _scale_state(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> ScaleState:
     """The state this all-gather quantizes with (see the module docstring); all-reduces only when needed."""
     state: ScaleState | None = getattr(weight, "_fsdp_scale_state", None) or _adopt_precomputed(weight)
     if state is not None and (in_backward() or state.fresh()):
         return state
+    group = mesh.get_group()
+    if weight.config.grouped:
+        # Group scales (FSDP2 x tensor parallelism): the row count first (once), then the groups' sums.
+        if state is None:
+            rows = torch.full((1,), weight.shape[0], dtype=torch.float64, device=weight.device)
+            dist.all_reduce(rows, group=group)
+        stats = _group_stats(weight, state.rows if state is not None else int(rows.item()), mesh)
+        dist.all_reduce(stats, group=group)
+        weight._fsdp_scale_state = ScaleState(stats, state.rows if state is not None else int(rows.item()))
+        return weight._fsdp_scale_state
     stats = _local_stats(weight)
     dist.all_reduce(stats, group=group)
     # The global row count never changes: read it (a device sync) only the first time.
@@ -116,16 +144,18 @@ def pre_all_gather(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> tupl
     ``r P ..``), so the gathered ``(world P, bytes per row)`` tensor is the packed weight followed by padding.
     Metadata: the float32 scale and ``N``.
     """
-    if weight.config.grouped:
-        raise NotImplementedError(
-            f"BitNet FSDP2 all-gather: a weight of shape {tuple(weight.shape)} with scale_groups="
-            f"{weight.config.scale_groups}: FSDP2 with group scales (FSDP2 x tensor parallelism) is not built yet"
-        )
-    state = _scale_state(weight, mesh.get_group())
+    state = _scale_state(weight, mesh)
+    config = weight.config
     n, k = state.rows, weight.shape[1]
-    q = quantization_from_stats(state.sums, n * k, weight.config)
-    packed = reference.pack_weight(quantize_weight(weight._data, q, transpose=False), bits_per_value(weight.config))
     padded_rows = -(-n // mesh.size())
+    q = quantization_from_stats(state.sums, n * k // config.scale_groups, config)
+    if config.grouped:  # one value per row (column) of the whole weight: the gathered weight's scale
+        q = WeightQuantization(*(None if t is None else per_row_or_column(t, (n, k), config) for t in q))
+    local = q
+    if config.grouped and config.group_dim == 0:  # this shard's rows of it
+        first = mesh.get_local_rank() * padded_rows
+        local = WeightQuantization(*(None if t is None else t[first : first + weight.shape[0]] for t in q))
+    packed = reference.pack_weight(quantize_weight(weight._data, local, transpose=False), bits_per_value(config))
     if packed.shape[0] != padded_rows:
         packed = F.pad(packed, (0, 0, 0, padded_rows - packed.shape[0]))
     return (packed,), (q.scale, n)
@@ -149,6 +179,8 @@ def post_all_gather(
     scale, rows = metadata
     packed = gathered[:rows]
     if out is not None:
+        if isinstance(out, DTensor):  # FSDP2 x tensor parallelism: the unsharded parameter is a TP DTensor
+            out = dtensor_local(out)
         if not isinstance(out, BitNetPackedLinearWeight):
             raise TypeError(f"BitNet FSDP2 all-gather: expected to refill a BitNetPackedLinearWeight, got {type(out)}")
         out.packed, out.scale = packed, scale
@@ -191,7 +223,9 @@ def precompute_bitnet_scale_for_fsdp(model: nn.Module | Iterable[nn.Module]) -> 
             if id(param) in seen or not isinstance(param, DTensor):
                 continue
             seen.add(id(param))
-            if isinstance(dtensor_local(param), BitNetTrainingLinearWeight):
+            local = dtensor_local(param)
+            # Group-scaled weights (FSDP2 x tensor parallelism) compute their scales in their all-gathers.
+            if isinstance(local, BitNetTrainingLinearWeight) and not local.config.grouped:
                 groups.setdefault(_shard_group(param, name), []).append(param)
     for group, params in groups.items():
         stats = torch.stack([_local_stats(dtensor_local(param)) for param in params])

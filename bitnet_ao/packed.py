@@ -181,6 +181,8 @@ class BitNetPackedLinearWeight(Tensor):
             func is aten.as_strided.default and _is_identity_view(weight, *args[1:], **kwargs)
         ):
             return weight._with(weight.packed, weight.scale)
+        if func is aten.view.default and list(args[1]) == list(weight.shape):
+            return weight._with(weight.packed, weight.scale)  # DTensor.to_local's view_as
         if func is aten.clone.default:
             return weight._with(weight.packed.clone(), weight.scale.clone())
         if func is aten._to_copy.default and set(kwargs) <= {"dtype", "device", "layout", "non_blocking"}:

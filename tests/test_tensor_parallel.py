@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchao.quantization import quantize_
 
@@ -40,15 +41,18 @@ def _bitnet_mlp(weights: str = "ternary") -> MLP:
     return model
 
 
-def _losses(model: nn.Module, steps: int = 5, sequence_parallel: bool = False) -> list[float]:
+def _losses(model: nn.Module, steps: int = 5, sequence_parallel: bool = False, dp_mesh=None) -> list[float]:
     """Training losses of 5 AdamW steps. ``sequence_parallel``: each rank feeds its part of the sequence and the
-    output, sharded the same way, is gathered for the loss."""
+    output, sharded the same way, is gathered for the loss. ``dp_mesh``: each data-parallel rank feeds its half of
+    the batch (FSDP2 averages the gradients), and the reported loss is the average over them."""
     from torch.distributed.tensor import DTensor, Shard
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for step in range(steps):
         x = torch.randn(4, 6, DIM, generator=torch.Generator().manual_seed(step))
+        if dp_mesh is not None:
+            x = x.chunk(dp_mesh.size(), dim=0)[dp_mesh.get_local_rank()]
         if sequence_parallel:
             mesh = model.w1._bitnet_tp_mesh
             y = model(x.chunk(TP, dim=1)[mesh.get_local_rank()])
@@ -59,6 +63,10 @@ def _losses(model: nn.Module, steps: int = 5, sequence_parallel: bool = False) -
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if dp_mesh is not None:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=dp_mesh.get_group())
+            loss /= dp_mesh.size()
         losses.append(loss.item())
     return losses
 
@@ -93,6 +101,43 @@ def _matches_single_device(weights: str, sequence_parallel: bool = False) -> dic
     }
 
 
+def _data_parallel_reference(model: nn.Module, dp: int, steps: int = 5) -> list[float]:
+    """Single-device training as ``dp`` data-parallel ranks do it: each rank's part of the batch in turn, the
+    gradients summed in rank order and averaged (as FSDP2 reduces them), the loss averaged."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(4, 6, DIM, generator=torch.Generator().manual_seed(step))
+        grads, step_losses = [], []
+        for part in x.chunk(dp, dim=0):
+            loss = model(part).square().mean()
+            loss.backward()
+            step_losses.append(loss.item())
+            grads.append([p.grad for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+        for p, gs in zip(model.parameters(), zip(*grads, strict=True), strict=True):
+            p.grad = sum(gs[1:], gs[0]) / dp
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(sum(step_losses) / dp)
+    return losses
+
+
+def _fsdp_tp(weights: str) -> dict:
+    """A (2, 2) mesh: FSDP2 over "dp", the BitNet styles over "tp"; the same G as the single-device model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    reference = _data_parallel_reference(_bitnet_mlp(weights), 2)
+    model = _bitnet_mlp(weights)
+    mesh = init_device_mesh("cpu", (2, TP), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], _plan(False))
+    for module in (model.w1, model.w2, model):
+        fully_shard(module, mesh=mesh["dp"])
+    return {"reference": reference, "tp": _losses(model, dp_mesh=mesh["dp"])}
+
+
 def _stock_styles_raise() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -125,7 +170,9 @@ def _collectives(sequence_parallel: bool) -> dict:
 
 
 def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
-    """The scenarios of the 2-process launch (``tests/conftest.py`` ``run_distributed``)."""
+    """The scenarios of the 2- and 4-process launches (``tests/conftest.py`` ``run_distributed``)."""
+    if world == 4:
+        return {"fsdp_tp_ternary": lambda: _fsdp_tp("ternary"), "fsdp_tp_binary": lambda: _fsdp_tp("binary")}
     return {
         "ternary": lambda: _matches_single_device("ternary"),
         "binary": lambda: _matches_single_device("binary"),
@@ -140,7 +187,8 @@ def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
 @pytest.fixture(scope="module")
 def results() -> Iterator[dict[str, dict]]:
     with tempfile.TemporaryDirectory() as out_dir:
-        run_distributed(__name__, TP, out_dir)
+        for world in (TP, 2 * TP):
+            run_distributed(__name__, world, out_dir)
         yield read_results(out_dir)
 
 
@@ -152,6 +200,13 @@ def test_tp2_equals_single_device_with_the_same_groups(results, weights):
     ref, tp = torch.tensor(r["reference"]), torch.tensor(r["tp"])
     assert ((tp - ref).abs() / ref.abs()).max() < 1e-5, (r["reference"], r["tp"])
     assert ref[-1] < ref[0]
+
+
+@pytest.mark.parametrize("weights", ["ternary", "binary"])
+def test_fsdp2_x_tp_on_a_2x2_mesh_equals_single_device(results, weights):
+    r = scenario_result(results, f"fsdp_tp_{weights}")
+    ref, tp = torch.tensor(r["reference"]), torch.tensor(r["tp"])
+    assert ((tp - ref).abs() / ref.abs()).max() < 1e-5, (r["reference"], r["tp"])
 
 
 def test_stock_styles_on_bitnet_weights_raise_naming_the_bitnet_styles(results):
