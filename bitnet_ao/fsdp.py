@@ -62,6 +62,9 @@ class ScaleState(NamedTuple):
     sums: Tensor
     #: ``out_features`` of the whole weight (the FSDP-sharded dimension).
     rows: int
+    #: The process group the sums were all-reduced over. An all-gather uses only a state of its own group: under
+    #: FSDP2 x TP the DTensor's shard dimension can be the tensor-parallel one, which precomputing cannot tell.
+    group: dist.ProcessGroup
     #: Precomputed states only: the sharded parameter (its in-place updates bump the DTensor's version counter,
     #: not the local shard's) and its version when the sums were taken.
     precomputed_for: tuple[weakref.ref[DTensor], int] | None = None
@@ -114,24 +117,29 @@ def _group_stats(weight: BitNetTrainingLinearWeight, rows: int, mesh: DeviceMesh
 
 def _scale_state(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> ScaleState:
     """The state this all-gather quantizes with (see the module docstring); all-reduces only when needed."""
+    group = mesh.get_group()
     state: ScaleState | None = getattr(weight, "_fsdp_scale_state", None) or _adopt_precomputed(weight)
+    if state is not None and state.group is not group:
+        state = None
     if state is not None and (in_backward() or state.fresh()):
         return state
-    group = mesh.get_group()
     if weight.config.grouped:
         # Group scales (FSDP2 x tensor parallelism): the row count first (once), then the groups' sums.
-        if state is None:
-            rows = torch.full((1,), weight.shape[0], dtype=torch.float64, device=weight.device)
-            dist.all_reduce(rows, group=group)
-        stats = _group_stats(weight, state.rows if state is not None else int(rows.item()), mesh)
+        if state is not None:
+            rows = state.rows
+        else:
+            count = torch.full((1,), weight.shape[0], dtype=torch.float64, device=weight.device)
+            dist.all_reduce(count, group=group)
+            rows = int(count.item())
+        stats = _group_stats(weight, rows, mesh)
         dist.all_reduce(stats, group=group)
-        weight._fsdp_scale_state = ScaleState(stats, state.rows if state is not None else int(rows.item()))
+        weight._fsdp_scale_state = ScaleState(stats, rows, group)
         return weight._fsdp_scale_state
     stats = _local_stats(weight)
     dist.all_reduce(stats, group=group)
     # The global row count never changes: read it (a device sync) only the first time.
     rows = state.rows if state is not None else int(stats[2].item())
-    weight._fsdp_scale_state = ScaleState(stats[:2], rows)
+    weight._fsdp_scale_state = ScaleState(stats[:2], rows, group)
     return weight._fsdp_scale_state
 
 
@@ -191,16 +199,11 @@ def post_all_gather(
 # --- precomputing every scale with one collective -------------------------------------------------------
 
 
-def _shard_group(param: DTensor, name: str) -> dist.ProcessGroup:
-    """The process group of the FSDP shard dimension: the only mesh dimension the weight is split along."""
-    shard_dims = [i for i, placement in enumerate(param.placements) if placement.is_shard()]
-    if len(shard_dims) != 1:
-        raise NotImplementedError(
-            f"precompute_bitnet_scale_for_fsdp: {name} is placed as {param.placements} on {param.device_mesh}; "
-            "only FSDP2/HSDP sharding (one sharded mesh dimension) is supported. Tensor parallelism needs "
-            "per-group weight scales (docs/numerics.md, 'Group scales for tensor parallelism')."
-        )
-    return param.device_mesh.get_group(shard_dims[0])
+def _shard_group(param: DTensor) -> dist.ProcessGroup:
+    """The process group of the FSDP shard dimension: the one mesh dimension the weight is split along (HSDP
+    replicates along the other)."""
+    (shard_dim,) = [i for i, placement in enumerate(param.placements) if placement.is_shard()]
+    return param.device_mesh.get_group(shard_dim)
 
 
 @torch.no_grad()
@@ -211,7 +214,8 @@ def precompute_bitnet_scale_for_fsdp(model: nn.Module | Iterable[nn.Module]) -> 
     ``reshard_after_forward=True``) then run no collective of their own, also over several forwards (gradient
     accumulation). The result is tied to the current weight values: any in-place update of a weight since the
     call makes its all-gather fall back to its own all-reduce, so a stale scale is never used.
-    Weights on different shard groups get one all-reduce per group.
+    Weights on different shard groups get one all-reduce per group. Weights that tensor parallelism shards too
+    (FSDP2 x TP) are skipped: each all-gather computes their (group) scales over its data-parallel mesh.
     ``model`` may be a module or several (e.g. pipeline stages); BitNet weights that are not FSDP2-sharded are
     skipped.
     """
@@ -219,19 +223,21 @@ def precompute_bitnet_scale_for_fsdp(model: nn.Module | Iterable[nn.Module]) -> 
     groups: dict[dist.ProcessGroup, list[DTensor]] = {}
     seen: set[int] = set()
     for module in modules:
-        for name, param in module.named_parameters():
+        for param in module.parameters():
             if id(param) in seen or not isinstance(param, DTensor):
                 continue
             seen.add(id(param))
             local = dtensor_local(param)
-            # Group-scaled weights (FSDP2 x tensor parallelism) compute their scales in their all-gathers.
-            if isinstance(local, BitNetTrainingLinearWeight) and not local.config.grouped:
-                groups.setdefault(_shard_group(param, name), []).append(param)
+            # Weights sharded by tensor parallelism too (two sharded mesh dims, or group scales) compute their
+            # scales in their own all-gathers, over the data-parallel mesh FSDP2 hands them.
+            sharded_dims = sum(placement.is_shard() for placement in param.placements)
+            if isinstance(local, BitNetTrainingLinearWeight) and not local.config.grouped and sharded_dims == 1:
+                groups.setdefault(_shard_group(param), []).append(param)
     for group, params in groups.items():
         stats = torch.stack([_local_stats(dtensor_local(param)) for param in params])
         dist.all_reduce(stats, group=group)
         for param, sums in zip(params, stats, strict=True):
-            state = ScaleState(sums[:2], param.shape[0], (weakref.ref(param), param._version))
+            state = ScaleState(sums[:2], param.shape[0], group, (weakref.ref(param), param._version))
             dtensor_local(param)._fsdp_scale_state = _PRECOMPUTED[param] = state
 
 

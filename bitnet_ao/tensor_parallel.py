@@ -88,9 +88,8 @@ class _BitNetLinearParallel(ParallelStyle):
                 f"dimension, so the weight needs bitnet_training(group_dim={self.shard_dim}, scale_groups=a multiple "
                 f"of {tp}); it has group_dim={config.group_dim}, scale_groups={config.scale_groups}"
             )
-        local_config = dataclasses.replace(config, scale_groups=config.scale_groups // tp)
         module.weight = nn.Parameter(
-            _shard(weight._data, device_mesh, Shard(self.shard_dim), local_config), requires_grad=weight.requires_grad
+            shard_bitnet_weight(weight, device_mesh, self.shard_dim), requires_grad=weight.requires_grad
         )
         if module.bias is not None:
             placement = Shard(0) if self.shard_dim == 0 else Replicate()
@@ -170,6 +169,13 @@ class _SequenceGather:
         dim = full.dim() - 2
         local = DTensor.from_local(full, self.mesh, [Partial()], run_check=False).redistribute(self.mesh, [Shard(dim)])
         return local.to_local().reshape(-1, grad_x.shape[-1])
+
+
+def shard_bitnet_weight(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh, dim: int) -> DTensor:
+    """``weight`` distributed over the 1-D tensor-parallel ``mesh`` along ``dim``, each rank's shard a BitNet weight
+    with its ``scale_groups / T`` groups (the caller checked that they divide)."""
+    local = dataclasses.replace(weight.config, scale_groups=weight.config.scale_groups // mesh.size())
+    return _shard(weight._data, mesh, Shard(dim), local)
 
 
 def _shard(t: Tensor, mesh: DeviceMesh, placement, config) -> DTensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import types
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from bitnet_ao.integrations.torchtitan import BitNetConverter, BitNetLinear, reg
 from bitnet_ao.integrations.torchtitan.config_registry import (  # noqa: E402
     llama3_8b_bitnet,
     llama3_debugmodel_bitnet,
+    llama3_debugmodel_bitnet_tp,
 )
 from tests.conftest import free_port  # noqa: E402
 
@@ -133,22 +133,23 @@ def test_checkpoint_storage_check_sees_the_master_weight():
     assert not _shares_storage(weight.detach().clone(), weight)
 
 
-def test_tensor_parallel_is_rejected():
-    linear = BitNetLinear.Config(in_features=16, out_features=16).build()
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        linear.parallelize(types.SimpleNamespace(tp_enabled=True, tp=2))
-
-
 def _record_linear_backward(model: torch.nn.Module) -> dict[str, str]:
     """Record, per BitNet linear, the autograd node its output came from: proof that its F.linear ran the
     BitNet function (a weight that lost its subclass, e.g. in an FSDP all-gather, gives a plain matmul)."""
     seen: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, BitNetLinear):
-            module.register_forward_hook(
-                lambda mod, args, out, name=name: seen.__setitem__(name, type(out.grad_fn).__name__)
-            )
+            module.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, _linear_node(out)))
     return seen
+
+
+def _linear_node(out: torch.Tensor) -> str:
+    """The autograd node that made a linear's output; under tensor parallelism the output is a DTensor made
+    from the local result (and redistributed), so the node is the one behind that DTensor glue."""
+    node = out.grad_fn
+    while any(glue in type(node).__name__ for glue in ("FromTorchTensor", "Redistribute")):
+        node = node.next_functions[0][0]
+    return type(node).__name__
 
 
 # --- 2 processes, gloo, FSDP2 --------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def _build_parallel_model(config, parallel_dims, dump_folder: str) -> torch.nn.M
     return model
 
 
-def _fsdp_worker(rank: int, port: int, tmp: str) -> None:
+def _worker(rank: int, port: int, tmp: str, tp: bool) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
     )
@@ -189,12 +190,15 @@ def _fsdp_worker(rank: int, port: int, tmp: str) -> None:
     torch.manual_seed(0)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
-        _fsdp_train_and_checkpoint(rank, tmp)
+        _train_and_checkpoint(rank, tmp, tp)
     finally:
         dist.destroy_process_group()
 
 
-def _fsdp_train_and_checkpoint(rank: int, tmp: str) -> None:
+def _train_and_checkpoint(rank: int, tmp: str, tp: bool) -> None:
+    """The trainer's pipeline on 2 ranks: FSDP2 over both, or tensor parallelism of degree 2
+    (``llama3_debugmodel_bitnet_tp``: sequence parallel, 2 scale groups per linear); 8 steps, then a DCP checkpoint
+    saved and loaded into a fresh job."""
     # torchtitan names its device with `_get_available_device_type() or "cuda"` (tools/utils.py): on a
     # machine without CUDA, ParallelDims would build its mesh on "cuda". Point that module at the CPU.
     import torchtitan.distributed.parallel_dims as parallel_dims_module
@@ -207,7 +211,7 @@ def _fsdp_train_and_checkpoint(rank: int, tmp: str) -> None:
     parallel_dims_module.device_type = "cpu"
 
     def job_config():
-        config = llama3_debugmodel_bitnet()
+        config = llama3_debugmodel_bitnet_tp() if tp else llama3_debugmodel_bitnet()
         config.model_spec.model.layers = config.model_spec.model.layers[:N_LAYERS]
         _use_sdpa(config.model_spec.model)
         config.training.seq_len = 32
@@ -240,11 +244,18 @@ def _fsdp_train_and_checkpoint(rank: int, tmp: str) -> None:
     config.model_spec.post_optimizer_build_fn(optimizers, [model], parallel_dims)
     lr_schedulers = config.lr_scheduler.build(optimizers=optimizers, training_steps=STEPS)
 
-    tokens = torch.randint(0, VOCAB, (2, config.training.seq_len + 1), generator=torch.Generator().manual_seed(rank))
+    # Data-parallel ranks see different batches, the ranks of a tensor-parallel group the same one.
+    data_rank = 0 if tp else rank
+    tokens = torch.randint(
+        0, VOCAB, (2, config.training.seq_len + 1), generator=torch.Generator().manual_seed(data_rank)
+    )
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
     def loss_of(m):
-        return F.cross_entropy(m(inputs).flatten(0, 1).float(), labels.flatten())
+        logits = m(inputs)
+        if isinstance(logits, DTensor):  # tensor parallel: the head's output is sharded over the vocabulary
+            logits = logits.full_tensor()
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
     seen = _record_linear_backward(model)
     losses = []
@@ -299,6 +310,7 @@ def _fsdp_train_and_checkpoint(rank: int, tmp: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_training_with_scale_hook_and_dcp_checkpoint():
+@pytest.mark.parametrize("tp", [False, True], ids=["fsdp2", "tp2"])
+def test_training_with_scale_hook_and_dcp_checkpoint(tp):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_fsdp_worker, args=(free_port(), tmp), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(_worker, args=(free_port(), tmp, tp), nprocs=WORLD_SIZE, join=True)

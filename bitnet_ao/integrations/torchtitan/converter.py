@@ -13,17 +13,24 @@ master weight through ``__torch_dispatch__``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torchao.quantization import quantize_
 from torchtitan.components.quantization import QuantizationConverter
 from torchtitan.config.override import derive
+from torchtitan.distributed.parallel_dims import MeshAxisName
+from torchtitan.distributed.utils import get_spmd_backend
 from torchtitan.models.common.linear import Linear
 from torchtitan.protocols.module import Module
 from torchtitan.tools.logging import logger
 
 from bitnet_ao.config import BitNetTrainingConfig
+from bitnet_ao.tensor_parallel import shard_bitnet_weight, tensor_parallel_group_dim
 
 #: Output heads stay in high precision (the BitNet recipe); torchtitan 0.3.0 names Llama's head ``lm_head``.
 DEFAULT_FILTER_FQNS = ("lm_head",)
@@ -48,17 +55,47 @@ class BitNetLinear(Linear):
         quantize_(self, config.bitnet, filter_fn=lambda module, fqn: module is self)
 
     def parallelize(self, parallel_dims) -> None:
-        # Tensor parallelism shards the weight into DTensors whose F.linear runs as plain aten matmuls on the
-        # local master weight: training would silently fall back to high precision. Also, one abs-mean scale
-        # per whole weight needs an all-reduce per layer under TP
-        # (docs/numerics.md#group-scales-for-tensor-parallelism).
-        if parallel_dims.tp_enabled:
-            raise ValueError(
-                "BitNetLinear does not support tensor parallelism (parallelism.tensor_parallel_degree="
-                f"{parallel_dims.tp}): its weight scale is the abs-mean of the whole weight. Use FSDP "
-                "(data_parallel_shard_degree) instead."
-            )
+        """Tensor parallelism: shard the weight along the dimension the model's sharding config gives it (rows for
+        column-parallel, columns for row-parallel), with the local shard a BitNet weight holding its own scale
+        groups (docs/tensor_parallel.md), then let torchtitan do the rest (input/output redistribution; it skips
+        an already distributed weight). ``forward`` then runs the BitNet linear on the local shard."""
+        cfg = self._sharding_config
+        if parallel_dims.tp_enabled and cfg is not None:
+            if get_spmd_backend() != "partial_dtensor":
+                raise ValueError(
+                    "BitNetLinear supports tensor parallelism with parallelism.spmd_backend='partial_dtensor' "
+                    f"(got {get_spmd_backend()!r})"
+                )
+            weight, mesh = self.weight, parallel_dims.get_mesh("tp")
+            shard_dim = cfg.state_shardings["weight"].per_axis_spmd_types()[MeshAxisName.TP].dim
+            config = weight.config
+            if config.group_dim != shard_dim or config.scale_groups % mesh.size():
+                raise ValueError(
+                    f"BitNetLinear (nn.Linear(in_features={self.in_features}, out_features={self.out_features})) "
+                    f"is sharded along dim {shard_dim} by tensor parallelism of degree {mesh.size()}, so its BitNet "
+                    f"weight needs group_dim={shard_dim} and scale_groups a multiple of {mesh.size()}; it has "
+                    f"{config}. Set BitNetConverter.Config(scale_groups=...)."
+                )
+            if self.bias is not None:
+                raise ValueError("BitNetLinear: tensor parallelism of a BitNet linear with a bias is not supported")
+            self.weight = nn.Parameter(shard_bitnet_weight(weight, mesh, shard_dim), requires_grad=weight.requires_grad)
+            self._tp_shard_dim = shard_dim
         super().parallelize(parallel_dims)
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight = self.weight
+        if not isinstance(weight, DTensor) or getattr(self, "_tp_shard_dim", None) is None:
+            return F.linear(input, weight, self.bias)
+        # Tensor parallel: F.linear on the DTensor would be taken apart into a plain matmul of the master weight,
+        # so compute on the local shard and hand torchtitan the DTensor layout it expects.
+        mesh = weight.device_mesh
+        if self._tp_shard_dim == 0:
+            # Column-parallel: replicated input; its gradient from this rank's rows is a partial sum.
+            x = input.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            y = F.linear(x, weight.to_local())
+            return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
+        x = input.redistribute(mesh, [Shard(input.dim() - 1)]).to_local()
+        return DTensor.from_local(F.linear(x, weight.to_local()), mesh, [Partial()], run_check=False)
 
 
 class BitNetConverter(QuantizationConverter):
@@ -87,6 +124,11 @@ class BitNetConverter(QuantizationConverter):
         weights: Literal["ternary", "binary"] = "ternary"
         """``bitnet_training(weights=...)``: BitNet b1.58 ternary weights or the original binary ones."""
 
+        scale_groups: int = 1
+        """``bitnet_training(scale_groups=...)``, each linear grouped along its tensor-parallel dimension (rows
+        for wq/wk/wv/w1/w3, columns for wo/w2): needed for tensor parallelism (a multiple of its degree), and
+        gives the same numbers for any TP degree dividing it (docs/tensor_parallel.md)."""
+
     def __init__(self, config: Config):
         self.config = config
         # Validates the options here, at config time, not when the first linear is built.
@@ -94,6 +136,7 @@ class BitNetConverter(QuantizationConverter):
             int8_grad_input=config.int8_grad_input,
             int8_grad_weight=config.int8_grad_weight,
             weights=config.weights,
+            scale_groups=config.scale_groups,
         )
 
     def _selected(self, fqn: str) -> bool:
@@ -114,7 +157,10 @@ class BitNetConverter(QuantizationConverter):
                     "Linear.Config; only plain linears can become BitNet linears. Exclude it with "
                     "filter_fqns, or apply BitNetConverter once and before other linear converters."
                 )
-            new_config = derive(linear_config, BitNetLinear.Config, bitnet=self.bitnet)
+            recipe = self.bitnet
+            if recipe.grouped:
+                recipe = dataclasses.replace(recipe, group_dim=tensor_parallel_group_dim(fqn))
+            new_config = derive(linear_config, BitNetLinear.Config, bitnet=recipe)
             if parent is None:
                 model_config = new_config
             elif isinstance(parent, list):
