@@ -10,7 +10,14 @@ local shard: a ``BitNetTrainingLinearWeight`` holding ``G / T`` groups. The coll
 - column-parallel (``group_dim=0``): input replicated, output sharded on the last dimension; no collective in
   the forward, one all-reduce of the input gradient in the backward;
 - row-parallel (``group_dim=1``): input sharded on the last dimension, output replicated by one all-reduce of
-  the partial sums; none in the backward.
+  the partial sums; none in the backward;
+- with sequence parallelism (``BitNetColwiseParallel(input_layouts=Shard(1))``,
+  ``BitNetRowwiseParallel(output_layouts=Shard(1))``): the column-parallel input is quantized on its sequence
+  shard and all-gathered as int8 + scales (one collective), the input gradient reduce-scattered; the row-parallel
+  output reduce-scattered.
+
+Under FSDP2 x TP (``fully_shard`` over the data-parallel mesh afterwards), ``fsdp.py`` all-gathers the local shards
+packed with their group scales.
 
 The stock ``ColwiseParallel`` / ``RowwiseParallel`` on a BitNet weight would decompose ``F.linear`` on the
 ``DTensor`` into a plain matmul of the master weight: full precision, silently. The weight refuses that matmul
