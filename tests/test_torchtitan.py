@@ -34,7 +34,6 @@ from bitnet_ao.integrations.torchtitan.config_registry import (  # noqa: E402
 )
 from tests.conftest import free_port  # noqa: E402
 
-WORLD_SIZE = 2
 STEPS = 8
 N_LAYERS = 2  # of the debug model's 6, to keep the 2-process test fast on 2 CPU cores
 VOCAB = 2048  # torchtitan's Llama 3 debug model
@@ -182,23 +181,23 @@ def _build_parallel_model(config, parallel_dims, dump_folder: str) -> torch.nn.M
     return model
 
 
-def _worker(rank: int, port: int, tmp: str, tp: bool) -> None:
+def _worker(rank: int, port: int, tmp: str, tp: bool, world: int) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
     os.environ["BITNET_AO_COMPILE_MIN_NUMEL"] = "1000000000"  # no inductor compile of the CPU helpers
     torch.manual_seed(0)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _train_and_checkpoint(rank, tmp, tp)
+        _train_and_checkpoint(rank, tmp, tp, world)
     finally:
         dist.destroy_process_group()
 
 
-def _train_and_checkpoint(rank: int, tmp: str, tp: bool) -> None:
-    """The trainer's pipeline on 2 ranks: FSDP2 over both, or tensor parallelism of degree 2
-    (``llama3_debugmodel_bitnet_tp``: sequence parallel, 2 scale groups per linear); 8 steps, then a DCP checkpoint
-    saved and loaded into a fresh job."""
+def _train_and_checkpoint(rank: int, tmp: str, tp: bool, world: int) -> None:
+    """The trainer's pipeline: FSDP2 over every rank, or tensor parallelism of degree 2
+    (``llama3_debugmodel_bitnet_tp``: sequence parallel, 2 scale groups per linear) with FSDP2 over the rest;
+    8 steps, then a DCP checkpoint saved and loaded into a fresh job."""
     # torchtitan names its device with `_get_available_device_type() or "cuda"` (tools/utils.py): on a
     # machine without CUDA, ParallelDims would build its mesh on "cuda". Point that module at the CPU.
     import torchtitan.distributed.parallel_dims as parallel_dims_module
@@ -223,7 +222,7 @@ def _train_and_checkpoint(rank: int, tmp: str, tp: bool) -> None:
 
     config = job_config()
     dist_utils.set_spmd_backend(config.parallelism.spmd_backend)
-    parallel_dims = ParallelDims.from_config(config.parallelism, WORLD_SIZE)
+    parallel_dims = ParallelDims.from_config(config.parallelism, world)
     parallel_dims.build_mesh()
     model = _build_parallel_model(config, parallel_dims, tmp)
 
@@ -245,7 +244,7 @@ def _train_and_checkpoint(rank: int, tmp: str, tp: bool) -> None:
     lr_schedulers = config.lr_scheduler.build(optimizers=optimizers, training_steps=STEPS)
 
     # Data-parallel ranks see different batches, the ranks of a tensor-parallel group the same one.
-    data_rank = 0 if tp else rank
+    data_rank = rank // 2 if tp else rank  # torchtitan's mesh puts "tp" innermost
     tokens = torch.randint(
         0, VOCAB, (2, config.training.seq_len + 1), generator=torch.Generator().manual_seed(data_rank)
     )
@@ -310,7 +309,7 @@ def _train_and_checkpoint(rank: int, tmp: str, tp: bool) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [False, True], ids=["fsdp2", "tp2"])
-def test_training_with_scale_hook_and_dcp_checkpoint(tp):
+@pytest.mark.parametrize(("tp", "world"), [(False, 2), (True, 2), (True, 4)], ids=["fsdp2", "tp2", "fsdp2xtp2"])
+def test_training_with_scale_hook_and_dcp_checkpoint(tp, world):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(free_port(), tmp, tp), nprocs=WORLD_SIZE, join=True)
+        mp.spawn(_worker, args=(free_port(), tmp, tp, world), nprocs=world, join=True)
