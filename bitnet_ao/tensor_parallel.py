@@ -47,8 +47,6 @@ from .tensor import BitNetTrainingLinearWeight
 class _BitNetLinearParallel(ParallelStyle):
     #: The weight dimension the style shards: 0 (output rows, column-parallel) or 1 (input columns, row-parallel).
     shard_dim: int
-    #: The module-side layout of the activation the style may take sharded along the sequence (sequence parallelism).
-    sequence_side: str
 
     def __init__(
         self,
