@@ -52,7 +52,7 @@ from .kernels import reference
 from .packed import BitNetPackedLinearWeight, bits_per_value
 from .private_api import dtensor_local, in_backward
 from .tensor import BitNetTrainingLinearWeight
-from .weight_quant import WeightQuantization, per_row_or_column, quantization_from_stats, quantize_weight
+from .weight_quant import WeightQuantization, column_group_stats, quantization_from_stats, quantize_weight
 
 
 class ScaleState(NamedTuple):
@@ -103,8 +103,7 @@ def _group_stats(weight: BitNetTrainingLinearWeight, rows: int, mesh: DeviceMesh
     rows at ``r ceil(N / world)``)."""
     w, config = weight._data, weight.config
     if config.group_dim == 1:
-        blocks = w.reshape(w.shape[0], config.scale_groups, -1)
-        return torch.stack([blocks.abs().sum((0, 2), dtype=torch.float64), blocks.sum((0, 2), dtype=torch.float64)], 1)
+        return column_group_stats(w, config.scale_groups)
     first_row = mesh.get_local_rank() * -(-rows // mesh.size())
     group_of_row = torch.div(
         first_row + torch.arange(w.shape[0], device=w.device), rows // config.scale_groups, rounding_mode="floor"
@@ -156,9 +155,8 @@ def pre_all_gather(weight: BitNetTrainingLinearWeight, mesh: DeviceMesh) -> tupl
     config = weight.config
     n, k = state.rows, weight.shape[1]
     padded_rows = -(-n // mesh.size())
-    q = quantization_from_stats(state.sums, n * k // config.scale_groups, config)
-    if config.grouped:  # one value per row (column) of the whole weight: the gathered weight's scale
-        q = WeightQuantization(*(None if t is None else per_row_or_column(t, (n, k), config) for t in q))
+    # Grouped: one value per row (column) of the whole weight, the gathered weight's scale.
+    q = quantization_from_stats(state.sums, (n, k), config)
     local = q
     if config.grouped and config.group_dim == 0:  # this shard's rows of it
         first = mesh.get_local_rank() * padded_rows

@@ -30,28 +30,37 @@ class WeightQuantization(NamedTuple):
     center: Tensor | None
 
 
-def quantization_from_stats(stats: Tensor, numel: int, config: BitNetTrainingConfig) -> WeightQuantization:
-    """The quantization of a weight of ``numel`` elements from its float64 ``(sum |W|, sum W)`` (``(G, 2)`` and
-    the elements of one group for group scales, which come back one per group, not yet repeated)."""
-    scale, mean = weight_scales_from_stats(stats, numel)
-    return WeightQuantization(scale, mean if config.weights == "binary" else None)
+def quantization_from_stats(stats: Tensor, shape: tuple[int, int], config: BitNetTrainingConfig) -> WeightQuantization:
+    """The quantization of a weight of ``shape`` from its float64 ``(sum |W|, sum W)``, or ``(G, 2)`` of them for
+    group scales, which come back repeated over each group's rows or columns (see :class:`WeightQuantization`)."""
+    n, k = shape
+    scale, mean = weight_scales_from_stats(stats, n * k // config.scale_groups)
+    q = WeightQuantization(scale, mean if config.weights == "binary" else None)
+    if not config.grouped:
+        return q
+    size = shape[config.group_dim] // config.scale_groups
+
+    def spread(per_group: Tensor) -> Tensor:  # (G,) -> (N, 1) or (1, K)
+        repeated = per_group.repeat_interleave(size)
+        return repeated[:, None] if config.group_dim == 0 else repeated[None, :]
+
+    return WeightQuantization(spread(q.scale), None if q.center is None else spread(q.center))
+
+
+def column_group_stats(w: Tensor, groups: int) -> Tensor:
+    """float64 ``(sum |W|, sum W)`` of each of ``groups`` equal blocks of columns of ``w``, ``(groups, 2)``."""
+    return torch.stack([kernels.weight_stats(block.contiguous()) for block in w.chunk(groups, dim=1)])
 
 
 def weight_quantization(w: Tensor, config: BitNetTrainingConfig) -> WeightQuantization:
     """The quantization of the whole weight ``w``: one scale, or one per group of rows or columns."""
     if not config.grouped:
-        return quantization_from_stats(kernels.weight_stats(w), w.numel(), config)
-    groups = w.chunk(config.scale_groups, dim=config.group_dim)
-    stats = torch.stack([kernels.weight_stats(g.contiguous()) for g in groups])
-    q = quantization_from_stats(stats, groups[0].numel(), config)
-    return WeightQuantization(*(None if t is None else per_row_or_column(t, w.shape, config) for t in q))
-
-
-def per_row_or_column(per_group: Tensor, shape: tuple[int, ...], config: BitNetTrainingConfig) -> Tensor:
-    """One value per group, ``(G,)``, repeated over the group's rows (``(N, 1)``) or columns (``(1, K)``)."""
-    size = shape[config.group_dim]
-    repeated = per_group.repeat_interleave(size // per_group.numel())
-    return repeated[:, None] if config.group_dim == 0 else repeated[None, :]
+        stats = kernels.weight_stats(w)
+    elif config.group_dim == 1:
+        stats = column_group_stats(w, config.scale_groups)
+    else:
+        stats = torch.stack([kernels.weight_stats(rows) for rows in w.chunk(config.scale_groups, dim=0)])
+    return quantization_from_stats(stats, tuple(w.shape), config)
 
 
 def quantize_weight(w: Tensor, q: WeightQuantization, transpose: bool) -> Tensor:
