@@ -173,8 +173,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
         norm_eps: float,
         gather: SequenceGather | None,
     ) -> Tensor:
-        n, k = weight.shape
-        x2 = x.reshape(-1, k)
+        x2 = x.reshape(-1, weight.shape[1])
         y, x_q, s_x, q, rstd = _forward(x2, weight, bias, out_dtype, norm_weight, norm_eps, gather)
         saved_norm = (x2, norm_weight, rstd) if norm_weight is not None else ()
         ctx.save_for_backward(x_q, s_x, weight, *saved_norm, *q)
@@ -183,7 +182,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
         ctx.norm = norm_weight is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.gather = gather
-        return y.reshape(*x.shape[:-2], -1, n) if gather is not None else y.reshape(*x.shape[:-1], n)
+        return _unflatten(y, x.shape, gather is not None)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -279,12 +278,14 @@ def bitnet_linear(
         )
     # Nothing to differentiate (inference, frozen weights): skip the autograd function and what it saves, and take
     # the weight's fused forward where it has one (the optional BitNetWeight.bitnet_forward).
-    n, k = weight.shape
-    x2 = input.reshape(-1, k)
+    x2 = input.reshape(-1, weight.shape[1])
     fused = getattr(type(weight), "bitnet_forward", None) if sequence_gather is None else None
     y = fused(weight, x2, norm_weight, norm_eps, bias, dtype) if fused is not None else None
     if y is None:
         y = _forward(x2, weight, bias, dtype, norm_weight, norm_eps, sequence_gather)[0]
-    if sequence_gather is not None:
-        return y.reshape(*input.shape[:-2], -1, n)
-    return y.reshape(*input.shape[:-1], n)
+    return _unflatten(y, input.shape, sequence_gather is not None)
+
+
+def _unflatten(y: Tensor, x_shape: torch.Size, gathered: bool) -> Tensor:
+    """The ``(M, N)`` output in the input's leading shape; gathered along the sequence (dim -2) it is longer."""
+    return y.reshape(*x_shape[:-2], -1, y.shape[1]) if gathered else y.reshape(*x_shape[:-1], y.shape[1])

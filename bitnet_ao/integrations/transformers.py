@@ -159,6 +159,15 @@ def _hf_name(model: nn.Module, name: str) -> str:
     return name
 
 
+def _hf_norm_name(linear: str, placement: Placement | None) -> str:
+    """transformers' name of the RMSNorm that bitnet_ao keeps in the ``NormedLinear`` at ``linear``: the linear's
+    own ``rms_norm`` (FAQ, ``use_rms_norm``), or the BitNet model's sub-norm before it (subln)."""
+    if placement != "subln":
+        return f"{linear}.rms_norm"
+    tail = next(p for p in _SUBLN_NORMS if linear.endswith(p))
+    return linear[: -len(tail)] + _SUBLN_NORMS[tail]
+
+
 def _placement(model: nn.Module) -> tuple[Placement | None, float]:
     """Which BitNet norm placement the model's layers follow, and the eps of its inserted norms."""
     placements = set()
@@ -250,8 +259,7 @@ def _export_tensors(
             model.get_submodule(module_name[: -len(".norm")]), NormedLinear
         ):
             owner = module_name[: -len(".norm")]
-            tail = next((p for p in _SUBLN_NORMS if owner.endswith(p)), None)
-            hf_module = owner[: -len(tail)] + _SUBLN_NORMS[tail] if placement == "subln" else f"{owner}.rms_norm"
+            hf_module = _hf_norm_name(owner, placement)
         tensors[f"{hf_module}.{leaf}"] = value.detach().to(dtype) if value.is_floating_point() else value.detach()
     ones = torch.ones(model.config.hidden_size, dtype=dtype)
     for i, layer in enumerate(model.model.layers):
@@ -366,9 +374,7 @@ def _import_tensors(
     renames = {}  # HF name -> this model's name
     for name, module in model.named_modules():
         if isinstance(module, NormedLinear):
-            tail = next((p for p in _SUBLN_NORMS if name.endswith(p)), None)
-            hf_norm = name[: -len(tail)] + _SUBLN_NORMS[tail] if placement == "subln" else f"{name}.rms_norm"
-            renames[f"{hf_norm}.weight"] = f"{name}.norm.weight"
+            renames[f"{_hf_norm_name(name, placement)}.weight"] = f"{name}.norm.weight"
             renames[f"{name}.weight"] = f"{name}.linear.weight"
     for key, value in tensors.items():
         module_name, _, leaf = key.rpartition(".")
