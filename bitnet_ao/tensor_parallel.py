@@ -100,7 +100,6 @@ class _BitNetLinearParallel(ParallelStyle):
             placement = Shard(0) if self.shard_dim == 0 else Replicate()
             module.bias = nn.Parameter(_shard(module.bias.detach(), device_mesh, placement, None))
         module.forward = types.MethodType(self._forward, module)
-        module._bitnet_tp_mesh = device_mesh
         return module
 
     def _forward(self, module: nn.Linear, x: Tensor) -> Tensor:
@@ -115,7 +114,7 @@ class BitNetColwiseParallel(_BitNetLinearParallel):
     shard_dim = 0
 
     def _forward(self, module: nn.Linear, x: Tensor) -> Tensor:
-        mesh = module._bitnet_tp_mesh
+        mesh = module.weight.device_mesh  # the tensor-parallel mesh (also of FSDP2's unsharded parameter)
         bias = module.bias.to_local() if module.bias is not None else None
         if self.input_layout == Shard(1):
             # Sequence parallel: quantize this rank's tokens, all-gather int8 + scales (one collective), and
@@ -124,13 +123,7 @@ class BitNetColwiseParallel(_BitNetLinearParallel):
                 x = x.redistribute(mesh, [Shard(1)]).to_local()
             y = bitnet_linear(x, module.weight.to_local(), bias, sequence_gather=_SequenceGather(mesh, x.shape[:-1]))
         else:
-            if isinstance(x, DTensor):
-                x = x.redistribute(mesh, [Replicate()])
-            else:
-                x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-            # This rank's rows give a partial input gradient: marking it Partial makes the backward all-reduce it.
-            x = x.to_local(grad_placements=[Partial()])
-            y = F.linear(x, module.weight.to_local(), bias)
+            y = column_parallel_linear(x, module.weight, bias)
         return y if self.use_local_output else DTensor.from_local(y, mesh, [Shard(-1)], run_check=False)
 
 
@@ -142,15 +135,33 @@ class BitNetRowwiseParallel(_BitNetLinearParallel):
     shard_dim = 1
 
     def _forward(self, module: nn.Linear, x: Tensor) -> Tensor:
-        mesh = module._bitnet_tp_mesh
-        if isinstance(x, DTensor):
-            x = x.redistribute(mesh, [Shard(-1)]).to_local()
-        partial = F.linear(x, module.weight.to_local())
+        mesh = module.weight.device_mesh
         # All-reduce, or reduce-scatter along the sequence under sequence parallelism.
-        y = DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, [self.output_layout])
+        y = row_parallel_partial(x, module.weight).redistribute(mesh, [self.output_layout])
         if module.bias is not None:
             y = y + module.bias
         return y.to_local() if self.use_local_output else y
+
+
+def column_parallel_linear(x: Tensor, weight: DTensor, bias: Tensor | None) -> Tensor:
+    """The column-parallel BitNet linear on this rank's rows of ``weight`` (a ``DTensor`` over the TP mesh): ``x``
+    replicated (a ``DTensor``, or a local tensor that every rank holds whole), the local output columns returned.
+    This rank's rows give a partial input gradient: marking it ``Partial`` makes the backward all-reduce it."""
+    mesh = weight.device_mesh
+    if isinstance(x, DTensor):
+        x = x.redistribute(mesh, [Replicate()])
+    else:
+        x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    return F.linear(x.to_local(grad_placements=[Partial()]), weight.to_local(), bias)
+
+
+def row_parallel_partial(x: Tensor, weight: DTensor) -> DTensor:
+    """The row-parallel BitNet linear on this rank's columns of ``weight``: ``x`` sharded on its last dimension (a
+    ``DTensor``, or this rank's local shard), the output a ``Partial`` ``DTensor`` (sum over the ranks pending)."""
+    mesh = weight.device_mesh
+    if isinstance(x, DTensor):
+        x = x.redistribute(mesh, [Shard(x.dim() - 1)]).to_local()
+    return DTensor.from_local(F.linear(x, weight.to_local()), mesh, [Partial()], run_check=False)
 
 
 class _SequenceGather:

@@ -54,7 +54,7 @@ def _losses(model: nn.Module, steps: int = 5, sequence_parallel: bool = False, d
         if dp_mesh is not None:
             x = x.chunk(dp_mesh.size(), dim=0)[dp_mesh.get_local_rank()]
         if sequence_parallel:
-            mesh = model.w1._bitnet_tp_mesh
+            mesh = model.w1.weight.device_mesh
             y = model(x.chunk(TP, dim=1)[mesh.get_local_rank()])
             y = DTensor.from_local(y, mesh, [Shard(1)], run_check=False).full_tensor()
         else:

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 from torchao.quantization import quantize_
 from torchtitan.components.quantization import QuantizationConverter
 from torchtitan.config.override import derive
@@ -30,7 +30,12 @@ from torchtitan.protocols.module import Module
 from torchtitan.tools.logging import logger
 
 from bitnet_ao.config import BitNetTrainingConfig
-from bitnet_ao.tensor_parallel import shard_bitnet_weight, tensor_parallel_group_dim
+from bitnet_ao.tensor_parallel import (
+    column_parallel_linear,
+    row_parallel_partial,
+    shard_bitnet_weight,
+    tensor_parallel_group_dim,
+)
 
 #: Output heads stay in high precision (the BitNet recipe); torchtitan 0.3.0 names Llama's head ``lm_head``.
 DEFAULT_FILTER_FQNS = ("lm_head",)
@@ -88,14 +93,10 @@ class BitNetLinear(Linear):
             return F.linear(input, weight, self.bias)
         # Tensor parallel: F.linear on the DTensor would be taken apart into a plain matmul of the master weight,
         # so compute on the local shard and hand torchtitan the DTensor layout it expects.
-        mesh = weight.device_mesh
         if self._tp_shard_dim == 0:
-            # Column-parallel: replicated input; its gradient from this rank's rows is a partial sum.
-            x = input.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
-            y = F.linear(x, weight.to_local())
-            return DTensor.from_local(y, mesh, [Shard(y.dim() - 1)], run_check=False)
-        x = input.redistribute(mesh, [Shard(input.dim() - 1)]).to_local()
-        return DTensor.from_local(F.linear(x, weight.to_local()), mesh, [Partial()], run_check=False)
+            y = column_parallel_linear(input, weight, None)
+            return DTensor.from_local(y, weight.device_mesh, [Shard(y.dim() - 1)], run_check=False)
+        return row_parallel_partial(input, weight)
 
 
 class BitNetConverter(QuantizationConverter):
