@@ -1,4 +1,5 @@
-"""The small-M (decode) packed matmul on CPU: ``cpu_gemv.c``, compiled for this CPU on first use.
+"""The C kernels of packed inference on CPU (``cpu_gemv.c``), compiled for this CPU on first use: the decode-sized
+matmul and linear, and unpacking.
 
 Decoding one token multiplies a single activation row by every weight: the time goes into reading the weights.
 A BF16 weight is 2 bytes per value; the packed ternary weight is 1/4 byte, but only a kernel that reads it packed
@@ -6,11 +7,11 @@ gains from that (unpacking to int8 first writes and reads a full byte per value,
 fused expression is compute-bound at about BF16's speed). ``cpu_gemv.c`` is that kernel, in plain C that the
 compiler vectorizes (docs/kernels.md has the measurements).
 
-The source is built once per machine and cached (``BITNET_AO_CACHE_DIR``, default ``~/.cache/bitnet_ao``) with
-the C compiler inductor uses (``CC``, else ``cc``/``gcc``), ``-O3 -march=native -fopenmp``. When torch is told
-to stay at AVX2 (``ATEN_CPU_CAPABILITY=avx2``) the kernel is built for ``x86-64-v3`` (AVX2 + FMA) instead, so an
-AVX-512 machine can stand in for an AVX2 one. Without a working compiler :func:`packed_gemv` returns ``None``
-(after a one-time warning) and the caller unpacks instead.
+The source is built once per machine and cached (``BITNET_AO_CACHE_DIR``, default ``~/.cache/bitnet_ao``) with the C
+compiler inductor uses (``CC``, else ``cc``/``gcc``), ``-O3 -march=native -ffp-contract=off -fopenmp``. When torch
+is told to stay at AVX2 (``ATEN_CPU_CAPABILITY=avx2``) the kernel is built for ``x86-64-v3`` (AVX2 + FMA) instead,
+so an AVX-512 machine can stand in for an AVX2 one. Without a working compiler every function here returns ``None``
+(after a one-time warning) and the caller takes the torch path instead.
 """
 
 from __future__ import annotations
