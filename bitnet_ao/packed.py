@@ -92,10 +92,14 @@ class BitNetPackedLinearWeight(Tensor):
         return bits_per_value(self.config)
 
     def __repr__(self) -> str:
+        # The scale's value only from a plain tensor with data: torch.compile formats the fake weights it traces
+        # (dynamo's debug logs), and .item() on a fake scale would leave a pending unbacked symbol behind that
+        # fails the compile (PendingUnbackedSymbolNotFound).
+        readable = type(self.scale) is Tensor and self.scale.device.type != "meta"
+        scale = self.scale.flatten()[0].item() if readable else "?"
         return (
             f"{type(self).__name__}(shape={tuple(self.shape)}, {self.config.weights}, {self.bits}-bit values, "
-            f"dtype={self.dtype}, scale={self.scale.flatten()[0].item() if self.scale.device.type != 'meta' else '?'}"
-            f"{', ...' if self.config.grouped else ''})"
+            f"dtype={self.dtype}, scale={scale}{', ...' if self.config.grouped else ''})"
         )
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[torch.dtype, BitNetTrainingConfig]]:

@@ -7,29 +7,20 @@ gains from that (unpacking to int8 first writes and reads a full byte per value,
 fused expression is compute-bound at about BF16's speed). ``cpu_gemv.c`` is that kernel, in plain C that the
 compiler vectorizes (docs/kernels.md has the measurements).
 
-The source is built once per machine and cached (``BITNET_AO_CACHE_DIR``, default ``~/.cache/bitnet_ao``) with the C
-compiler inductor uses (``CC``, else ``cc``/``gcc``), ``-O3 -march=native -ffp-contract=off -fopenmp``. When torch
-is told to stay at AVX2 (``ATEN_CPU_CAPABILITY=avx2``) the kernel is built for ``x86-64-v3`` (AVX2 + FMA) instead,
-so an AVX-512 machine can stand in for an AVX2 one. Without a working compiler every function here returns ``None``
-(after a one-time warning) and the caller takes the torch path instead.
+The source is built once per machine by ``cpu_build.py``. Without a working compiler every function here returns
+``None`` (after a one-time warning) and the caller takes the torch path instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import cpu_build
 from .reference import packed_columns
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
@@ -39,51 +30,11 @@ MAX_M = 16
 MAX_K = 1 << 22
 
 
-def _march() -> str:
-    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    if platform.machine().lower() in ("x86_64", "amd64") and capability in ("avx2", "default"):
-        return "-march=x86-64-v3" if capability == "avx2" else "-march=x86-64"
-    return "-march=native"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("BITNET_AO_CACHE_DIR", Path.home() / ".cache" / "bitnet_ao"))
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn("bitnet_ao: no C compiler found; the packed decode matmul unpacks the weight", stacklevel=3)
+    library = cpu_build.load(SOURCE)
+    if library is None:
         return None
-    # -ffp-contract=off: no fused multiply-adds, every float operation rounds where torch's does.
-    flags = ["-O3", _march(), "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-    source = SOURCE.read_bytes()
-    # -march=native builds for the machine that compiles: the key names the machine too.
-    key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_signature().encode()])
-    ).hexdigest()[:16]
-    path = _cache_dir() / f"cpu_gemv-{key}.so"
-    if not path.exists():
-        try:
-            error = _build(compiler, flags, path)
-        except OSError as e:  # an unwritable cache directory, a compiler that cannot start
-            error = str(e)
-        if error is not None:
-            warnings.warn(
-                f"bitnet_ao: building the packed decode matmul failed ({compiler} {' '.join(flags)}); the weight "
-                f"is unpacked instead:\n{error[-2000:]}",
-                stacklevel=3,
-            )
-            return None
-    library = ctypes.CDLL(str(path))
     library.bitnet_packed_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
     library.bitnet_packed_gemv.restype = ctypes.c_int
     library.bitnet_unpack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
@@ -93,28 +44,6 @@ def _library() -> ctypes.CDLL | None:
     f.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
     f.restype = ctypes.c_int
     return library
-
-
-def _build(compiler: str, flags: list[str], path: Path) -> str | None:
-    """Compile ``cpu_gemv.c`` to ``path``; the compiler's error output on failure, else ``None``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        built = Path(tmp) / path.name
-        result = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            return result.stderr or f"exit status {result.returncode}"
-        os.replace(built, path)  # atomic: concurrent ranks never load a half-written library
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
 
 
 #: The dtype codes of cpu_gemv.c.

@@ -1,39 +1,56 @@
-"""Exact int8 x int8 matmuls on CPU: one route per CPU, chosen once.
+"""Exact int8 x int8 matmuls on CPU: one route per kind of matmul, chosen by measuring the candidates on this CPU.
 
-``torch._int_mm`` is fast only where oneDNN has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX); on
-an AVX2-only CPU it falls back to scalar code (~2 GOPS, 60x slower than an FP32 matmul). Three exact routes cover
-the rest (docs/benchmarks.md has the measurements):
+Two kinds: ``"ternary"`` (the right operand holds only {-1, 0, 1}: the forward and ``grad_input`` of a BitNet
+linear) and ``"full"`` (full-range int8 on both sides: ``grad_weight = g'_q.T @ x_q``). The exact routes:
 
-- ``"int_mm"``: ``torch._int_mm``. The default where the CPU has VNNI or AMX.
+- ``"int_mm"``: ``torch._int_mm``, oneDNN's s8 x s8 GEMM. Fast only with int8 dot-product instructions (AVX-512
+  VNNI, AVX-VNNI, AMX); elsewhere it is scalar code (~2 GOPS, 30-60x slower than FP32), so it is a candidate only
+  on CPUs that have them.
 - ``"onednn"``: oneDNN's u8 x s8 linear (``torch.ops.onednn.qlinear_pointwise``) with the int8 left operand
-  shifted to u8 (``a + 128``, zero point 128). On CPUs without VNNI it multiplies with ``vpmaddubsw``, whose
-  int16 pair sums saturate unless the s8 operand is small, so it is exact only when ``b`` is ternary: the
-  forward and ``grad_input`` matmuls. Its float32 output holds the integer sums exactly (``|sum| <= 128 K``,
-  below 2**24 for K up to 131072). The default for ternary operands on CPUs without VNNI/AMX.
+  shifted to u8 (``a + 128``, zero point 128). Without VNNI it multiplies with ``vpmaddubsw``, whose int16 pair
+  sums saturate unless the s8 operand is small: exact for ternary right operands only. Its float32 output holds
+  the integer sums exactly (``|sum| <= 128 K``, below 2**24 for K up to 131072).
+- ``"signadd"``: the multiply-free ternary GEMM of ``cpu_sign_gemm.c`` (sign application and additions), for
+  CPUs whose int8 multiplies are no faster than FP32 FMAs (AMD Zen 1). Ternary only; x86 with AVX2.
 - ``"fp32"``: an FP32 GEMM of the integer values, exact while every partial sum stays below 2**24: products are
-  at most 2**14, so the reduction is cut into blocks of 1024 and the blocks are added in int32. The default for
-  the full-range ``grad_weight`` matmul (``g_q.T @ x_q``) on CPUs without VNNI/AMX, and for everything on CPUs
-  with neither route (then it runs at about FP32 speed: a one-time warning says so).
-- ``"reference"``: float64, the contract itself; slow, for tests.
+  at most 2**14, so a full-range reduction is cut into blocks of 1024 and the blocks are added in int32. Always a
+  candidate, so the chosen route is never slower than an FP32 GEMM of the same shape.
+- ``"reference"``: float64, the contract itself; slow, for tests. Never chosen.
 
-``BITNET_AO_CPU_INT8_ROUTE`` forces a route: one name for every matmul it can compute exactly (``onednn`` leaves
-the full-range matmul to the CPU's default), or ``ternary=ROUTE,full=ROUTE``. :func:`routes` reports the choice.
+:func:`routes` measures the candidates once per machine (a fraction of a second to a few seconds, at first use) on
+the shapes of :data:`PROBE_SHAPES`, keeps the fastest of each kind and caches the choice on disk, keyed by the CPU
+model, the thread count, the torch and kernel versions (``BITNET_AO_CACHE_DIR``). ``BITNET_AO_CPU_INT8_ROUTE``
+forces a route: one name for every kind it computes exactly (``onednn`` and ``signadd`` leave the full-range
+matmul to measurement), or ``ternary=ROUTE,full=ROUTE``. :func:`route_report` says what was chosen and why.
+
+Every route runs with autocast disabled: an enclosing ``torch.autocast("cpu", dtype=torch.bfloat16)`` would
+otherwise run the FP32 route's ``torch.mm`` in BF16, and the sums would no longer be exact.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import platform
+import statistics
+import tempfile
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from . import cpu_build, cpu_sign_gemm, reference
 from ..private_api import cpu_has_int8_dot_product, int_mm, onednn_int8_linear, onednn_int8_linear_available
-from . import reference
 
-ROUTES = ("int_mm", "onednn", "fp32", "reference")
+ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
+#: The routes exact for each kind of matmul, on any CPU.
+EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "fp32", "reference")}
+#: The routes whose right operand is best contiguous along the reduction (a ``.t()`` view of ``(N, K)``).
+K_CONTIGUOUS_ROUTES = ("onednn", "signadd", "fp32", "reference")
 
 #: Largest reduction an FP32 GEMM of full-range int8 values sums exactly: 1024 products of at most 2**14.
 FP32_EXACT_BLOCK = 1 << 10
@@ -42,73 +59,200 @@ FP32_EXACT_TERNARY = 1 << 17
 
 ENV_VAR = "BITNET_AO_CPU_INT8_ROUTE"
 
+#: ``(M, K, N)`` of the matmuls each kind is measured on: a 512-token forward and grad_input of a 1024 x 2816
+#: linear (an MLP of the main job's model), and its grad_weight. Big enough for the GEMMs' steady state.
+PROBE_SHAPES = {
+    "ternary": ((512, 1024, 2816), (512, 2816, 1024)),
+    "full": ((2816, 512, 1024),),
+}
+#: Timed runs of each candidate on each probe shape (after one warm-up); the median counts.
+PROBE_REPEATS = 3
+
 
 def _onednn_available() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and onednn_int8_linear_available()
 
 
-@functools.cache
+def available_routes(kind: str) -> tuple[str, ...]:
+    """The exact routes of ``kind`` this machine can run."""
+    usable = {
+        "int_mm": True,
+        "onednn": _onednn_available(),
+        "signadd": cpu_sign_gemm.available(),
+        "fp32": True,
+        "reference": True,
+    }
+    return tuple(r for r in EXACT_ROUTES[kind] if usable[r])
+
+
+def candidates(kind: str) -> tuple[str, ...]:
+    """The routes :func:`routes` measures for ``kind``: every exact route this machine runs fast enough to time
+    (not the float64 reference; ``int_mm`` only with int8 dot-product instructions)."""
+    skip = {"reference"} | (set() if cpu_has_int8_dot_product() else {"int_mm"})
+    return tuple(r for r in available_routes(kind) if r not in skip)
+
+
 def routes() -> dict[str, str]:
-    """``{"ternary": route, "full": route}``: the route for matmuls whose right operand is ternary (forward,
-    ``grad_input``) and for full-range ones (``grad_weight``). Chosen once per process, from the CPU's
-    capabilities or ``BITNET_AO_CPU_INT8_ROUTE``."""
-    if cpu_has_int8_dot_product():
-        default = {"ternary": "int_mm", "full": "int_mm"}
-    elif _onednn_available():
-        default = {"ternary": "onednn", "full": "fp32"}
-    else:
-        default = {"ternary": "fp32", "full": "fp32"}
-    forced = os.environ.get(ENV_VAR)
-    if forced:
-        return _forced_routes(forced, default)
-    if default["ternary"] == "fp32":
+    """``{"ternary": route, "full": route}``, chosen once per process (see the module docstring)."""
+    return {kind: entry["route"] for kind, entry in route_report().items()}
+
+
+@functools.cache
+def route_report() -> dict[str, dict]:
+    """For each kind: ``{"route": chosen, "how": "forced" | "measured" | "cached", "gops": {candidate: measured
+    GOPS}}`` (``gops`` empty for a forced route)."""
+    forced = _parse_forced(os.environ.get(ENV_VAR, ""))
+    report = {kind: {"route": route, "how": "forced", "gops": {}} for kind, route in forced.items()}
+    missing = [kind for kind in EXACT_ROUTES if kind not in report]
+    if missing:
+        report.update({kind: _measured_choice(kind) for kind in missing})
+    if report["ternary"]["route"] == "fp32" and report["ternary"]["how"] != "forced":
         warnings.warn(
-            f"bitnet_ao: this CPU ({platform.machine()}, torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()}) has no fast int8 matmul (no VNNI/AMX, no oneDNN u8s8 "
-            "kernels); BitNet's INT8 matmuls run as exact FP32 GEMMs, about as fast as FP32 training.",
+            f"bitnet_ao: on this CPU ({platform.machine()}, torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()}) no int8 matmul route measured faster than an FP32 GEMM; "
+            "BitNet's INT8 matmuls run as exact FP32 GEMMs, about as fast as FP32 training.",
             stacklevel=2,
         )
-    return default
+    return report
 
 
-def _forced_routes(value: str, default: dict[str, str]) -> dict[str, str]:
-    """``BITNET_AO_CPU_INT8_ROUTE``: one route for both kinds of matmul, or ``ternary=ROUTE,full=ROUTE``."""
+def _parse_forced(value: str) -> dict[str, str]:
+    """``BITNET_AO_CPU_INT8_ROUTE``: one route for every kind it is exact for, or ``ternary=ROUTE,full=ROUTE``."""
+    if not value:
+        return {}
     if "=" in value:
         chosen = dict(item.split("=", 1) for item in value.split(","))
+        valid = set(chosen) == set(EXACT_ROUTES) and all(chosen[k] in EXACT_ROUTES[k] for k in chosen)
     else:
-        # oneDNN is exact for a full-range right operand only with VNNI's int32 dot products.
-        chosen = {"ternary": value, "full": value if value != "onednn" else default["full"]}
-    if set(chosen) != {"ternary", "full"} or not set(chosen.values()) <= set(ROUTES) or chosen["full"] == "onednn":
+        chosen = {kind: value for kind in EXACT_ROUTES if value in EXACT_ROUTES[kind]}
+        valid = value in ROUTES
+    if not valid:
         raise ValueError(
             f"{ENV_VAR}={value!r}: expected one of {', '.join(ROUTES)}, or ternary=ROUTE,full=ROUTE "
-            "(full: int_mm, fp32 or reference; oneDNN is exact only for ternary operands on every CPU)"
+            f"(full: {', '.join(EXACT_ROUTES['full'])}; onednn and signadd are exact only for ternary operands)"
         )
-    if chosen["ternary"] == "onednn" and not _onednn_available():
-        raise ValueError(f"{ENV_VAR}={value!r}: oneDNN's int8 linear is not available on {platform.machine()}")
+    for kind, route in chosen.items():
+        if route not in available_routes(kind):
+            raise ValueError(f"{ENV_VAR}={value!r}: route {route!r} is not available on this machine")
     return chosen
 
 
+# --- measuring the candidates --------------------------------------------------------------------------------
+
+
+def _cache_key() -> str:
+    parts = [
+        cpu_build.cpu_signature(),
+        f"threads={torch.get_num_threads()}",
+        f"torch={torch.__version__}",
+        f"capability={torch.backends.cpu.get_cpu_capability()}",
+        f"onednn_isa={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}",
+        cpu_sign_gemm.SOURCE.read_text(),
+        # This file: a change to a route or to the probe invalidates the choice.
+        open(__file__).read(),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _cache_file():
+    return cpu_build.cache_dir() / "cpu_int8_routes.json"
+
+
+def _measured_choice(kind: str) -> dict:
+    key = f"{kind}-{_cache_key()}"
+    try:
+        cached = json.loads(_cache_file().read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if cached is not None and cached["route"] in available_routes(kind):
+        return {**cached, "how": "cached"}
+    gops = measure(kind)
+    entry = {"route": max(gops, key=gops.get), "gops": gops}
+    _store(key, entry)
+    return {**entry, "how": "measured"}
+
+
+def _store(key: str, entry: dict) -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = entry
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(table, f, indent=1)
+        os.replace(f.name, path)  # atomic: ranks measuring at once never read half a file
+    except OSError:
+        pass  # an unwritable cache: measure again next time
+
+
+def measure(kind: str, shapes: tuple[tuple[int, int, int], ...] | None = None) -> dict[str, float]:
+    """GOPS of each candidate route of ``kind`` on ``shapes`` (default :data:`PROBE_SHAPES`), each operand in the
+    layout the route gets in training; the median of :data:`PROBE_REPEATS` runs, the candidates interleaved so that
+    a slower moment of the machine hurts all of them alike."""
+    shapes = shapes or PROBE_SHAPES[kind]
+    names = candidates(kind)
+    g = torch.Generator().manual_seed(0)
+    problems = []
+    for m, k, n in shapes:
+        if kind == "ternary":
+            a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+            b_nk = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
+            layouts = {r: b_nk.t() if r in K_CONTIGUOUS_ROUTES else b_nk.t().contiguous() for r in names}
+            problems.append((a, layouts, 2 * m * k * n))
+        else:  # grad_weight: a = g'_q.T, the transposed view of a row-major (K_red, M) tensor
+            a = torch.randint(-127, 128, (k, m), dtype=torch.int8, generator=g).t()
+            b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+            problems.append((a, dict.fromkeys(names, b), 2 * m * k * n))
+    seconds: dict[str, list[float]] = {r: [0.0] * PROBE_REPEATS for r in names}
+    for a, layouts, _ in problems:
+        for r in names:
+            _run(r, kind)(a, layouts[r])  # warm-up: oneDNN's first call builds its kernels
+        for rep in range(PROBE_REPEATS):
+            for r in names:
+                start = time.perf_counter()
+                _run(r, kind)(a, layouts[r])
+                seconds[r][rep] += time.perf_counter() - start
+    ops = sum(p[2] for p in problems)
+    return {r: round(ops / statistics.median(seconds[r]) / 1e9, 1) for r in names}
+
+
+def _run(route: str, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda a, b: _route_mm(route, a, b, kind == "ternary")
+
+
+# --- the matmul ------------------------------------------------------------------------------------------------
+
+
 def right_operand_k_contiguous() -> bool:
-    """Whether the ternary-operand route wants ``b`` contiguous along the reduction (oneDNN's ``(N, K)`` weight)
-    rather than row-major ``(K, N)`` (``torch._int_mm``, ~1.7x faster that way)."""
-    return routes()["ternary"] == "onednn"
+    """Whether the ternary-operand route wants ``b`` contiguous along the reduction (a transposed view of a
+    row-major ``(N, K)``) rather than row-major ``(K, N)`` (``torch._int_mm``, ~1.7x faster that way)."""
+    return routes()["ternary"] in K_CONTIGUOUS_ROUTES
 
 
 def int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
     """Exact ``a (M, K) @ b (K, N)`` of int8 operands through this CPU's route: int32, or float32 holding the
-    exact integer values. ``b_ternary`` says ``b`` only holds {-1, 0, 1}, which the oneDNN route needs."""
-    route = routes()["ternary" if b_ternary else "full"]
+    exact integer values. ``b_ternary`` says ``b`` only holds {-1, 0, 1}, which ``onednn`` and ``signadd`` need."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return a.new_zeros((m, n), dtype=torch.int32)
-    if route == "int_mm":
-        return int_mm(a, b)
-    if route == "onednn" and k <= FP32_EXACT_TERNARY:
-        return _onednn_mm(a, b)
-    if route == "reference":
-        return reference.int8_mm(a, b)
-    return _fp32_mm(a, b, FP32_EXACT_TERNARY if b_ternary else FP32_EXACT_BLOCK)
+    return _route_mm(routes()["ternary" if b_ternary else "full"], a, b, b_ternary)
+
+
+def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
+    with torch.autocast("cpu", enabled=False):
+        if route == "int_mm":
+            return int_mm(a, b)
+        if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
+            return _onednn_mm(a, b)
+        if route == "signadd":
+            return cpu_sign_gemm.ternary_mm(a, b)
+        if route == "reference":
+            return reference.int8_mm(a, b)
+        return _fp32_mm(a, b, FP32_EXACT_TERNARY if b_ternary else FP32_EXACT_BLOCK)
 
 
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:

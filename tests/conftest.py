@@ -92,6 +92,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exact_route_pairs() -> list[tuple[str, str]]:
+    """Every ``(ternary, full)`` pair of CPU int8 matmul routes this machine can run, one per ternary route (the
+    full-range matmul takes the same route where it is exact for it, else FP32): what :func:`cpu_route` runs a
+    test under, so that an AVX-512 machine also runs the routes an AVX2 machine chooses, and the other way round."""
+    from bitnet_ao.kernels import cpu_matmul
+
+    full = cpu_matmul.EXACT_ROUTES["full"]
+    return [(t, t if t in full else "fp32") for t in cpu_matmul.available_routes("ternary") if t != "reference"]
+
+
+@pytest.fixture(params=exact_route_pairs(), ids=lambda pair: pair[0])
+def cpu_route(request, force_routes) -> tuple[str, str]:
+    """Runs the test once per route pair of :func:`exact_route_pairs`, forced for the whole test."""
+    force_routes(*request.param)
+    return request.param
+
+
 @pytest.fixture
 def force_routes(monkeypatch):
     """``force_routes(ternary, full)``: make the CPU int8 matmuls take the given routes (``cpu_matmul.ROUTES``)

@@ -22,6 +22,11 @@ from tests.conftest import random_int8
 FULL_RANGE_ROUTES = ("int_mm", "fp32", "reference")  # exact for any int8 operands on every CPU
 
 
+def _full_route(route: str) -> str:
+    """``route`` for the full-range matmul too where it is exact for it, else the float64 reference."""
+    return route if route in FULL_RANGE_ROUTES else "reference"
+
+
 def _exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.double() @ b.double()
 
@@ -62,7 +67,7 @@ def test_full_range_operands_are_exact_beyond_one_fp32_block(force_routes, route
 
 @pytest.mark.parametrize("route", cpu_matmul.ROUTES)
 def test_empty_shapes(force_routes, route):
-    force_routes(route, route if route != "onednn" else "reference")
+    force_routes(route, _full_route(route))
     for m, k, n in ((0, 8, 4), (3, 0, 4), (3, 8, 0)):
         out = cpu_matmul.int8_mm(torch.zeros(m, k, dtype=torch.int8), torch.zeros(k, n, dtype=torch.int8), True)
         assert out.shape == (m, n) and not out.any()
@@ -83,46 +88,74 @@ def test_bitnet_linear_training_step_is_identical_on_every_route(force_routes, r
         return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
     expected = step("reference", "reference")
-    got = step(route, route if route != "onednn" else "reference")
+    got = step(route, _full_route(route))
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g), route
 
 
-def test_env_var_forces_a_route(monkeypatch):
-    cpu_matmul.routes.cache_clear()
-    try:
-        monkeypatch.setenv(cpu_matmul.ENV_VAR, "fp32")
-        assert cpu_matmul.routes() == {"ternary": "fp32", "full": "fp32"}
-        cpu_matmul.routes.cache_clear()
-        monkeypatch.setenv(cpu_matmul.ENV_VAR, "onednn")
-        if cpu_matmul._onednn_available():
-            # oneDNN is not exact for the full-range grad_weight without VNNI: that one keeps the CPU's default.
-            assert cpu_matmul.routes()["ternary"] == "onednn"
-            assert cpu_matmul.routes()["full"] in ("int_mm", "fp32")
-        cpu_matmul.routes.cache_clear()
-        monkeypatch.setenv(cpu_matmul.ENV_VAR, "ternary=reference,full=fp32")
-        assert cpu_matmul.routes() == {"ternary": "reference", "full": "fp32"}
-        for bad in ("int4", "ternary=int_mm", "ternary=int_mm,full=onednn"):
-            cpu_matmul.routes.cache_clear()
-            monkeypatch.setenv(cpu_matmul.ENV_VAR, bad)
-            with pytest.raises(ValueError, match=f"BITNET_AO_CPU_INT8_ROUTE='{bad}': expected one of"):
-                cpu_matmul.routes()
-    finally:
-        cpu_matmul.routes.cache_clear()
-
-
-def test_cpu_without_fast_int8_warns_once_and_stays_exact(monkeypatch):
+@pytest.fixture
+def fresh_routes(monkeypatch, tmp_path):
+    """Route choices made afresh in this test, with an empty on-disk cache, and forgotten after it."""
+    monkeypatch.setenv("BITNET_AO_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(cpu_matmul.ENV_VAR, raising=False)
-    monkeypatch.setattr(cpu_matmul, "cpu_has_int8_dot_product", lambda: False)
-    monkeypatch.setattr(cpu_matmul, "_onednn_available", lambda: False)
-    cpu_matmul.routes.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="no fast int8 matmul.*FP32"):
-            assert cpu_matmul.routes() == {"ternary": "fp32", "full": "fp32"}
-        a, b = _operands(5, 2000, 6, ternary=False, extreme=True)
-        assert torch.equal(cpu_matmul.int8_mm(a, b, b_ternary=False).double(), _exact(a, b))
-    finally:
-        cpu_matmul.routes.cache_clear()
+    cpu_matmul.route_report.cache_clear()
+    yield
+    cpu_matmul.route_report.cache_clear()
+
+
+def test_env_var_forces_a_route(monkeypatch, fresh_routes):
+    monkeypatch.setenv(cpu_matmul.ENV_VAR, "fp32")
+    assert cpu_matmul.routes() == {"ternary": "fp32", "full": "fp32"}
+    assert cpu_matmul.route_report()["ternary"]["how"] == "forced"
+    for ternary_only in ("onednn", "signadd"):
+        if ternary_only not in cpu_matmul.available_routes("ternary"):
+            continue
+        cpu_matmul.route_report.cache_clear()
+        monkeypatch.setenv(cpu_matmul.ENV_VAR, ternary_only)
+        # Not exact for the full-range grad_weight: that one is measured among the exact routes.
+        assert cpu_matmul.routes()["ternary"] == ternary_only
+        assert cpu_matmul.routes()["full"] in cpu_matmul.candidates("full")
+        assert cpu_matmul.route_report()["full"]["how"] in ("measured", "cached")
+    cpu_matmul.route_report.cache_clear()
+    monkeypatch.setenv(cpu_matmul.ENV_VAR, "ternary=reference,full=fp32")
+    assert cpu_matmul.routes() == {"ternary": "reference", "full": "fp32"}
+    for bad in ("int4", "ternary=int_mm", "ternary=int_mm,full=onednn", "ternary=fp32,full=signadd"):
+        cpu_matmul.route_report.cache_clear()
+        monkeypatch.setenv(cpu_matmul.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=f"BITNET_AO_CPU_INT8_ROUTE='{bad}': expected one of"):
+            cpu_matmul.routes()
+
+
+def test_routes_are_measured_and_the_fastest_kept_and_cached(monkeypatch, fresh_routes, tmp_path):
+    """The choice is the fastest candidate as measured (here: made up), FP32 is always a candidate, and a later
+    process on the same machine reads the choice from disk instead of measuring again."""
+    made_up = {"ternary": {"fp32": 50.0, "onednn": 10.0, "signadd": 20.0}, "full": {"fp32": 50.0}}
+    calls = []
+
+    def fake_measure(kind):
+        calls.append(kind)
+        return {r: made_up[kind].get(r, 1.0) for r in cpu_matmul.candidates(kind)}
+
+    monkeypatch.setattr(cpu_matmul, "measure", fake_measure)
+    assert "fp32" in cpu_matmul.candidates("ternary") and "fp32" in cpu_matmul.candidates("full")
+    with pytest.warns(UserWarning, match="no int8 matmul route measured faster than an FP32 GEMM"):
+        assert cpu_matmul.routes() == {"ternary": "fp32", "full": "fp32"}
+    assert sorted(calls) == ["full", "ternary"]
+    assert (tmp_path / "cpu_int8_routes.json").exists()
+    cpu_matmul.route_report.cache_clear()
+    with pytest.warns(UserWarning, match="FP32"):
+        report = cpu_matmul.route_report()
+    assert len(calls) == 2 and {e["how"] for e in report.values()} == {"cached"}
+    # Exact whatever was chosen: the FP32 route on a full-range product past one exact block.
+    a, b = _operands(5, 2000, 6, ternary=False, extreme=True)
+    assert torch.equal(cpu_matmul.int8_mm(a, b, b_ternary=False).double(), _exact(a, b))
+
+
+def test_measuring_times_every_candidate(fresh_routes):
+    """The real measurement, on small shapes: a speed for every candidate, and the choice is one of them."""
+    for kind, shape in (("ternary", (64, 256, 128)), ("full", (128, 64, 256))):
+        gops = cpu_matmul.measure(kind, (shape,))
+        assert set(gops) == set(cpu_matmul.candidates(kind)) and all(v > 0 for v in gops.values())
 
 
 _AVX2_ONEDNN = """
@@ -147,3 +180,34 @@ def test_onednn_on_avx2_is_exact_for_ternary_weights_only():
     errors = dict(line.split() for line in out.stdout.strip().splitlines())
     assert float(errors["ternary"]) == 0.0
     assert float(errors["full"]) > 0.0, "oneDNN's AVX2 kernel no longer saturates: the full route could use it"
+
+
+def test_every_route_is_exact_inside_autocast(cpu_route):
+    """An enclosing BF16 autocast must not reach a route's matmul: the FP32 route's torch.mm would run in BF16."""
+    a, b = _operands(64, 2048, 96, ternary=False, extreme=False)
+    ternary_b = b.clamp(-1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = cpu_matmul.int8_mm(a, b, b_ternary=False)
+        ternary = cpu_matmul.int8_mm(a, ternary_b.t().contiguous().t(), b_ternary=True)
+    assert torch.equal(full.double(), _exact(a, b))
+    assert torch.equal(ternary.double(), _exact(a, ternary_b))
+
+
+def test_backward_inside_autocast_gives_the_same_gradients(cpu_route):
+    """A loop that calls backward() inside its autocast block gets the gradients of one that calls it outside."""
+
+    def grads(backward_in_autocast: bool):
+        torch.manual_seed(0)
+        layer = nn.Linear(2048, 96)
+        quantize_(layer, bitnet_training())
+        x = torch.randn(64, 2048, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = layer(x).float().square().sum()
+            if backward_in_autocast:
+                loss.backward()
+        if not backward_in_autocast:
+            loss.backward()
+        return x.grad, layer.weight.grad, layer.bias.grad
+
+    for inside, outside in zip(grads(True), grads(False), strict=True):
+        assert torch.equal(inside, outside)

@@ -256,6 +256,22 @@ def _compiled() -> dict:
     return _compare(compiled, eager)
 
 
+def _every_route() -> dict:
+    """The packed all-gather output runs each CPU int8 route this machine has (the routes another CPU would
+    choose included): FSDP2 equals the single process under every one."""
+    from bitnet_ao.kernels import cpu_matmul
+    from tests.conftest import exact_route_pairs
+
+    original, errors = cpu_matmul.routes, {}
+    try:
+        for ternary, full in exact_route_pairs():
+            cpu_matmul.routes = lambda t=ternary, f=full: {"ternary": t, "full": f}
+            errors[ternary] = _training(33, 36, reshard=True, precompute=True)().get("max_rel_err")
+    finally:
+        cpu_matmul.routes = original
+    return {"max_rel_err": errors}
+
+
 def _rank0() -> bool:
     return dist.get_rank() == 0
 
@@ -286,6 +302,7 @@ SCENARIOS_2: dict[str, Callable[[], dict]] = {
     "bytes": lambda: _bytes(64, 128),
     "bytes_odd": lambda: _bytes(33, 33),
     "compiled": _compiled,
+    "every_route": _every_route,
 }
 SCENARIOS_4: dict[str, Callable[[], dict]] = {"hsdp": _hsdp}
 
@@ -318,6 +335,11 @@ def results() -> Iterator[dict[str, dict]]:
 def test_fsdp_fp32_matches_single_process(results, name):
     r = scenario_result(results, name)
     assert r["max_rel_err"] < 1e-5, r
+
+
+def test_fsdp_matches_single_process_on_every_cpu_route(results):
+    errors = scenario_result(results, "every_route")["max_rel_err"]
+    assert errors and all(e < 1e-5 for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("name", ["bf16_params", "bf16_params_uneven"])

@@ -114,7 +114,7 @@ def test_compiled_float32_norms_train_without_heap_corruption():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_traces_the_fused_norm():
+def test_torch_compile_fullgraph_traces_the_fused_norm(cpu_route):
     """Whole-model torch.compile: the fused ops' fake implementations must match the real ones (dtypes, shapes),
     and the compiled forward and backward give the eager numbers."""
     layer = _normed_bitnet_linear(64, 32, torch.float32)

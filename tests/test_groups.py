@@ -78,7 +78,7 @@ def _blocks(layer: nn.Linear, groups: int, group_dim: int) -> list[nn.Linear]:
 
 @pytest.mark.parametrize("weights", ["ternary", "binary"])
 @pytest.mark.parametrize("group_dim", [0, 1])
-def test_a_grouped_layer_equals_its_shards_forward_and_backward(weights, group_dim):
+def test_a_grouped_layer_equals_its_shards_forward_and_backward(cpu_route, weights, group_dim):
     """The layout-independence property: column blocks concatenate (group_dim 0) and row blocks sum (group_dim 1)
     to the grouped layer's output, input gradient and weight gradient, exactly in float32."""
     layer, _ = _layers(3, group_dim, weights)
@@ -109,7 +109,7 @@ def test_groups_must_divide_the_grouped_dimension():
 
 
 @pytest.mark.parametrize("group_dim", [0, 1])
-def test_packed_inference_with_groups_equals_training(group_dim):
+def test_packed_inference_with_groups_equals_training(cpu_route, group_dim):
     layer, _ = _layers(3, group_dim, bias=True)
     packed = copy.deepcopy(layer)
     quantize_(packed, bitnet_inference())

@@ -1,0 +1,97 @@
+"""Build a C source of this folder for this CPU on first use, and load it: the one place that knows the flags, the
+compiler and the cache.
+
+Each kernel module (``cpu_gemv.py``, ``cpu_sign_gemm.py``) hands :func:`load` its ``.c`` file and gets a
+``ctypes.CDLL`` back, or ``None`` (after a one-time warning) when no compiler works, so the caller takes its torch
+path instead. Built with the C compiler inductor uses (``CC``, else ``cc``/``gcc``/``clang``), ``-O3 -march=native
+-ffp-contract=off -fopenmp``; cached per machine in ``BITNET_AO_CACHE_DIR`` (default ``~/.cache/bitnet_ao``). When
+torch is told to stay at AVX2 (``ATEN_CPU_CAPABILITY=avx2``) the kernels are built for ``x86-64-v3`` (AVX2 + FMA)
+instead, so an AVX-512 machine runs the AVX2 code (the instruction set, not the datapath width of an AVX2 CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+
+def march() -> str:
+    """The ``-march`` the kernels are built with (see the module docstring)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if platform.machine().lower() in ("x86_64", "amd64") and capability in ("avx2", "default"):
+        return "-march=x86-64-v3" if capability == "avx2" else "-march=x86-64"
+    return "-march=native"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITNET_AO_CACHE_DIR", Path.home() / ".cache" / "bitnet_ao"))
+
+
+def cpu_signature() -> str:
+    """What a ``-march=native`` build depends on: the architecture, the CPU model and its feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines if ":" in line)}
+    return f"{platform.machine()} {fields.get('model name', platform.processor())} {fields.get('flags', '')}"
+
+
+@functools.cache
+def load(source: Path) -> ctypes.CDLL | None:
+    """``source`` compiled for this machine (cached) and loaded, or ``None`` after a warning that says why."""
+    cc = compiler()
+    if cc is None:
+        warnings.warn(
+            f"bitnet_ao: no C compiler found for {source.name}; its torch fallback runs instead", stacklevel=3
+        )
+        return None
+    # -ffp-contract=off: no fused multiply-adds, every float operation rounds where torch's does.
+    flags = ["-O3", march(), "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+    # -march=native builds for the machine that compiles: the key names the machine too.
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), cc.encode(), " ".join(flags).encode(), cpu_signature().encode()])
+    ).hexdigest()[:16]
+    path = cache_dir() / f"{source.stem}-{key}.so"
+    if not path.exists():
+        try:
+            error = _build(cc, flags, source, path)
+        except OSError as e:  # an unwritable cache directory, a compiler that cannot start
+            error = str(e)
+        if error is not None:
+            warnings.warn(
+                f"bitnet_ao: building {source.name} failed ({cc} {' '.join(flags)}); its torch fallback runs "
+                f"instead:\n{error[-2000:]}",
+                stacklevel=3,
+            )
+            return None
+    return ctypes.CDLL(str(path))
+
+
+def _build(cc: str, flags: list[str], source: Path, path: Path) -> str | None:
+    """Compile ``source`` to ``path``; the compiler's error output on failure, else ``None``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        result = subprocess.run(
+            [cc, *flags, str(source), "-o", str(built)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            return result.stderr or f"exit status {result.returncode}"
+        os.replace(built, path)  # atomic: concurrent ranks never load a half-written library
+    return None
