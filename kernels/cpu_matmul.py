@@ -39,12 +39,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from . import cpu_build, cpu_sign_gemm, reference
 from ..private_api import cpu_has_int8_dot_product, int_mm, onednn_int8_linear, onednn_int8_linear_available
+from . import cpu_build, cpu_sign_gemm, reference
 
 ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.
@@ -149,12 +150,12 @@ def _cache_key() -> str:
         f"onednn_isa={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}",
         cpu_sign_gemm.SOURCE.read_text(),
         # This file: a change to a route or to the probe invalidates the choice.
-        open(__file__).read(),
+        Path(__file__).read_text(),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
 
-def _cache_file():
+def _cache_file() -> Path:
     return cpu_build.cache_dir() / "cpu_int8_routes.json"
 
 
