@@ -20,8 +20,8 @@ linear) and ``"full"`` (full-range int8 on both sides: ``grad_weight = g'_q.T @ 
 :func:`routes` measures the candidates once per machine (a fraction of a second to a few seconds, at first use) on
 the shapes of :data:`PROBE_SHAPES`, keeps the fastest of each kind and caches the choice on disk, keyed by the CPU
 model, the thread count, the torch and kernel versions (``BITNET_AO_CACHE_DIR``). ``BITNET_AO_CPU_INT8_ROUTE``
-forces a route: one name for every kind it computes exactly (``onednn`` and ``signadd`` leave the full-range
-matmul to measurement), or ``ternary=ROUTE,full=ROUTE``. :func:`route_report` says what was chosen and why.
+forces a route: one name for every kind it computes exactly (``onednn`` and ``signadd`` leave the
+full-range matmul to measurement), or ``ternary=ROUTE,full=ROUTE``. :func:`route_report` says what was chosen and why.
 
 Every route runs with autocast disabled: an enclosing ``torch.autocast("cpu", dtype=torch.bfloat16)`` would
 otherwise run the FP32 route's ``torch.mm`` in BF16, and the sums would no longer be exact.

@@ -93,16 +93,19 @@ def free_port() -> int:
 
 
 def exact_route_pairs() -> list[tuple[str, str]]:
-    """Every ``(ternary, full)`` pair of CPU int8 matmul routes this machine can run, one per ternary route (the
-    full-range matmul takes the same route where it is exact for it, else FP32): what :func:`cpu_route` runs a
-    test under, so that an AVX-512 machine also runs the routes an AVX2 machine chooses, and the other way round."""
+    """``(ternary, full)`` pairs of CPU int8 matmul routes that cover every route this machine can run, one pair per
+    ternary route (the full-range matmul takes the same route where it is exact for it, else a full-range route
+    not yet covered, else FP32): what :func:`cpu_route` runs a test under, so that an AVX-512 machine also runs
+    the routes an AVX2 machine chooses, and the other way round."""
     from bitnet_ao.kernels import cpu_matmul
 
-    full = cpu_matmul.EXACT_ROUTES["full"]
-    return [(t, t if t in full else "fp32") for t in cpu_matmul.available_routes("ternary") if t != "reference"]
+    full = [r for r in cpu_matmul.available_routes("full") if r != "reference"]
+    ternary = [r for r in cpu_matmul.available_routes("ternary") if r != "reference"]
+    uncovered = [r for r in full if r not in ternary]
+    return [(t, t if t in full else (uncovered.pop(0) if uncovered else "fp32")) for t in ternary]
 
 
-@pytest.fixture(params=exact_route_pairs(), ids=lambda pair: pair[0])
+@pytest.fixture(params=exact_route_pairs(), ids=lambda pair: f"{pair[0]}+{pair[1]}")
 def cpu_route(request, force_routes) -> tuple[str, str]:
     """Runs the test once per route pair of :func:`exact_route_pairs`, forced for the whole test."""
     force_routes(*request.param)
