@@ -43,14 +43,30 @@ def short_name(dtype: torch.dtype | str) -> str:
     return SHORT_NAMES[getattr(torch, dtype) if isinstance(dtype, str) else dtype]
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.read_text().splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def cpu_model() -> str:
     """The CPU's marketing name (``/proc/cpuinfo``), or what ``platform`` knows where there is no /proc."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> str:
+    """``family F model M`` as lscpu prints them: two EPYCs of one marketing name can be Zen 1 (family 23) or
+    Zen 3 (family 25), whose int8 speeds differ by 2x."""
+    info = _cpuinfo()
+    return f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
 
 
 def describe(device: torch.device | str) -> dict:
@@ -61,10 +77,13 @@ def describe(device: torch.device | str) -> dict:
     return {
         "device": "cpu",
         "cpu": cpu_model(),
+        "family_model": cpu_family_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": cpu_has_native_bf16(),
         "int8_dot_product": cpu_has_int8_dot_product(),
         "int8_routes": cpu_matmul.routes(),
+        # How each route was chosen and the GOPS every candidate measured (cpu_matmul.route_report).
+        "int8_route_measurements": cpu_matmul.route_report(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
@@ -76,5 +95,18 @@ def summary(device: torch.device | str) -> str:
     if info["device"] == "cuda":
         return f"CUDA: {info['gpu']}"
     bf16 = "native BF16" if info["native_bf16"] else "no native BF16"
-    routes = " ".join(f"{kind}={route}" for kind, route in info["int8_routes"].items())
-    return f"CPU: {info['cpu']} ({info['capability']}, {bf16}), int8 routes: {routes}, {info['threads']} threads"
+    routes = "; ".join(
+        f"{kind}={entry['route']} ({_speeds(entry)})" for kind, entry in info["int8_route_measurements"].items()
+    )
+    return (
+        f"CPU: {info['cpu']}, {info['family_model']} ({info['capability']}, {bf16}), {info['threads']} threads; "
+        f"int8 routes: {routes}"
+    )
+
+
+def _speeds(entry: dict) -> str:
+    """A route choice in words: forced, or every candidate's measured GOPS."""
+    if entry["how"] == "forced":
+        return "forced"
+    gops = ", ".join(f"{route} {value:.0f}" for route, value in sorted(entry["gops"].items(), key=lambda kv: -kv[1]))
+    return f"GOPS {gops}; {entry['how']}"

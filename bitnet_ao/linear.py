@@ -192,11 +192,19 @@ class _BitNetLinearFunction(torch.autograd.Function):
         config: BitNetTrainingConfig = ctx.config
         g = grad_y.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = grad_norm = None
+        needs_grad_x = ctx.needs_input_grad[0] or (ctx.norm and ctx.needs_input_grad[5])
+        # Both INT8 products quantize g (per row, and per column after folding s_x in): one read of g for both.
+        both = config.int8_grad_input and config.int8_grad_weight and not config.grouped
+        g_rows = g_cols = None
+        if both and needs_grad_x and ctx.needs_input_grad[1]:
+            g_q, s_g, g_q_cols, s_g_cols = kernels.quantize_grad_output(g, s_x, GRADIENT_EPS)
+            g_rows, g_cols = (g_q, s_g), (g_q_cols, s_g_cols)
 
-        if ctx.needs_input_grad[0] or (ctx.norm and ctx.needs_input_grad[5]):
+        if needs_grad_x:
             if config.int8_grad_input:
                 # Column-parallel groups: one gradient scale per (token, group of N / G outputs).
-                g_q, s_g = quantize_groups(g, config.scale_groups if config.group_dim == 0 else 1, GRADIENT_EPS)
+                groups = config.scale_groups if config.group_dim == 0 else 1
+                g_q, s_g = g_rows or quantize_groups(g, groups, GRADIENT_EPS)
                 grad_x = weight.bitnet_mm(g_q, q, False, s_g, None, g.dtype)
             elif config.grouped:
                 grad_x = g @ (weight.bitnet_int8(q).to(g.dtype) * q.scale.to(g.dtype))
@@ -217,7 +225,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 blocks = []
                 per_group = zip(x_q.chunk(groups, dim=1), s_x.reshape(s_x.shape[0], groups).unbind(1), strict=True)
                 for x_q_g, s_x_g in per_group:
-                    g_q, s_g = kernels.quantize_colwise_scaled(g, s_x_g.contiguous(), GRADIENT_EPS)
+                    g_q, s_g = g_cols or kernels.quantize_colwise_scaled(g, s_x_g.contiguous(), GRADIENT_EPS)
                     blocks.append(
                         kernels.scaled_int8_mm(g_q.t(), x_q_g.contiguous(), s_g, None, None, None, weight.dtype)
                     )

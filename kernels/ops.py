@@ -140,6 +140,28 @@ def _(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return g.new_empty(g.shape, dtype=torch.int8), g.new_empty(g.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("bitnet_ao::quantize_grad_output", mutates_args=())
+def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`quantize_rowwise` and :func:`quantize_colwise_scaled` of the same ``g`` in one pass: ``(g_q int8
+    (M, N), s float32 (M,), g'_q int8 (M, N), s' float32 (N,))``, see ``reference.quantize_grad_output``."""
+    _check_2d("quantize_grad_output", g, "g")
+    _check_float("quantize_grad_output", g, "g")
+    return backend_for(g).quantize_grad_output(g, row_scale, eps)
+
+
+@quantize_grad_output.register_fake
+def _(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_2d("quantize_grad_output", g, "g")
+    m, n = g.shape
+    int8 = torch.int8
+    return (
+        g.new_empty((m, n), dtype=int8),
+        g.new_empty(m, dtype=torch.float32),
+        g.new_empty((m, n), dtype=int8),
+        (g.new_empty(n, dtype=torch.float32)),
+    )
+
+
 # --- weights: abs-mean statistics, ternary / binary values ------------------------------------------------
 
 
@@ -360,6 +382,7 @@ OPS = (
     rms_norm_quantize_rowwise,
     rms_norm_backward,
     quantize_colwise_scaled,
+    quantize_grad_output,
     weight_stats,
     ternarize,
     binarize,

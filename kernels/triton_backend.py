@@ -15,6 +15,11 @@ from .triton_mm import scaled_int8_mm, scaled_int8_mm_packed
 from .triton_quant import binarize, quantize_colwise_scaled, quantize_rowwise, ternarize, weight_stats
 
 
+def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The two gradient quantizations by their own kernels (a single-read kernel is not written yet)."""
+    return (*quantize_rowwise(g, eps), *quantize_colwise_scaled(g, row_scale, eps))
+
+
 def right_operand_k_contiguous(t: Tensor) -> bool:
     """Layout of the right operand ``b`` (``(K, N)``) that the matmul is fastest with: 8-bit tensor-core MMAs on
     Hopper take only operands contiguous along the reduction dimension (see docs/kernels.md), so ``b`` should be a
@@ -25,6 +30,7 @@ def right_operand_k_contiguous(t: Tensor) -> bool:
 __all__ = [
     "binarize",
     "quantize_colwise_scaled",
+    "quantize_grad_output",
     "quantize_rowwise",
     "right_operand_k_contiguous",
     "rms_norm_backward",

@@ -299,3 +299,24 @@ def test_weight_is_the_subclass_and_grad_is_plain():
     assert isinstance(layer.weight, BitNetTrainingLinearWeight) and isinstance(layer.weight, nn.Parameter)
     layer(torch.randn(2, 8)).sum().backward()
     assert type(layer.weight.grad) is torch.Tensor
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_forward_quantizes_the_weight_as_it_is_now(fused):
+    """No cached weight quantization may outlive an optimizer step. torch 2.13's fused AdamW advances no version
+    counter of a BitNet weight (neither the wrapper's nor the master's), so a cache keyed on versions would train
+    on stale scales without a word: the scale used must be the abs-mean of the weight after the step."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    quantize_(layer, bitnet_training())
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=fused)
+    x = torch.randn(4, 16)
+    for _ in range(2):
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        _, s_w = ternary_weight(layer.weight._data)
+        assert torch.equal(layer.weight.bitnet_quantization().scale, s_w)
+        ref = FakeQuantBitLinear(16, 8)
+        ref.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)

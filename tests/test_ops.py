@@ -78,6 +78,20 @@ def test_quantize_colwise_scaled_matches_spec(cpu_path, dtype):
     assert torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_grad_output_is_both_quantizations_of_the_spec(cpu_path, dtype):
+    """The one-pass op of the INT8 backward: per-row int8 of g and per-column int8 of g * s_x, as the spec's
+    quantizer gives them (tests/spec_reference.py)."""
+    torch.manual_seed(2)
+    g = (torch.randn(37, 20) * 1e-3).to(dtype)
+    s_x = torch.rand(37) * 0.1
+    g_q, s, g_q_cols, s_cols = kernels.quantize_grad_output(g, s_x, reference.GRADIENT_EPS)
+    q_ref, s_ref = act_quant(g.float(), eps=reference.GRADIENT_EPS)
+    assert torch.equal(g_q, q_ref.to(torch.int8)) and torch.equal(s, s_ref)
+    q_ref, s_ref = act_quant((g.float() * s_x[:, None]).t(), eps=reference.GRADIENT_EPS)
+    assert torch.equal(g_q_cols, q_ref.t().to(torch.int8)) and torch.equal(s_cols, s_ref)
+
+
 def test_quantize_colwise_scaled_empty_batch():
     g_q, s = kernels.quantize_colwise_scaled(torch.empty(0, 5), torch.empty(0), reference.GRADIENT_EPS)
     assert g_q.shape == (0, 5) and s.shape == (5,) and torch.isfinite(s).all()
@@ -190,6 +204,7 @@ def _opcheck_samples() -> dict[str, tuple]:
     return {
         "quantize_rowwise": (x, 1e-5),
         "quantize_colwise_scaled": (x, torch.rand(9), 1e-30),
+        "quantize_grad_output": (x, torch.rand(9), 1e-30),
         "weight_stats": (w,),
         "ternarize": (w, s, True),
         "binarize": (w, s, False),
