@@ -60,11 +60,12 @@ FP32_EXACT_TERNARY = 1 << 17
 
 ENV_VAR = "BITNET_AO_CPU_INT8_ROUTE"
 
-#: ``(M, K, N)`` of the matmuls each kind is measured on: a 512-token forward and grad_input of a 1024 x 2816
-#: linear (an MLP of the main job's model), and its grad_weight. Big enough for the GEMMs' steady state.
+#: ``(M, K, N)`` of the matmuls each kind is measured on: a 1024-token forward and grad_input of a 1024 x 2816
+#: linear (an MLP of the main job's model), and its grad_weight. At 512 tokens the order of two routes within 10%
+#: of each other could differ from the order at training sizes (Zen 3: signadd ahead at 512, oneDNN at 1024+).
 PROBE_SHAPES = {
-    "ternary": ((512, 1024, 2816), (512, 2816, 1024)),
-    "full": ((2816, 512, 1024),),
+    "ternary": ((1024, 1024, 2816), (1024, 2816, 1024)),
+    "full": ((2816, 1024, 1024),),
 }
 #: Timed runs of each candidate on each probe shape (after one warm-up); the median counts.
 PROBE_REPEATS = 3
