@@ -19,6 +19,8 @@ ORDER = [
     "bitnet_ao.config",
     # kernels: the numerics contract as code, the backends, the custom ops
     "bitnet_ao.kernels.reference",
+    "bitnet_ao.kernels.cpu_build",
+    "bitnet_ao.kernels.cpu_sign_gemm",
     "bitnet_ao.kernels.cpu_matmul",
     "bitnet_ao.kernels.cpu_gemv",
     "bitnet_ao.kernels.cpu",
