@@ -129,7 +129,7 @@ def test_dtype_auto_and_the_fp32_preset() -> None:
     bf16 = pretrain.parse_args(["--dtype", "bfloat16"])
     assert (bf16.steps, bf16.batch_size, bf16.eval_every) == (50, 16, 25)
     fp32 = pretrain.parse_args(["--dtype", "float32"])
-    assert (fp32.steps, fp32.batch_size, fp32.eval_every, fp32.seq_len) == (30, 8, 15, 128)
+    assert (fp32.steps, fp32.batch_size, fp32.eval_every, fp32.seq_len) == (24, 8, 12, 128)
     given = pretrain.parse_args(["--dtype", "float32", "--steps", "40", "--batch-size", "12"])
     assert (given.steps, given.batch_size) == (40, 12)
     tiny = pretrain.parse_args(["--preset", "tiny", "--dtype", "float32"])
