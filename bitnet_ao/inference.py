@@ -22,7 +22,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from .config import BitNetInferenceConfig, BitNetTrainingConfig
 from .kernels import reference
 from .packed import BitNetPackedLinearWeight, bits_per_value
-from .tensor import BitNetTrainingLinearWeight, register_checkpoint_hooks
+from .tensor import BitNetTrainingLinearWeight, checked_linear_weight, describe_module, register_checkpoint_hooks
 from .weight_quant import quantize_weight, weight_quantization
 
 #: State-dict key suffix of the weight scale next to the packed ``weight`` (the name Hugging Face uses too).
@@ -44,7 +44,7 @@ def _recipe(weight: Tensor, config: BitNetInferenceConfig, module: nn.Module) ->
     if isinstance(weight, (BitNetTrainingLinearWeight, BitNetPackedLinearWeight)):
         if config.weights is not None and config.weights != weight.config.weights:
             raise ValueError(
-                f"bitnet_inference(weights={config.weights!r}): {module!r} was trained with "
+                f"bitnet_inference(weights={config.weights!r}): {describe_module(module)} was trained with "
                 f"{weight.config.weights} weights; drop the argument to keep them"
             )
         return weight.config
@@ -53,20 +53,21 @@ def _recipe(weight: Tensor, config: BitNetInferenceConfig, module: nn.Module) ->
 
 @register_quantize_module_handler(BitNetInferenceConfig)
 def _bitnet_inference_transform(module: nn.Module, config: BitNetInferenceConfig) -> nn.Module:
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise TypeError(f"bitnet_inference: {module!r} has no 2-D weight; only nn.Linear-like modules are supported")
+    weight = checked_linear_weight(module, "bitnet_inference")
     if isinstance(weight, DTensor):
         raise TypeError(
-            f"bitnet_inference: {module!r} has a sharded (DTensor) weight; gather the full model first (e.g. "
-            "torch.distributed.checkpoint's get_model_state_dict with full_state_dict=True into an unsharded model)"
+            f"bitnet_inference: {describe_module(module)} has a sharded (DTensor) weight; gather the full model "
+            "first (e.g. torch.distributed.checkpoint's get_model_state_dict with full_state_dict=True into an "
+            "unsharded model)"
         )
     recipe = _recipe(weight, config, module)
     if isinstance(weight, BitNetPackedLinearWeight):
         return module  # already packed
     data = weight._data if isinstance(weight, BitNetTrainingLinearWeight) else weight.detach()
     if not data.dtype.is_floating_point:
-        raise TypeError(f"bitnet_inference: {module!r} has a {data.dtype} weight; expected a floating-point weight")
+        raise TypeError(
+            f"bitnet_inference: {describe_module(module)} has a {data.dtype} weight; expected a floating-point weight"
+        )
     module.weight = nn.Parameter(pack_linear_weight(data, recipe), requires_grad=False)
     register_checkpoint_hooks(module, _state_dict_post_hook, _load_state_dict_pre_hook)
     return module

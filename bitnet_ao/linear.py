@@ -274,7 +274,9 @@ def bitnet_linear(
     ``sequence_gather``: sequence parallelism, see :class:`SequenceGather`; the output covers the whole sequence."""
     _check_inputs(input, weight, bias)
     device_type = input.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else input.dtype
+    # Devices without autocast (meta: shape inference and model sizing) cannot even be asked about it.
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else input.dtype
     if input_norm is None:
         input = input.to(dtype)
     if bias is not None:

@@ -21,6 +21,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from . import kernels
 from .config import BitNetTrainingConfig
 from .linear import bitnet_linear, scaled_mm_groups
+from .packed import BitNetPackedLinearWeight
 from .private_api import (
     disable_torch_function_subclass,
     dtensor_local,
@@ -218,6 +219,11 @@ def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, loca
         # state_dict(keep_vars=True) hands out the parameter itself, for code that wants the live object.
         if value is not None and value is not param:
             state_dict[prefix + name] = _checkpoint_value(value)
+    # A weight tied to a module that is not quantized (an output head tied to the input embedding) appears under
+    # that module's key too, and that module has no hook: its entries already written are fixed here.
+    for key, value in state_dict.items():
+        if isinstance(value, BitNetTrainingLinearWeight) and not isinstance(value, nn.Parameter):
+            state_dict[key] = value._data
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
@@ -249,28 +255,73 @@ torch.serialization.add_safe_globals([BitNetTrainingLinearWeight, BitNetTraining
 # --- quantize_ and its inverse ----------------------------------------------------------------------------
 
 
+def describe_module(module: nn.Module) -> str:
+    """A module in a few words for an error message: a linear's own repr, else its class and weight shape (the
+    repr of a model or block is the whole model)."""
+    if isinstance(module, nn.Linear) and not module._modules:
+        return repr(module)
+    weight = getattr(module, "weight", None)
+    shape = f" with a weight of shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else ""
+    return f"{type(module).__name__}{shape}"
+
+
+def checked_linear_weight(module: nn.Module, recipe: str) -> Tensor:
+    """The weight of the ``nn.Linear`` ``module`` that ``recipe`` (a config's name, for the message) quantizes;
+    a clear error for anything else, before anything changes."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(
+            f"{recipe}: {describe_module(module)} is not an nn.Linear. BitNet quantizes linear layers (it replaces "
+            "F.linear; an embedding lookup or a convolution would keep using the high-precision weight). Select "
+            "linears only, e.g. quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) "
+            "and 'lm_head' not in fqn), or bitnet_ao.surgery.quantize_filter"
+        )
+    return module.weight
+
+
+def replace_parameter(old: nn.Parameter, new: nn.Parameter) -> None:
+    """Make the parameter object ``old`` become ``new`` in place (``torch.utils.swap_tensors``) rather than
+    registering a new object on one module: every module sharing it (an output head tied to the input embedding)
+    keeps sharing one parameter, optimized once, and an optimizer built before ``quantize_`` steps it."""
+    torch.utils.swap_tensors(old, new)
+
+
 @register_quantize_module_handler(BitNetTrainingConfig)
 def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) -> nn.Module:
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise TypeError(f"bitnet_training: {module!r} has no 2-D weight; only nn.Linear-like modules are supported")
+    weight = checked_linear_weight(module, "bitnet_training")
+    if isinstance(weight, BitNetPackedLinearWeight):
+        raise TypeError(
+            f"bitnet_training: {describe_module(module)} holds a packed inference weight (bitnet_inference): its "
+            "high-precision values are gone and cannot be trained. Quantize for training before packing, or load "
+            "a training checkpoint (plain master weights) into a fresh model"
+        )
     data = weight._data if isinstance(weight, BitNetTrainingLinearWeight) else weight.detach()
     if not data.dtype.is_floating_point:
         raise TypeError(
-            f"bitnet_training: {module!r} has a {data.dtype} weight; BitNet training needs a floating-point "
-            "master weight (float32, bfloat16 or float16)"
+            f"bitnet_training: {describe_module(module)} has a {data.dtype} weight; BitNet training needs a "
+            "floating-point master weight (float32, bfloat16 or float16)"
         )
-    config.check_shape(tuple(data.shape), f"bitnet_training: {module!r}")
-    module.weight = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
+    config.check_shape(tuple(data.shape), f"bitnet_training: {describe_module(module)}")
+    new = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
+    if isinstance(weight, nn.Parameter):
+        replace_parameter(weight, new)
+    else:
+        module.weight = new
     register_checkpoint_hooks(module)
     return module
 
 
 def unquantize_(model: nn.Module) -> nn.Module:
     """Replace every ``BitNetTrainingLinearWeight`` in ``model`` by a plain ``nn.Parameter`` holding its master
-    weight (in place; returns ``model``). The inverse of ``quantize_(model, bitnet_training())``."""
+    weight (in place, the same parameter objects; returns ``model``). The inverse of ``quantize_(model,
+    bitnet_training())``. Packed inference weights have no master weight left: a clear error."""
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        for param in module.parameters(recurse=False):
             if isinstance(param, BitNetTrainingLinearWeight):
-                setattr(module, name, nn.Parameter(param._data, requires_grad=param.requires_grad))
+                replace_parameter(param, nn.Parameter(param._data, requires_grad=param.requires_grad))
+            elif isinstance(param, BitNetPackedLinearWeight):
+                raise TypeError(
+                    f"unquantize_: {describe_module(module)} holds a packed inference weight (bitnet_inference); "
+                    "its high-precision values were freed when it was packed. Load the training checkpoint "
+                    "(master weights) into a fresh model instead"
+                )
     return model
