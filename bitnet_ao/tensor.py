@@ -10,6 +10,7 @@ of this class (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``) is installed 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -301,7 +302,15 @@ def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) 
             "floating-point master weight (float32, bfloat16 or float16)"
         )
     config.check_shape(tuple(data.shape), f"bitnet_training: {describe_module(module)}")
-    new = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=weight.requires_grad)
+    if not weight.requires_grad:
+        # transformers' TorchAoConfig loads every weight it quantizes with requires_grad=False: kept, that would
+        # train only the embeddings, norms and head, without a word.
+        warnings.warn(
+            "bitnet_training: weights loaded with requires_grad=False (as transformers' TorchAoConfig loads them) "
+            "become trainable BitNet master weights; to freeze some, call requires_grad_(False) after quantize_",
+            stacklevel=2,
+        )
+    new = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=True)
     if isinstance(weight, nn.Parameter):
         replace_parameter(weight, new)
     else:

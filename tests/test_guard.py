@@ -118,3 +118,29 @@ def test_a_non_finite_input_value_makes_the_whole_int8_weight_gradient_non_finit
         y[[0, 1, 3, 4, 5]].sum().backward()  # even a loss that leaves the NaN token out
     assert plain.weight.grad.isnan().sum() == 8  # column 5: one NaN input feature
     assert master_tensor(layer.weight.grad).isnan().all()
+
+
+def test_torchao_config_in_from_pretrained_loads_trainable_bitnet_weights(tmp_path):
+    """transformers' TorchAoConfig loads the weights it quantizes with requires_grad=False; BitNet training weights
+    come out trainable (with a warning) and a step updates them. Saving: the checkpoint holds plain master weights,
+    so the documented path drops the torchao entry and reloads them exactly (docs/huggingface.md)."""
+    import transformers
+
+    tiny_llama().save_pretrained(tmp_path / "plain")
+    with pytest.warns(UserWarning, match="requires_grad=False"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "plain", quantization_config=transformers.TorchAoConfig(bitnet_training())
+        )
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    assert isinstance(weight, BitNetTrainingLinearWeight) and weight.requires_grad
+    before = master_tensor(weight).clone()
+    x = torch.randint(0, 64, (2, 12))
+    model(x, labels=x).loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=LR).step()
+    assert not torch.equal(master_tensor(weight), before)
+
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp_path / "trained")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, master_tensor(weight))
