@@ -279,11 +279,23 @@ def checked_linear_weight(module: nn.Module, recipe: str) -> Tensor:
     return module.weight
 
 
-def replace_parameter(old: nn.Parameter, new: nn.Parameter) -> None:
-    """Make the parameter object ``old`` become ``new`` in place (``torch.utils.swap_tensors``) rather than
+def replace_parameter(module: nn.Module, name: str, new: nn.Parameter) -> None:
+    """Make the parameter ``module.<name>`` become ``new`` in place (``torch.utils.swap_tensors``) rather than
     registering a new object on one module: every module sharing it (an output head tied to the input embedding)
-    keeps sharing one parameter, optimized once, and an optimizer built before ``quantize_`` steps it."""
-    torch.utils.swap_tensors(old, new)
+    keeps sharing one parameter, optimized once, and an optimizer built before ``quantize_`` steps it. A parameter
+    still referenced by a live autograd graph cannot be swapped: it is replaced on ``module`` alone, with a warning,
+    since a module tied to it would keep the old object."""
+    old = getattr(module, name)
+    try:
+        torch.utils.swap_tensors(old, new)
+    except RuntimeError as e:
+        warnings.warn(
+            f"bitnet_ao: {describe_module(module)}.{name} could not be replaced in place ({e}); a new parameter is "
+            "registered on this module only, so a module sharing the old one (tied weights) no longer shares it. "
+            "Quantize before running the model, or drop the tensors computed from it first",
+            stacklevel=3,
+        )
+        setattr(module, name, new)
 
 
 @register_quantize_module_handler(BitNetTrainingConfig)
@@ -312,7 +324,7 @@ def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) 
         )
     new = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=True)
     if isinstance(weight, nn.Parameter):
-        replace_parameter(weight, new)
+        replace_parameter(module, "weight", new)
     else:
         module.weight = new
     register_checkpoint_hooks(module)
@@ -324,9 +336,9 @@ def unquantize_(model: nn.Module) -> nn.Module:
     weight (in place, the same parameter objects; returns ``model``). The inverse of ``quantize_(model,
     bitnet_training())``. Packed inference weights have no master weight left: a clear error."""
     for module in model.modules():
-        for param in module.parameters(recurse=False):
+        for name, param in list(module.named_parameters(recurse=False)):
             if isinstance(param, BitNetTrainingLinearWeight):
-                replace_parameter(param, nn.Parameter(param._data, requires_grad=param.requires_grad))
+                replace_parameter(module, name, nn.Parameter(param._data, requires_grad=param.requires_grad))
             elif isinstance(param, BitNetPackedLinearWeight):
                 raise TypeError(
                     f"unquantize_: {describe_module(module)} holds a packed inference weight (bitnet_inference); "

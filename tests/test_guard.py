@@ -144,3 +144,12 @@ def test_torchao_config_in_from_pretrained_loads_trainable_bitnet_weights(tmp_pa
     model.save_pretrained(tmp_path / "trained")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
     assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, master_tensor(weight))
+
+
+def test_a_weight_held_by_a_live_graph_is_replaced_on_its_module_with_a_warning():
+    layer = nn.Linear(8, 4)
+    alive = layer.weight.square().sum()  # a graph that references the parameter
+    with pytest.warns(UserWarning, match="could not be replaced in place"):
+        quantize_(layer, bitnet_training())
+    assert isinstance(layer.weight, BitNetTrainingLinearWeight)
+    alive.backward()
