@@ -115,6 +115,36 @@ def plot_title(args: argparse.Namespace, model_config: ModelConfig) -> str:
     )
 
 
+#: Below this speed-up over the baseline the report says why BitNet is not faster here.
+NOT_FASTER = 1.1
+
+
+def speed_note(runs: list[dict], device: str) -> str | None:
+    """Why BitNet is not (meaningfully) faster than the baseline on this CPU, from what its int8 matmul routes
+    measured against an FP32 GEMM (``cpu_matmul.route_report``); ``None`` when it is faster, or off CPU."""
+    base = baseline(runs)
+    bitnet = next((r for r in runs if r["spec"]["quantize"]), None)
+    if base is None or bitnet is None or torch.device(device).type != "cpu":
+        return None
+    ratio = bitnet["tokens_per_s"] / base["tokens_per_s"]
+    if ratio >= NOT_FASTER:
+        return None
+    measured = hardware.describe(device)["int8_route_measurements"]
+
+    def vs_fp32(kind: str) -> str:
+        entry = measured[kind]
+        gops, fp32 = entry["gops"].get(entry["route"]), entry["gops"].get("fp32")
+        if not gops or not fp32:
+            return f"{kind}: {entry['route']} ({entry['how']})"
+        return f"{kind} route {entry['route']} {gops / fp32:.2f}x an FP32 GEMM"
+
+    return (
+        f"BitNet is {ratio:.2f}x the baseline here: this CPU's int8 matmuls measured {vs_fp32('ternary')} "
+        f"(forward, grad_input) and {vs_fp32('full')} (grad_weight); the quantization, ternarization and norm "
+        "passes around them take the rest (docs/benchmarks.md, training comparison)"
+    )
+
+
 def write(
     runs: list[dict], notes: dict[str, str], args: argparse.Namespace, model_config: ModelConfig, source: str
 ) -> None:
@@ -124,6 +154,10 @@ def write(
     print(format_table(runs))
     print(f"train loss: {notes['final_train_loss']}; tokens/s: {notes['tokens_per_s']}; "
           f"peak mem: {notes['peak_memory_mb']}")  # fmt: skip
+    why = speed_note(runs, args.device)
+    if why is not None:
+        notes = {**notes, "speed": why}
+        print(why)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.out / "loss_curves.png", plot_title(args, model_config))
     results = {

@@ -170,3 +170,15 @@ def test_data_from_files_and_errors(tmp_path: Path) -> None:
         ByteDataset(b"x" * 60, seq_len=16)
     with pytest.raises(SystemExit, match="none of"):
         load_corpus([str(tmp_path / "missing-*.txt"), str(tmp_path / "also-missing.txt")])
+
+
+def test_the_report_says_why_when_bitnet_is_not_faster():
+    """Below 1.1x the baseline the report explains with the route measurements of this CPU; above, it says nothing."""
+    runs = [
+        {"spec": {"quantize": False}, "tokens_per_s": 100.0, "label": "FP32"},
+        {"spec": {"quantize": True}, "tokens_per_s": 104.0, "label": "BitNet"},
+    ]
+    note = report.speed_note(runs, "cpu")
+    assert note.startswith("BitNet is 1.04x the baseline here") and "grad_weight" in note
+    runs[1]["tokens_per_s"] = 130.0
+    assert report.speed_note(runs, "cpu") is None
