@@ -5,7 +5,8 @@ Decoding one token multiplies a single activation row by every weight: the time 
 A BF16 weight is 2 bytes per value; the packed ternary weight is 1/4 byte, but only a kernel that reads it packed
 gains from that (unpacking to int8 first writes and reads a full byte per value, and inductor's code for the
 fused expression is compute-bound at about BF16's speed). ``cpu_gemv.c`` is that kernel, in plain C that the
-compiler vectorizes (docs/kernels.md has the measurements).
+compiler vectorizes (VNNI dot products on AVX-512), plus a hand-written AVX2 dot product for CPUs without VNNI,
+where the compiler's own code is ~3x slower (docs/kernels.md and docs/benchmarks.md have the measurements).
 
 The source is built once per machine by ``cpu_build.py``. Without a working compiler every function here returns
 ``None`` (after a one-time warning) and the caller takes the torch path instead.

@@ -153,13 +153,8 @@ def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tens
 def _(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_2d("quantize_grad_output", g, "g")
     m, n = g.shape
-    int8 = torch.int8
-    return (
-        g.new_empty((m, n), dtype=int8),
-        g.new_empty(m, dtype=torch.float32),
-        g.new_empty((m, n), dtype=int8),
-        (g.new_empty(n, dtype=torch.float32)),
-    )
+    rows, cols = g.new_empty((m, n), dtype=torch.int8), g.new_empty((m, n), dtype=torch.int8)
+    return rows, g.new_empty(m, dtype=torch.float32), cols, g.new_empty(n, dtype=torch.float32)
 
 
 # --- weights: abs-mean statistics, ternary / binary values ------------------------------------------------
