@@ -22,7 +22,13 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from .config import BitNetInferenceConfig, BitNetTrainingConfig
 from .kernels import reference
 from .packed import BitNetPackedLinearWeight, bits_per_value
-from .tensor import BitNetTrainingLinearWeight, checked_linear_weight, describe_module, register_checkpoint_hooks
+from .tensor import (
+    BitNetTrainingLinearWeight,
+    checked_linear_weight,
+    describe_module,
+    register_checkpoint_hooks,
+    replace_parameter,
+)
 from .weight_quant import quantize_weight, weight_quantization
 
 #: State-dict key suffix of the weight scale next to the packed ``weight`` (the name Hugging Face uses too).
@@ -68,7 +74,11 @@ def _bitnet_inference_transform(module: nn.Module, config: BitNetInferenceConfig
         raise TypeError(
             f"bitnet_inference: {describe_module(module)} has a {data.dtype} weight; expected a floating-point weight"
         )
-    module.weight = nn.Parameter(pack_linear_weight(data, recipe), requires_grad=False)
+    new = nn.Parameter(pack_linear_weight(data, recipe), requires_grad=False)
+    if isinstance(weight, nn.Parameter):
+        replace_parameter(module, "weight", new)  # a tied module sees the packed weight too, and says so
+    else:
+        module.weight = new
     register_checkpoint_hooks(module, _state_dict_post_hook, _load_state_dict_pre_hook)
     return module
 

@@ -199,6 +199,14 @@ class BitNetPackedLinearWeight(Tensor):
             weight.packed.copy_(args[1].packed)
             weight.scale.copy_(args[1].scale)
             return weight
+        if func is aten.embedding.default:
+            raise NotImplementedError(
+                f"BitNetPackedLinearWeight (shape {tuple(weight.shape)}) is used by an embedding lookup: an output "
+                "head tied to the input embedding was packed with bitnet_inference, which frees the high-precision "
+                "values the embedding needs. Keep the head out of the filter (filter_fn=bitnet_ao.surgery."
+                "quantize_filter), or untie it before packing: model.lm_head.weight = "
+                "torch.nn.Parameter(model.lm_head.weight.detach().clone())"
+            )
         raise NotImplementedError(
             f"BitNetPackedLinearWeight (a packed {weight.config.weights} BitNet weight, shape "
             f"{tuple(weight.shape)}) supports F.linear, .to(), clone and copy_ from another packed weight, not "

@@ -153,3 +153,16 @@ def test_a_weight_held_by_a_live_graph_is_replaced_on_its_module_with_a_warning(
         quantize_(layer, bitnet_training())
     assert isinstance(layer.weight, BitNetTrainingLinearWeight)
     alive.backward()
+
+
+def test_packing_a_tied_head_keeps_the_tie_and_the_embedding_says_how_to_untie():
+    model = _tied()
+    quantize_(model, bitnet_inference())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = torch.randint(0, 64, (1, 8))
+    with pytest.raises(NotImplementedError, match=r"tied to the input embedding.*untie it before packing"):
+        model(x)
+    untied = _tied()
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    quantize_(untied, bitnet_inference())
+    assert type(untied.model.embed_tokens.weight) is nn.Parameter and untied(x).logits.shape == (1, 8, 64)
