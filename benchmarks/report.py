@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import textwrap
 from pathlib import Path
 
 import torch
@@ -105,14 +106,19 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+#: Characters per line of the plot's title: the hardware summary with its route measurements is longer.
+TITLE_WIDTH = 130
+
+
 def plot_title(args: argparse.Namespace, model_config: ModelConfig) -> str:
-    """Two lines: the preset, model and baseline dtype; then the hardware with its int8 routes
-    (``hardware.summary``)."""
+    """The preset, model and baseline dtype on the first line; then the hardware with its int8 routes
+    (``hardware.summary``), wrapped at spaces to fit the figure."""
     dense = hardware.short_name(args.dtype).upper()
-    return (
-        f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers, BitNet vs {dense} baseline\n"
-        f"{hardware.summary(args.device)}"
+    hardware_lines = textwrap.wrap(
+        hardware.summary(args.device), TITLE_WIDTH, break_long_words=False, break_on_hyphens=False
     )
+    head = f"{args.preset}: {model_config.dim}-dim x {model_config.n_layers} layers, BitNet vs {dense} baseline"
+    return "\n".join([head, *hardware_lines])
 
 
 #: Below this speed-up over the baseline the report says why BitNet is not faster here.
