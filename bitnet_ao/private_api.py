@@ -42,6 +42,15 @@ def dispatch_mode_active() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
+def outside_dispatch_modes() -> Any:
+    """Context manager that runs its block on real tensors with every ``TorchDispatchMode`` (fake tensors of a
+    torch.compile trace included) taken off the stack (torch 2.13.0: ``torch.utils._python_dispatch.
+    _disable_current_modes``): measuring the CPU's int8 routes may first happen while a compile traces."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 #: Context manager that turns ``__torch_function__`` of tensor subclasses off (torch 2.13.0:
 #: ``torch._C.DisableTorchFunctionSubclass``): a subclass's own override calls the plain function through it.
 disable_torch_function_subclass = torch._C.DisableTorchFunctionSubclass

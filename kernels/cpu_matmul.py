@@ -44,7 +44,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..private_api import cpu_has_int8_dot_product, int_mm, onednn_int8_linear, onednn_int8_linear_available
+from ..private_api import (
+    cpu_has_int8_dot_product,
+    int_mm,
+    onednn_int8_linear,
+    onednn_int8_linear_available,
+    outside_dispatch_modes,
+)
 from . import cpu_build, cpu_sign_gemm, reference
 
 ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
@@ -168,7 +174,8 @@ def _measured_choice(kind: str) -> dict:
         cached = None
     if cached is not None and cached["route"] in available_routes(kind):
         return {**cached, "how": "cached"}
-    gops = measure(kind)
+    with outside_dispatch_modes():  # real tensors, also when a torch.compile trace asks first
+        gops = measure(kind)
     entry = {"route": max(gops, key=gops.get), "gops": gops}
     _store(key, entry)
     return {**entry, "how": "measured"}
@@ -228,9 +235,13 @@ def _run(route: str, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
 # --- the matmul ------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
 def right_operand_k_contiguous() -> bool:
     """Whether the ternary-operand route wants ``b`` contiguous along the reduction (a transposed view of a
-    row-major ``(N, K)``) rather than row-major ``(K, N)`` (``torch._int_mm``, ~1.7x faster that way)."""
+    row-major ``(N, K)``) rather than row-major ``(K, N)`` (``torch._int_mm``, ~1.7x faster that way).
+
+    torch.compile traces the weight's layout choice and may be the first to ask: the route is then measured
+    eagerly, outside the graph, and the answer is a constant of the compiled graph (it is one per process)."""
     return routes()["ternary"] in K_CONTIGUOUS_ROUTES
 
 

@@ -158,6 +158,32 @@ def test_measuring_times_every_candidate(fresh_routes):
         assert set(gops) == set(cpu_matmul.candidates(kind)) and all(v > 0 for v in gops.values())
 
 
+_FIRST_USE_UNDER_COMPILE = """
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+from bitnet_ao import bitnet_training
+from bitnet_ao.kernels import cpu_matmul
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+quantize_(model, bitnet_training())
+x = torch.randn(8, 64)
+y = torch.compile(model, fullgraph=True)(x)
+y.sum().backward()
+assert torch.equal(y, model(x))
+print(cpu_matmul.route_report()["ternary"]["how"])
+"""
+
+
+@pytest.mark.slow
+def test_the_first_route_choice_may_happen_inside_a_fullgraph_compile(tmp_path):
+    """A fresh machine whose first BitNet matmul is traced by torch.compile(fullgraph=True): the routes are measured
+    on real tensors outside the graph, and the compiled model gives the eager outputs."""
+    env = {**os.environ, "BITNET_AO_CACHE_DIR": str(tmp_path)}
+    env.pop(cpu_matmul.ENV_VAR, None)
+    out = subprocess.run([sys.executable, "-c", _FIRST_USE_UNDER_COMPILE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("measured"), out.stderr[-3000:]
+
+
 _AVX2_ONEDNN = """
 import torch
 from bitnet_ao.kernels import cpu_matmul

@@ -29,6 +29,17 @@ def test_in_backward_is_true_only_inside_a_backward_pass():
     assert not private_api.in_backward()
 
 
+def test_outside_dispatch_modes_runs_on_real_tensors_under_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        assert isinstance(torch.ones(2), FakeTensor)
+        with private_api.outside_dispatch_modes():
+            real = torch.ones(2) * 3
+        assert isinstance(torch.ones(2), FakeTensor)
+    assert type(real) is Tensor and real.tolist() == [3.0, 3.0]
+
+
 def test_tracing_context_is_seen_only_while_tracing():
     from torch._guards import TracingContext, tracing
     from torch._subclasses.fake_tensor import FakeTensorMode
