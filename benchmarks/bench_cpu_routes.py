@@ -40,13 +40,6 @@ def matmuls(m: int, k: int, n: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
     }
 
 
-def route_layout(b: torch.Tensor, route: str, ternary: bool) -> torch.Tensor:
-    """``b`` as the BitNet weight writes it for ``route``: K-contiguous (a ``.t()`` view) or row-major."""
-    if not ternary:
-        return b
-    return b.t().contiguous().t() if route in cpu_matmul.K_CONTIGUOUS_ROUTES else b.contiguous()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="4096,2048,5632", help="M,K,N: tokens, in_features, out_features")
@@ -71,7 +64,7 @@ def time_routes(a: torch.Tensor, b: torch.Tensor, ternary: bool, warmup: int, it
     af, bf = a.float(), b.float()
     fns = [lambda: torch.mm(af, bf)]
     for route in routes:
-        operands = (a, route_layout(b, route, ternary))
+        operands = (a, cpu_matmul.ternary_layout(b, route) if ternary else b)
         fns.append(lambda route=route, operands=operands: cpu_matmul._route_mm(route, *operands, ternary))
     return dict(zip(("FP32 GEMM", *routes), measure(*fns, warmup=warmup, iters=iters), strict=True))
 

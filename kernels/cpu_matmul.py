@@ -209,7 +209,7 @@ def measure(kind: str, shapes: tuple[tuple[int, int, int], ...] | None = None) -
         if kind == "ternary":
             a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
             b_nk = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
-            layouts = {r: b_nk.t() if r in K_CONTIGUOUS_ROUTES else b_nk.t().contiguous() for r in names}
+            layouts = {r: ternary_layout(b_nk.t(), r) for r in names}
             problems.append((a, layouts, 2 * m * k * n))
         else:  # grad_weight: a = g'_q.T, the transposed view of a row-major (K_red, M) tensor
             a = torch.randint(-127, 128, (k, m), dtype=torch.int8, generator=g).t()
@@ -233,6 +233,14 @@ def _run(route: str, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 # --- the matmul ------------------------------------------------------------------------------------------------
+
+
+def ternary_layout(b: Tensor, route: str) -> Tensor:
+    """The ternary right operand ``b (K, N)`` laid out as the BitNet weight writes it for ``route``: contiguous
+    along the reduction (a ``.t()`` view of a row-major ``(N, K)``) or row-major."""
+    if route in K_CONTIGUOUS_ROUTES:
+        return b if b.stride(0) == 1 else b.t().contiguous().t()
+    return b.contiguous()
 
 
 @torch.compiler.assume_constant_result
