@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import torch
 
-from bitnet_ao.kernels import cpu_matmul
+from bitnet_ao.kernels import cpu_build, cpu_matmul
 from bitnet_ao.private_api import cpu_has_int8_dot_product, cpu_has_native_bf16
 
 #: The ``--dtype`` choices of the benchmarks: ``auto`` is :func:`baseline_dtype`.
@@ -43,29 +42,15 @@ def short_name(dtype: torch.dtype | str) -> str:
     return SHORT_NAMES[getattr(torch, dtype) if isinstance(dtype, str) else dtype]
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return {}
-    fields: dict[str, str] = {}
-    for line in cpuinfo.read_text().splitlines():
-        if not line.strip():
-            break
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
 def cpu_model() -> str:
     """The CPU's marketing name (``/proc/cpuinfo``), or what ``platform`` knows where there is no /proc."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return cpu_build.cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_family_model() -> str:
     """``family F model M`` as lscpu prints them: two EPYCs of one marketing name can be Zen 1 (family 23) or
     Zen 3 (family 25), whose int8 speeds differ by 2x."""
-    info = _cpuinfo()
+    info = cpu_build.cpuinfo()
     return f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
 
 

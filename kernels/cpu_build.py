@@ -42,13 +42,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BITNET_AO_CACHE_DIR", Path.home() / ".cache" / "bitnet_ao"))
 
 
-def cpu_signature() -> str:
-    """What a ``-march=native`` build depends on: the architecture, the CPU model and its feature flags."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (``model name``, ``cpu family``, ``model``, ``flags``...);
+    empty where there is none."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        lines = []
-    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines if ":" in line)}
+        return {}
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line.strip():
+            break  # the end of the first processor
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_signature() -> str:
+    """What a ``-march=native`` build depends on: the architecture, the CPU model and its feature flags."""
+    fields = cpuinfo()
     return f"{platform.machine()} {fields.get('model name', platform.processor())} {fields.get('flags', '')}"
 
 

@@ -38,7 +38,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -216,20 +215,17 @@ def measure(kind: str, shapes: tuple[tuple[int, int, int], ...] | None = None) -
             b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
             problems.append((a, dict.fromkeys(names, b), 2 * m * k * n))
     seconds: dict[str, list[float]] = {r: [0.0] * PROBE_REPEATS for r in names}
+    ternary = kind == "ternary"
     for a, layouts, _ in problems:
         for r in names:
-            _run(r, kind)(a, layouts[r])  # warm-up: oneDNN's first call builds its kernels
+            _route_mm(r, a, layouts[r], ternary)  # warm-up: oneDNN's first call builds its kernels
         for rep in range(PROBE_REPEATS):
             for r in names:
                 start = time.perf_counter()
-                _run(r, kind)(a, layouts[r])
+                _route_mm(r, a, layouts[r], ternary)
                 seconds[r][rep] += time.perf_counter() - start
     ops = sum(p[2] for p in problems)
     return {r: round(ops / statistics.median(seconds[r]) / 1e9, 1) for r in names}
-
-
-def _run(route: str, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda a, b: _route_mm(route, a, b, kind == "ternary")
 
 
 # --- the matmul ------------------------------------------------------------------------------------------------
