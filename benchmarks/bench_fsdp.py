@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.model import ModelConfig, Transformer  # noqa: E402
 from benchmarks.timing import measure  # noqa: E402
 from bitnet_ao import bitnet_training, precompute_bitnet_scale_for_fsdp  # noqa: E402
+from bitnet_ao.surgery import quantize_filter  # noqa: E402
 
 LLAMA2_7B = {"dim": 4096, "hidden": 11008, "n_layers": 32, "vocab": 32000}
 SMALL = ModelConfig(vocab_size=256, dim=256, n_layers=2, n_heads=4, hidden_dim=704, max_seq_len=128)
@@ -63,7 +64,7 @@ def _model(bitnet: bool) -> nn.Module:
     torch.manual_seed(0)
     model = Transformer(SMALL)
     if bitnet:
-        quantize_(model, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and "layers." in fqn)
+        quantize_(model, bitnet_training(), filter_fn=quantize_filter)  # the block linears; the head stays
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     for layer in model.layers:
         fully_shard(layer, mp_policy=mp_policy)

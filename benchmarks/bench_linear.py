@@ -33,6 +33,7 @@ from torchao.quantization import quantize_
 from benchmarks import hardware
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import bitnet_training
+from bitnet_ao.warmup import QuantizationWarmup
 
 DEFAULT_SHAPES = ["4096,2048,5632", "4096,5632,2048", "4096,2048,2048"]
 
@@ -87,6 +88,14 @@ def torchao_prototype(layer: nn.Module) -> nn.Module | None:
     return layer
 
 
+def during_warmup(layer: nn.Module) -> nn.Module:
+    """The BitNet linear halfway through quantization warmup (lambda = 0.5): the cost of fine-tuning's first
+    phase, full-precision matmuls plus the fake quantization of the input and the weight."""
+    quantize_(layer, bitnet_training())
+    QuantizationWarmup(layer, warmup_steps=2, last_step=1)
+    return layer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="M,K,N triples")
@@ -107,6 +116,7 @@ def main() -> None:
         "bitnet_ao (high-precision backward)": lambda m: (
             quantize_(m, bitnet_training(int8_grad_input=False, int8_grad_weight=False)) or m
         ),
+        "bitnet_ao during quantization warmup": during_warmup,
     }
     print(hardware.summary(args.device))
     print(f"device={args.device} dtype={dtype} torch={torch.__version__}")

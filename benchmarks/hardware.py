@@ -15,7 +15,7 @@ import platform
 import torch
 
 from bitnet_ao.kernels import cpu_build, cpu_matmul
-from bitnet_ao.private_api import cpu_has_int8_dot_product, cpu_has_native_bf16
+from bitnet_ao.kernels.private_api import cpu_has_int8_dot_product, cpu_has_native_bf16
 
 #: The ``--dtype`` choices of the benchmarks: ``auto`` is :func:`baseline_dtype`.
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")

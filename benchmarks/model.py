@@ -2,7 +2,7 @@
 
 RMSNorm pre-norms, rotary position embeddings, SwiGLU MLP and causal scaled-dot-product attention. The module
 names follow Meta's Llama reference (``layers.N.attention.wq``, ``feed_forward.w1``, ``attention_norm``,
-``output``...), which is one of the layouts ``bitnet_ao.surgery`` recognizes.
+``output``...): ``bitnet_ao.layouts.META``.
 
 The norms are ``bitnet_ao.norm.RMSNorm`` (``torch.nn.RMSNorm`` with a fused CPU backward), the same norm
 the BitNet surgery inserts, so that a BF16 vs BitNet comparison does not measure two norm implementations.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bitnet_ao.layouts import HF_LLAMA, META, Role
 from bitnet_ao.norm import RMSNorm
 
 
@@ -157,21 +158,6 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-#: This model's module names -> Hugging Face Llama's (``LlamaForCausalLM``), per transformer block and outside.
-HF_BLOCK_NAMES = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-HF_TOP_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-
-
 def to_hf_llama(model: Transformer) -> nn.Module:
     """The same network as a Hugging Face ``LlamaForCausalLM`` (same weights, BitNet norms and BitNet weights), for
     ``bitnet_ao.integrations.transformers.save_pretrained_bitnet``. The architectures match exactly: RMSNorm
@@ -198,25 +184,15 @@ def to_hf_llama(model: Transformer) -> nn.Module:
         )
     )
     block = model.layers[0]
-    normed = [isinstance(block.get_submodule(p), NormedLinear) for p in ("attention.wq", "attention.wo")]
+    # The surgery normalizes either every linear (FAQ) or only the attention and MLP outputs (subln).
+    wq, wo = (block.get_submodule(META.path(role)) for role in (Role.ATTN_Q, Role.ATTN_OUTPUT))
+    normed = [isinstance(m, NormedLinear) for m in (wq, wo)]
     if any(normed):
         eps = next(m.norm.eps for m in model.modules() if isinstance(m, NormedLinear))
-        keep = not isinstance(block.attention_norm, nn.Identity)
+        keep = not isinstance(block.get_submodule(META.path(Role.ATTN_NORM)), nn.Identity)
         apply_bitnet_norms(hf, "faq" if all(normed) else "subln", eps=eps, keep_block_norms=keep)
-    weight = block.attention.wq.weight if not normed[0] else block.attention.wq.linear.weight
-    recipe = getattr(weight, "config", None)
+    recipe = getattr((wq.linear if normed[0] else wq).weight, "config", None)
     if recipe is not None:
         quantize_(hf, recipe, filter_fn=quantize_filter)  # the master-weight recipe: state dicts hold master weights
-    hf.load_state_dict({_hf_key(k): v for k, v in model.state_dict().items()})
+    hf.load_state_dict({META.rename(k, HF_LLAMA): v for k, v in model.state_dict().items()})
     return hf.to(next(model.parameters()).dtype)
-
-
-def _hf_key(key: str) -> str:
-    parts = key.split(".")
-    if parts[0] == "layers":
-        rest = ".".join(parts[2:])
-        name = next((n for n in sorted(HF_BLOCK_NAMES, key=len, reverse=True) if rest.startswith(n)), None)
-        if name is not None:
-            rest = HF_BLOCK_NAMES[name] + rest[len(name) :]
-        return f"model.layers.{parts[1]}.{rest}"
-    return ".".join([HF_TOP_NAMES.get(parts[0], parts[0]), *parts[1:]])

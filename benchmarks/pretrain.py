@@ -33,7 +33,8 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if not __package__:  # run as `python benchmarks/pretrain.py`: make the repository root importable
@@ -41,13 +42,14 @@ if not __package__:  # run as `python benchmarks/pretrain.py`: make the reposito
 
 import torch
 from torch import nn
+from torchao.quantization import quantize_
 from tqdm import tqdm
 
 from benchmarks import hardware, report
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.model import ModelConfig, Transformer, to_hf_llama
 from benchmarks.timing import synchronize
-from bitnet_ao import bitnet_training
+from bitnet_ao import BitNetTrainingConfig, bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 from bitnet_ao.tensor_parallel import quantize_for_tensor_parallel
 
@@ -92,6 +94,34 @@ def preset_settings(name: str, dtype: str) -> dict:
     return {key: value for key, value in merged.items() if not isinstance(value, dict)}
 
 
+#: ``BitNetTrainingConfig`` fields that are no flag: each linear's scale groups lie along its tensor-parallel dimension.
+PER_LINEAR_FIELDS = ("group_dim",)
+
+
+def recipe_fields() -> list[dataclasses.Field]:
+    """The ``BitNetTrainingConfig`` fields a run sets: one flag each, one ``RunSpec.recipe`` field each."""
+    return [f for f in dataclasses.fields(BitNetTrainingConfig) if f.name not in PER_LINEAR_FIELDS]
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per recipe field, with the field's type, default and help (``bitnet_ao/config.py``), so that a new
+    recipe option is a flag without a change here."""
+    group = p.add_argument_group(
+        "BitNet recipe (bitnet_training)",
+        "Each linear's scale groups lie along its tensor-parallel dimension: --scale-groups G is the\n"
+        "single-device twin of a tensor-parallel run of any degree dividing G (docs/tensor_parallel.md).",
+    )
+    hints = typing.get_type_hints(BitNetTrainingConfig)
+    for f in recipe_fields():
+        flag, kind, help_text = f"--{f.name.replace('_', '-')}", hints[f.name], f.metadata["help"]
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(kind), default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, with ``--dtype auto`` resolved for ``--device`` and the training settings not given filled in
     from ``--preset`` for that dtype (flags win over presets)."""
@@ -106,19 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="activations of every run: bfloat16 autocast, or float32 without autocast; auto: "
                    "bfloat16 on CUDA or a CPU with native BF16, float32 otherwise; in float32 cpu-default trains "
                    "less (see above)")  # fmt: skip
+    add_recipe_flags(p)
     bool_flag = argparse.BooleanOptionalAction
-    p.add_argument("--int8-grad-input", action=bool_flag, default=True, help="INT8 matmul for grad_input")
-    p.add_argument("--int8-grad-weight", action=bool_flag, default=True, help="INT8 matmul for grad_weight")
-    p.add_argument("--weights", choices=("ternary", "binary"), default="ternary")
     p.add_argument("--surgery", action=bool_flag, default=True, help="BitNet norms (bitnet_ao.surgery)")
     p.add_argument("--placement", choices=("faq", "subln"), default="faq", help="where the surgery puts norms")
-    p.add_argument(
-        "--scale-groups",
-        type=int,
-        default=1,
-        help="BitNet group scales along each linear's tensor-"
-        "parallel dimension (the single-device twin of a TP run; docs/tensor_parallel.md)",
-    )
     p.add_argument("--compile", action=bool_flag, default=None, help="torch.compile the model (preset default)")
     p.add_argument("--steps", type=int, help="training steps (default: the preset's, for the dtype)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's, for the dtype)")
@@ -152,17 +173,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: the dense baseline (``quantize=False``) or BitNet with its options, with activations in
-    ``dtype`` (a torch dtype name)."""
+    """One training run: the dense baseline (``quantize=False``) or BitNet with its ``recipe`` (with scale groups,
+    each linear's along its tensor-parallel dimension), with activations in ``dtype`` (a torch dtype name)."""
 
     name: str
     quantize: bool
-    int8_grad_input: bool = True
-    int8_grad_weight: bool = True
-    weights: str = "ternary"
+    recipe: BitNetTrainingConfig = field(default_factory=bitnet_training)
     surgery: str | None = None  # a bitnet_ao.surgery placement, or None for no surgery
     dtype: str = "bfloat16"
-    scale_groups: int = 1  # group scales along each linear's tensor-parallel dimension (docs/tensor_parallel.md)
 
     @property
     def label(self) -> str:
@@ -171,12 +189,13 @@ class RunSpec:
         dense = hardware.short_name(self.dtype).upper()
         if not self.quantize:
             return dense
+        recipe = self.recipe
         backward = {(True, True): "INT8 bwd", (False, False): f"{dense} bwd"}.get(
-            (self.int8_grad_input, self.int8_grad_weight),
-            f"INT8 bwd ({'grad_input' if self.int8_grad_input else 'grad_weight'} only)",
+            (recipe.int8_grad_input, recipe.int8_grad_weight),
+            f"INT8 bwd ({'grad_input' if recipe.int8_grad_input else 'grad_weight'} only)",
         )
         norms = {"faq": "FAQ norms", "subln": "subln norms", None: "no surgery"}[self.surgery]
-        weights = "b1.58" if self.weights == "ternary" else "binary"
+        weights = "b1.58" if recipe.weights == "ternary" else "binary"
         return f"BitNet {weights}, {backward}, {norms}"
 
 
@@ -189,23 +208,19 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     dense = hardware.short_name(args.dtype)
     baseline = RunSpec(dense, quantize=False, dtype=args.dtype)
     surgery = args.placement if args.surgery else None
-    bitnet = RunSpec(
-        "bitnet",
-        True,
-        args.int8_grad_input,
-        args.int8_grad_weight,
-        args.weights,
-        surgery,
-        args.dtype,
-        args.scale_groups,
-    )
+    recipe = bitnet_training(**{f.name: getattr(args, f.name) for f in recipe_fields()})
+    bitnet = RunSpec("bitnet", True, recipe, surgery, args.dtype)
     if args.ablate:
         return [
             baseline,
             bitnet,
             dataclasses.replace(bitnet, name="bitnet-no-surgery", surgery=None),
             dataclasses.replace(bitnet, name="bitnet-subln", surgery="subln"),
-            dataclasses.replace(bitnet, name=f"bitnet-{dense}-backward", int8_grad_input=False, int8_grad_weight=False),
+            dataclasses.replace(
+                bitnet,
+                name=f"bitnet-{dense}-backward",
+                recipe=dataclasses.replace(recipe, int8_grad_input=False, int8_grad_weight=False),
+            ),
         ]
     if args.quantize is None or args.compare:
         return [baseline, bitnet]
@@ -222,10 +237,10 @@ def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: tor
     if spec.quantize:
         if spec.surgery:
             print(apply_bitnet_norms(model, spec.surgery).summary)
-        config = bitnet_training(
-            int8_grad_input=spec.int8_grad_input, int8_grad_weight=spec.int8_grad_weight, weights=spec.weights
-        )
-        quantize_for_tensor_parallel(model, config, spec.scale_groups, filter_fn=quantize_filter)
+        if spec.recipe.grouped:  # the single-device twin of a TP run: each linear grouped along its TP dimension
+            quantize_for_tensor_parallel(model, spec.recipe, spec.recipe.scale_groups, filter_fn=quantize_filter)
+        else:
+            quantize_(model, spec.recipe, filter_fn=quantize_filter)
     return model
 
 

@@ -6,8 +6,9 @@ quantize_(model, bitnet_training())
 
 For inference, ``quantize_(model, bitnet_inference())`` freezes the weights packed (2 bits per value).
 
-Importing the package registers the ``quantize_`` handlers (``tensor.py``, ``inference.py``) and installs the
-FSDP2 all-gather extension (``fsdp.py``). The modules import one way only; docs/design.md draws the order.
+Importing the package registers the ``quantize_`` handlers (``tensor.py``, ``inference.py``); the FSDP2
+all-gather extension is part of the master-weight class (``tensor.py``, its math in ``fsdp_gather.py``).
+The modules import one way only; docs/design.md draws the order.
 """
 
 from .config import BitNetInferenceConfig, BitNetTrainingConfig, bitnet_inference, bitnet_training

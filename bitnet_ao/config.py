@@ -7,7 +7,7 @@ beside the weight class it builds (``bitnet_ao/tensor.py``, ``bitnet_ao/inferenc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from torchao.core.config import AOBaseConfig
@@ -19,27 +19,48 @@ WeightKind = Literal["ternary", "binary"]
 class BitNetTrainingConfig(AOBaseConfig):
     """BitNet training of ``nn.Linear`` layers: int8 activations, ternary (or binary) weights, INT8 matmuls.
 
-    Args:
-        int8_grad_input: compute ``grad_input`` with an INT8 matmul (``grad_output`` quantized per row, the
-            ternary weight exact). ``False`` runs it in the activation dtype.
-        int8_grad_weight: compute ``grad_weight`` with an INT8 matmul (``grad_output * s_x`` quantized per
-            column, the saved int8 activation reused). ``False`` runs it in the activation dtype.
-        weights: ``"ternary"`` for BitNet b1.58 ({-1, 0, 1}, abs-mean scale) or ``"binary"`` for the original
-            1-bit BitNet ({-1, 1} around the mean).
-        scale_groups: ``G``, the number of groups the weight scale (and, with ``group_dim=1``, the activation
-            scale) is computed over, the BitNet paper's group quantization for tensor parallelism
-            (docs/numerics.md#group-scales-for-tensor-parallelism). 1: one scale per weight.
-        group_dim: 0: groups of ``out_features / G`` rows (column-parallel layers); 1: groups of
-            ``in_features / G`` columns (row-parallel layers). ``G`` must divide that dimension.
-
-    The defaults come from the convergence measurement in docs/benchmarks.md; the math is docs/numerics.md.
+    Each field's ``help`` metadata says what it does: the one description, which the benchmark's command line
+    (``benchmarks/pretrain.py``) and the torchtitan converter's options show too, as they take their fields from
+    this class. The defaults come from the convergence measurement in docs/benchmarks.md; the math is
+    docs/numerics.md.
     """
 
-    int8_grad_input: bool = True
-    int8_grad_weight: bool = True
-    weights: WeightKind = "ternary"
-    scale_groups: int = 1
-    group_dim: int = 0
+    int8_grad_input: bool = field(
+        default=True,
+        metadata={
+            "help": "compute grad_input with an INT8 matmul (grad_output quantized per row, the ternary weight "
+            "exact); False runs it in the activation dtype"
+        },
+    )
+    int8_grad_weight: bool = field(
+        default=True,
+        metadata={
+            "help": "compute grad_weight with an INT8 matmul (grad_output * s_x quantized per column, the saved int8 "
+            "activation reused); False runs it in the activation dtype"
+        },
+    )
+    weights: WeightKind = field(
+        default="ternary",
+        metadata={
+            "help": "'ternary' for BitNet b1.58 ({-1, 0, 1}, abs-mean scale) or 'binary' for the original 1-bit "
+            "BitNet ({-1, 1} around the mean)"
+        },
+    )
+    scale_groups: int = field(
+        default=1,
+        metadata={
+            "help": "G, the number of groups the weight scale (and, with group_dim=1, the activation scale) is "
+            "computed over: the BitNet paper's group quantization for tensor parallelism "
+            "(docs/numerics.md#group-scales-for-tensor-parallelism); 1: one scale per weight"
+        },
+    )
+    group_dim: int = field(
+        default=0,
+        metadata={
+            "help": "0: groups of out_features / G rows (column-parallel layers); 1: groups of in_features / G "
+            "columns (row-parallel layers); G must divide that dimension"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.weights not in ("ternary", "binary"):

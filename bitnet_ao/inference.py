@@ -40,7 +40,9 @@ def pack_linear_weight(
 ) -> BitNetPackedLinearWeight:
     """Quantize the high-precision ``(N, K)`` ``weight`` with ``config``'s rule and pack it."""
     q = weight_quantization(weight, config)
-    packed = reference.pack_weight(quantize_weight(weight, q, transpose=False), bits_per_value(config))
+    packed = reference.pack_weight(
+        quantize_weight(weight, q, weights=config.weights, transpose=False), bits_per_value(config)
+    )
     scale = q.scale if config.grouped else q.scale.reshape(())
     return BitNetPackedLinearWeight(packed, scale, weight.shape[1], weight.dtype, config, requires_grad)
 

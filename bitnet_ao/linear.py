@@ -10,8 +10,8 @@ Backward (straight-through estimator, reference: the fake-quant module ``y = x_f
   reusing the saved ``x_q`` exactly.
 
 The function never looks at what kind of weight it got: every weight kind (the master-weight subclass, the FSDP2
-packed all-gather output, ...) implements :class:`BitNetWeight`, and the function only calls those three methods.
-Saved for backward (docs/numerics.md#saved-for-backward): ``x_q`` (int8), ``s_x``, the weight's
+packed all-gather output, ...) implements :class:`BitNetWeight`, and the function only calls its methods.
+Saved for backward (docs/numerics.md#saved-for-backward, :class:`_Saved`): ``x_q`` (int8), ``s_x``, the weight's
 :class:`WeightQuantization` and the weight object itself (the parameter, no copy).
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
@@ -28,12 +29,22 @@ from .kernels.reference import ACTIVATION_EPS, GRADIENT_EPS
 from .weight_quant import WeightQuantization
 
 
+class InputNorm(NamedTuple):
+    """An RMSNorm applied to the linear's input inside the linear: fused with the activation quantization."""
+
+    weight: Tensor
+    eps: float
+
+
 class BitNetWeight(Protocol):
     """What the BitNet autograd function needs from a weight of shape ``(N, K)``. Every weight kind implements it."""
 
     shape: torch.Size
     dtype: torch.dtype
     config: BitNetTrainingConfig
+    #: ``lambda`` of quantization warmup (:class:`bitnet_ao.warmup.QuantizationWarmup`): 1 is the BitNet linear;
+    #: below 1 the linear blends full precision and fake quantization (:func:`warmup_linear`).
+    quantization_strength: float
 
     def bitnet_quantization(self) -> WeightQuantization:
         """The scale (and binary centre) this forward quantizes the weight with; saved for the backward."""
@@ -47,6 +58,7 @@ class BitNetWeight(Protocol):
         self,
         a: Tensor,
         q: WeightQuantization,
+        *,
         transpose: bool,
         row_scale: Tensor,
         bias: Tensor | None,
@@ -54,6 +66,15 @@ class BitNetWeight(Protocol):
     ) -> Tensor:
         """``a @ W_q.T`` (``transpose``, the forward) or ``a @ W_q`` (``grad_input``) from int8 ``a``, accumulated
         exactly in int32, times ``row_scale[:, None] * q.scale``, cast to ``out_dtype``, plus ``bias``."""
+        ...
+
+    def bitnet_forward(
+        self, x2: Tensor, *, norm: InputNorm | None, bias: Tensor | None, out_dtype: torch.dtype
+    ) -> Tensor | None:
+        """The optional fast path when nothing needs a gradient: the whole forward of the flattened ``(M, K)``
+        input (through ``norm`` first when given) in one fused step, with the numbers of the general path
+        (quantize the input, :meth:`bitnet_mm`). ``None`` where this weight has no fused forward for this call:
+        :func:`bitnet_linear` then takes the general path."""
         ...
 
 
@@ -78,13 +99,6 @@ class SequenceGather(Protocol):
         ...
 
 
-class InputNorm(NamedTuple):
-    """An RMSNorm applied to the linear's input inside the linear: fused with the activation quantization."""
-
-    weight: Tensor
-    eps: float
-
-
 def quantize_groups(t: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     """Per-row int8 quantization of each of ``groups`` equal column blocks of ``t (M, C)``: ``(t_q (M, C), s (M,
     groups))``; the plain per-row quantization, scale ``(M,)``, for one group."""
@@ -98,6 +112,7 @@ def quantize_groups(t: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]
 def scaled_mm_groups(
     a: Tensor,
     b: Tensor,
+    *,
     row_scale: Tensor,
     q: WeightQuantization,
     config: BitNetTrainingConfig,
@@ -116,9 +131,20 @@ def scaled_mm_groups(
       ``(M, G)``): one matmul per group, ``(a_g @ b_g) * row_scale[:, g] * s_w[g]`` summed in float32.
     """
     if not config.grouped:
-        return kernels.scaled_int8_mm(a, b, row_scale, None, q.scale, bias, out_dtype, b_ternary=True)
+        return kernels.scaled_int8_mm(
+            a, b, row_scale=row_scale, col_scale=None, scale=q.scale, bias=bias, out_dtype=out_dtype, b_ternary=True
+        )
     if (config.group_dim == 0) == transpose:
-        return kernels.scaled_int8_mm(a, b, row_scale, q.scale.flatten(), None, bias, out_dtype, b_ternary=True)
+        return kernels.scaled_int8_mm(
+            a,
+            b,
+            row_scale=row_scale,
+            col_scale=q.scale.flatten(),
+            scale=None,
+            bias=bias,
+            out_dtype=out_dtype,
+            b_ternary=True,
+        )
     groups = row_scale.shape[1]
     size = b.shape[0] // groups
     per_group = q.scale.flatten()[::size]
@@ -129,35 +155,80 @@ def scaled_mm_groups(
         if not (b_g.is_contiguous() or b_g.t().is_contiguous()):
             b_g = b_g.contiguous()
         part = kernels.scaled_int8_mm(
-            a[:, blocks].contiguous(), b_g, row_scale[:, g].contiguous(), None, per_group[g], None, torch.float32, True
+            a[:, blocks].contiguous(),
+            b_g,
+            row_scale=row_scale[:, g].contiguous(),
+            col_scale=None,
+            scale=per_group[g],
+            bias=None,
+            out_dtype=torch.float32,
+            b_ternary=True,
         )
         out = part if out is None else out + part
     out = out.to(out_dtype)
     return out + bias.to(out_dtype) if bias is not None else out
 
 
+class _Forward(NamedTuple):
+    """The forward on the flattened input: the output and what the backward needs of it."""
+
+    y: Tensor
+    #: The int8 input and its per-token (per token and group) scales; the whole sequence's with a gather.
+    x_q: Tensor
+    s_x: Tensor
+    q: WeightQuantization
+    #: The fused norm's reciprocal RMS per token; ``None`` without a norm.
+    rstd: Tensor | None
+
+
 def _forward(
     x2: Tensor,
     weight: BitNetWeight,
+    *,
     bias: Tensor | None,
     out_dtype: torch.dtype,
-    norm_weight: Tensor | None,
-    norm_eps: float,
-    gather: SequenceGather | None = None,
-) -> tuple[Tensor, Tensor, Tensor, WeightQuantization, Tensor | None]:
-    """The forward on the flattened ``(M, K)`` input: ``(y, x_q, s_x, q, rstd)``, rstd ``None`` without a norm;
-    ``x_q`` and ``s_x`` are the whole sequence's with ``gather``."""
-    rstd = None
+    norm: InputNorm | None,
+    gather: SequenceGather | None,
+) -> _Forward:
+    """The forward on the flattened ``(M, K)`` input."""
     config = weight.config
-    if norm_weight is None:
+    rstd = None
+    if norm is None:
         # Row-parallel groups: one activation scale per (token, group of K / G inputs).
         x_q, s_x = quantize_groups(x2, config.scale_groups if config.group_dim == 1 else 1, ACTIVATION_EPS)
     else:
-        x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS)
+        x_q, s_x, rstd = kernels.rms_norm_quantize_rowwise(x2, norm.weight, norm.eps, out_dtype, ACTIVATION_EPS)
     if gather is not None:
         x_q, s_x = gather.gather(x_q, s_x)
     q = weight.bitnet_quantization()
-    return weight.bitnet_mm(x_q, q, True, s_x, bias, out_dtype), x_q, s_x, q, rstd
+    y = weight.bitnet_mm(x_q, q, transpose=True, row_scale=s_x, bias=bias, out_dtype=out_dtype)
+    return _Forward(y=y, x_q=x_q, s_x=s_x, q=q, rstd=rstd)
+
+
+class _Options(NamedTuple):
+    """The arguments of :class:`_BitNetLinearFunction` that are not tensors. ``Function.apply`` takes positional
+    arguments only, and only positional tensors get gradients: the tensors come one by one, these in one record."""
+
+    out_dtype: torch.dtype
+    norm_eps: float
+    gather: SequenceGather | None
+
+
+class _Saved(NamedTuple):
+    """What the forward saves for the backward (docs/numerics.md#saved-for-backward), in ``save_for_backward``'s
+    order. Tensors only (or ``None``), so that saved-tensor hooks (offloading, checkpointing) see all of them."""
+
+    x_q: Tensor
+    s_x: Tensor
+    #: The parameter itself, no copy: the backward quantizes it again with the saved scale.
+    weight: BitNetWeight
+    #: The fields of the forward's :class:`WeightQuantization` that are tensors.
+    scale: Tensor
+    center: Tensor | None
+    #: The fused norm's input, gain and reciprocal RMS, for its backward; ``None`` without a norm.
+    x2: Tensor | None
+    norm_weight: Tensor | None
+    rstd: Tensor | None
 
 
 class _BitNetLinearFunction(torch.autograd.Function):
@@ -167,36 +238,44 @@ class _BitNetLinearFunction(torch.autograd.Function):
         x: Tensor,
         weight: BitNetWeight,
         bias: Tensor | None,
-        config: BitNetTrainingConfig,
-        out_dtype: torch.dtype,
         norm_weight: Tensor | None,
-        norm_eps: float,
-        gather: SequenceGather | None,
+        options: _Options,
     ) -> Tensor:
         x2 = x.reshape(-1, weight.shape[1])
-        y, x_q, s_x, q, rstd = _forward(x2, weight, bias, out_dtype, norm_weight, norm_eps, gather)
-        saved_norm = (x2, norm_weight, rstd) if norm_weight is not None else ()
-        ctx.save_for_backward(x_q, s_x, weight, *saved_norm, *q)
-        ctx.config = config
+        norm = InputNorm(norm_weight, options.norm_eps) if norm_weight is not None else None
+        fwd = _forward(x2, weight, bias=bias, out_dtype=options.out_dtype, norm=norm, gather=options.gather)
+        saved = _Saved(
+            x_q=fwd.x_q,
+            s_x=fwd.s_x,
+            weight=weight,
+            scale=fwd.q.scale,
+            center=fwd.q.center,
+            x2=x2 if norm is not None else None,
+            norm_weight=norm_weight,
+            rstd=fwd.rstd,
+        )
+        ctx.save_for_backward(*saved)
+        ctx.config = weight.config
         ctx.x_shape = x.shape
-        ctx.norm = norm_weight is not None
+        ctx.norm = norm is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.gather = gather
-        return _unflatten(y, x.shape, gather is not None)
+        ctx.gather = options.gather
+        return _unflatten(fwd.y, x.shape, options.gather is not None)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x_q, s_x, weight, *saved = ctx.saved_tensors
-        x2, norm_weight, rstd = saved[:3] if ctx.norm else (None, None, None)
-        q = WeightQuantization(*saved[3:] if ctx.norm else saved)
+        saved = _Saved(*ctx.saved_tensors)
+        x_q, s_x, weight = saved.x_q, saved.s_x, saved.weight
+        q = WeightQuantization(scale=saved.scale, center=saved.center)
         config: BitNetTrainingConfig = ctx.config
+        needs_grad_input, needs_grad_weight, needs_grad_bias, needs_grad_norm = ctx.needs_input_grad[:4]
         g = grad_y.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = grad_norm = None
-        needs_grad_x = ctx.needs_input_grad[0] or (ctx.norm and ctx.needs_input_grad[5])
+        needs_grad_x = needs_grad_input or (ctx.norm and needs_grad_norm)
         # Both INT8 products quantize g (per row, and per column after folding s_x in): one read of g for both.
         both = config.int8_grad_input and config.int8_grad_weight and not config.grouped
         g_rows = g_cols = None
-        if both and needs_grad_x and ctx.needs_input_grad[1]:
+        if both and needs_grad_x and needs_grad_weight:
             g_q, s_g, g_q_cols, s_g_cols = kernels.quantize_grad_output(g, s_x, GRADIENT_EPS)
             g_rows, g_cols = (g_q, s_g), (g_q_cols, s_g_cols)
 
@@ -205,7 +284,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 # Column-parallel groups: one gradient scale per (token, group of N / G outputs).
                 groups = config.scale_groups if config.group_dim == 0 else 1
                 g_q, s_g = g_rows or quantize_groups(g, groups, GRADIENT_EPS)
-                grad_x = weight.bitnet_mm(g_q, q, False, s_g, None, g.dtype)
+                grad_x = weight.bitnet_mm(g_q, q, transpose=False, row_scale=s_g, bias=None, out_dtype=g.dtype)
             elif config.grouped:
                 grad_x = g @ (weight.bitnet_int8(q).to(g.dtype) * q.scale.to(g.dtype))
             else:
@@ -215,10 +294,11 @@ class _BitNetLinearFunction(torch.autograd.Function):
             if ctx.norm:
                 # grad_x is the gradient of the normalized input; the norm's backward takes it to x. It reaches the
                 # norm in x's dtype, as through the cast between an unfused norm and linear: the same numbers.
-                grad_x, grad_norm = kernels.rms_norm_backward(grad_x.to(x2.dtype), x2, norm_weight, rstd)
+                x2 = saved.x2
+                grad_x, grad_norm = kernels.rms_norm_backward(grad_x.to(x2.dtype), x2, saved.norm_weight, saved.rstd)
             grad_x = grad_x.reshape(ctx.x_shape)
 
-        if ctx.needs_input_grad[1]:
+        if needs_grad_weight:
             # s_x is (M,), or (M, G) for row-parallel groups: then each block of K / G columns has its own.
             groups = s_x.shape[1] if s_x.dim() == 2 else 1
             if config.int8_grad_weight:
@@ -227,7 +307,15 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 for x_q_g, s_x_g in per_group:
                     g_q, s_g = g_cols or kernels.quantize_colwise_scaled(g, s_x_g.contiguous(), GRADIENT_EPS)
                     blocks.append(
-                        kernels.scaled_int8_mm(g_q.t(), x_q_g.contiguous(), s_g, None, None, None, weight.dtype)
+                        kernels.scaled_int8_mm(
+                            g_q.t(),
+                            x_q_g.contiguous(),
+                            row_scale=s_g,
+                            col_scale=None,
+                            scale=None,
+                            bias=None,
+                            out_dtype=weight.dtype,
+                        )
                     )
                 grad_w = blocks[0] if groups == 1 else torch.cat(blocks, dim=1)
             else:
@@ -235,10 +323,10 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 x_fq = (x_q * s_cols).to(g.dtype)
                 grad_w = (g.t() @ x_fq).to(weight.dtype)
 
-        if ctx.needs_input_grad[2]:
+        if needs_grad_bias:
             grad_b = g.sum(0).to(ctx.bias_dtype)
 
-        return grad_x, grad_w, grad_b, None, None, grad_norm, None, None
+        return grad_x, grad_w, grad_b, grad_norm, None
 
 
 def _describe(weight: BitNetWeight) -> str:
@@ -281,19 +369,59 @@ def bitnet_linear(
         input = input.to(dtype)
     if bias is not None:
         bias = bias.to(dtype)
+    if weight.quantization_strength < 1:
+        if sequence_gather is not None:
+            raise NotImplementedError(
+                f"{_describe(weight)}: quantization warmup (strength {weight.quantization_strength}) runs without "
+                "sequence parallelism; warm up first, or parallelize without sequence parallelism"
+            )
+        return warmup_linear(input, weight, bias, input_norm, dtype)
     norm_weight, norm_eps = input_norm if input_norm is not None else (None, 0.0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias, norm_weight)):
-        return _BitNetLinearFunction.apply(
-            input, weight, bias, weight.config, dtype, norm_weight, norm_eps, sequence_gather
-        )
+        options = _Options(out_dtype=dtype, norm_eps=norm_eps, gather=sequence_gather)
+        return _BitNetLinearFunction.apply(input, weight, bias, norm_weight, options)
     # Nothing to differentiate (inference, frozen weights): skip the autograd function and what it saves, and take
-    # the weight's fused forward where it has one (the optional BitNetWeight.bitnet_forward).
+    # the weight's fused forward where it has one (BitNetWeight.bitnet_forward; not across a sequence gather).
     x2 = input.reshape(-1, weight.shape[1])
-    fused = getattr(type(weight), "bitnet_forward", None) if sequence_gather is None else None
-    y = fused(weight, x2, norm_weight, norm_eps, bias, dtype) if fused is not None else None
+    y = None
+    if sequence_gather is None:
+        y = weight.bitnet_forward(x2, norm=input_norm, bias=bias, out_dtype=dtype)
     if y is None:
-        y = _forward(x2, weight, bias, dtype, norm_weight, norm_eps, sequence_gather)[0]
+        fwd = _forward(x2, weight, bias=bias, out_dtype=dtype, norm=input_norm, gather=sequence_gather)
+        y = fwd.y
     return _unflatten(y, input.shape, sequence_gather is not None)
+
+
+def warmup_linear(
+    input: Tensor, weight: BitNetWeight, bias: Tensor | None, input_norm: InputNorm | None, dtype: torch.dtype
+) -> Tensor:
+    """The linear during quantization warmup (docs/finetuning.md): with ``lambda = weight.quantization_strength``
+    it computes ``F.linear(x + lambda (fq(x) - x), W + lambda (fq(W) - W), b)`` in ``dtype``, where ``fq`` is
+    the BitNet fake quantization (the int8 values times their scales, exactly what the INT8 path multiplies) and
+    the blends are straight-through: the gradient reaches ``x`` and the master weight as if they were not there.
+
+    ``lambda = 0`` is the full-precision linear the model was pretrained with, and moving it to 1 over a few
+    hundred steps lets a pretrained model adapt to the quantization gradually instead of all at once (Hugging
+    Face's "Fine-tuning LLMs to 1.58bit"). The matmuls run in ``dtype`` (the cost of the baseline linear plus one
+    quantization pass over ``x`` and ``W``); at ``lambda = 1`` :func:`bitnet_linear` takes the INT8 path instead.
+    """
+    strength = weight.quantization_strength
+    if input_norm is not None:
+        input = F.rms_norm(input.float(), (input.shape[-1],), input_norm.weight.float(), input_norm.eps)
+    x2 = input.to(dtype).reshape(-1, weight.shape[1])
+    config = weight.config
+    with torch.no_grad():
+        groups = config.scale_groups if config.group_dim == 1 else 1
+        x_q, s_x = quantize_groups(x2, groups, ACTIVATION_EPS)
+        m, k = x_q.shape
+        s_x = s_x.reshape(m, -1, 1)  # one scale per (token, group of K / G inputs)
+        x_fq = (x_q.reshape(m, -1, k // s_x.shape[1]) * s_x).reshape(m, k)
+        x_step = (x_fq.to(dtype) - x2) * strength
+        q = weight.bitnet_quantization()
+        w_step = (weight.bitnet_int8(q).to(weight.dtype) * q.scale.to(weight.dtype) - weight) * strength
+    w = (weight + w_step).to(dtype)
+    y = F.linear(x2 + x_step, w, bias)
+    return _unflatten(y, input.shape, gathered=False)
 
 
 def _unflatten(y: Tensor, x_shape: torch.Size, gathered: bool) -> Tensor:

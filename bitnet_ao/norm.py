@@ -14,8 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .kernels import cpu as cpu_kernels
-from .kernels import reference
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -23,7 +21,7 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast("cpu", enabled=False):
-            y, rstd = cpu_kernels.run_fused(reference.rms_norm, x2.numel(), x2, weight, eps)
+            y, rstd = kernels.rms_norm(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
@@ -37,7 +35,8 @@ class _RMSNormFunction(torch.autograd.Function):
 class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward on CPU.
 
-    Large tensors run compiled and small ones eagerly, by the same rule as the ``bitnet_ao.kernels`` CPU backend.
+    Forward and backward go through ``bitnet_ao.kernels`` (``kernels.rms_norm``, ``kernels.rms_norm_backward``) to
+    the backend of the input's device: on CPU, large tensors run compiled and small ones eagerly.
     Other devices, and whole-model ``torch.compile``, use ``torch.nn.RMSNorm`` itself.
     """
 

@@ -1,7 +1,7 @@
 """``BitNetPackedLinearWeight``: a BitNet weight that exists only quantized, packed with its scale.
 
-Two producers: the FSDP2 all-gather (``bitnet_ao/fsdp.py``: every rank packs its shard with the global scale and
-the gathered bytes are wrapped, without a copy) and ``quantize_(model, bitnet_inference())``
+Two producers: the FSDP2 all-gather (``bitnet_ao/fsdp_gather.py``: every rank packs its shard with the global
+scale and the gathered bytes are wrapped, without a copy) and ``quantize_(model, bitnet_inference())``
 (``bitnet_ao/inference.py``: the frozen deployment weight). ``F.linear`` on it runs the BitNet autograd function
 straight on the packed values. Besides that it supports what a frozen parameter meets: views and ``detach``,
 ``.to(device / dtype)``, ``clone``/``deepcopy``, ``copy_`` from another packed weight (``load_state_dict``) and
@@ -11,14 +11,14 @@ pickling. Nothing else: no high-precision weight exists to run it on.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
 from .config import BitNetTrainingConfig
 from .kernels import reference
-from .linear import bitnet_linear, scaled_mm_groups
-from .private_api import disable_torch_function_subclass, make_wrapper_subclass, stable_hash_for_caching
+from .linear import InputNorm, scaled_mm_groups
+from .private_api import make_wrapper_subclass
+from .weight_base import BitNetWeightTensor
 from .weight_quant import WeightQuantization
 
 aten = torch.ops.aten
@@ -29,7 +29,7 @@ def bits_per_value(config: BitNetTrainingConfig) -> int:
     return 1 if config.weights == "binary" else 2
 
 
-class BitNetPackedLinearWeight(Tensor):
+class BitNetPackedLinearWeight(BitNetWeightTensor):
     """An ``(N, K)`` BitNet weight already quantized: its values packed along ``K`` in ``packed`` int8 (ternary:
     2 bits each, ``(N, ceil(K / 4))``; binary: 1 bit each, ``(N, ceil(K / 8))``; docs/numerics.md#2-bit-packing)
     and the float32 weight scale ``scale``.
@@ -40,7 +40,6 @@ class BitNetPackedLinearWeight(Tensor):
 
     packed: Tensor
     scale: Tensor
-    config: BitNetTrainingConfig
 
     @staticmethod
     def __new__(
@@ -110,22 +109,15 @@ class BitNetPackedLinearWeight(Tensor):
         dtype, config = meta
         return cls(inner["packed"], inner["scale"], outer_size[1], dtype, config)
 
-    def _stable_hash_for_caching(self) -> str:
-        # Key for torch.compile's AOT autograd cache: what a compiled graph specializes on, no data.
-        meta = (tuple(self.shape), self.dtype, self.device.type, self.requires_grad, self.config)
-        return stable_hash_for_caching(meta)
-
-    def __reduce_ex__(self, protocol: int):
-        # torch.save of a whole module: the packed bytes and scale, loadable with weights_only=True once
-        # bitnet_ao is imported (registered as safe globals below).
-        args = (self.packed, self.scale, self.shape[1], self.dtype, self.config, self.requires_grad)
-        return (BitNetPackedLinearWeight, args)
+    def _rebuild_args(self) -> tuple[Tensor, Tensor, int, torch.dtype, BitNetTrainingConfig, bool]:
+        # Pickled as a call of the class itself: the packed bytes, the scale and the constructor's metadata.
+        return (self.packed, self.scale, self.shape[1], self.dtype, self.config, self.requires_grad)
 
     # --- the BitNetWeight interface of the autograd function (bitnet_ao/linear.py) ---------------------------
 
     def bitnet_quantization(self) -> WeightQuantization:
-        # Quantized before it was packed; a binary weight's centre is already spent.
-        return WeightQuantization(self.scale, None)
+        # Quantized before it was packed: the values exist only as int8, a binary weight's centre is spent.
+        return WeightQuantization(scale=self.scale, center=None)
 
     def bitnet_int8(self, q: WeightQuantization) -> Tensor:
         return reference.unpack_weight(self.packed, self.shape[1], self.bits)
@@ -134,6 +126,7 @@ class BitNetPackedLinearWeight(Tensor):
         self,
         a: Tensor,
         q: WeightQuantization,
+        *,
         transpose: bool,
         row_scale: Tensor,
         bias: Tensor | None,
@@ -142,22 +135,46 @@ class BitNetPackedLinearWeight(Tensor):
         if self.config.grouped:  # group scales: the matmul per group runs on the unpacked values
             w_q = self.bitnet_int8(q)
             return scaled_mm_groups(
-                a, w_q.t() if transpose else w_q, row_scale, q, self.config, transpose, bias, out_dtype
+                a,
+                w_q.t() if transpose else w_q,
+                row_scale=row_scale,
+                q=q,
+                config=self.config,
+                transpose=transpose,
+                bias=bias,
+                out_dtype=out_dtype,
             )
         return kernels.scaled_int8_mm_packed(
-            a, self.packed, self.shape[1], transpose, row_scale, None, q.scale, bias, out_dtype, self.bits
+            a,
+            self.packed,
+            k=self.shape[1],
+            transpose_b=transpose,
+            row_scale=row_scale,
+            col_scale=None,
+            scale=q.scale,
+            bias=bias,
+            out_dtype=out_dtype,
+            bits=self.bits,
         )
 
     def bitnet_forward(
-        self, x2: Tensor, norm_weight: Tensor | None, norm_eps: float, bias: Tensor | None, out_dtype: torch.dtype
+        self, x2: Tensor, *, norm: InputNorm | None, bias: Tensor | None, out_dtype: torch.dtype
     ) -> Tensor | None:
-        """The optional no-grad fast path of the interface: the whole forward on the flattened input in one op
-        (``kernels.packed_linear``; one C call per linear when decoding on CPU). ``None`` for group scales, which
-        take the general path."""
+        """The whole no-grad forward in one op (``kernels.packed_linear``; one C call per linear when decoding on
+        CPU). ``None`` for group scales, which take the general path."""
         if self.config.grouped:
             return None
+        norm_weight, norm_eps = norm if norm is not None else (None, 0.0)
         return kernels.run_packed_linear(
-            x2, norm_weight, norm_eps, self.packed, self.shape[1], self.bits, self.scale, bias, out_dtype
+            x2,
+            norm_weight=norm_weight,
+            norm_eps=norm_eps,
+            b_packed=self.packed,
+            k=self.shape[1],
+            bits=self.bits,
+            scale=self.scale,
+            bias=bias,
+            out_dtype=out_dtype,
         )
 
     # --- everything else ------------------------------------------------------------------------------------
@@ -166,14 +183,6 @@ class BitNetPackedLinearWeight(Tensor):
         self, packed: Tensor, scale: Tensor, dtype: torch.dtype | None = None, requires_grad: bool = False
     ) -> BitNetPackedLinearWeight:
         return type(self)(packed, scale, self.shape[1], dtype or self.dtype, self.config, requires_grad)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            return bitnet_linear(*args, **kwargs)
-        with disable_torch_function_subclass():
-            return func(*args, **kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -199,6 +208,14 @@ class BitNetPackedLinearWeight(Tensor):
             weight.packed.copy_(args[1].packed)
             weight.scale.copy_(args[1].scale)
             return weight
+        if func in (aten.add_.Tensor, aten.sub_.Tensor):  # in place: a merge (the rest falls to the error below)
+            raise NotImplementedError(
+                f"BitNetPackedLinearWeight (a packed {weight.config.weights} BitNet weight, shape "
+                f"{tuple(weight.shape)}): cannot add to it in place ({func}), e.g. merging a LoRA adapter "
+                "into it (peft's merge_and_unload): its values are frozen at 2 bits and its high-precision "
+                "values are gone. Keep the adapter unmerged, or merge it into the training model (master weights, "
+                "bitnet_training) and pack that with bitnet_inference afterwards"
+            )
         if func is aten.embedding.default:
             raise NotImplementedError(
                 f"BitNetPackedLinearWeight (shape {tuple(weight.shape)}) is used by an embedding lookup: an output "
@@ -222,6 +239,3 @@ def _is_identity_view(weight: Tensor, size, stride, storage_offset: int | None =
 
 def _same_layout(a: BitNetPackedLinearWeight, b: BitNetPackedLinearWeight) -> bool:
     return a.shape == b.shape and a.packed.shape == b.packed.shape
-
-
-torch.serialization.add_safe_globals([BitNetPackedLinearWeight])

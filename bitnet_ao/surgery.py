@@ -26,19 +26,23 @@ Placements:
   4 norms per block instead of 7, which matters on CPU where an eager RMSNorm forward and backward costs
   about as much as a 1024-wide INT8 matmul.
 
-Models are recognized by the module names of their transformer blocks (:data:`LAYOUTS`): a Llama with Meta's
-reference names, torchtitan's Llama 3 and Hugging Face's ``LlamaForCausalLM``.
+Models are recognized by the module names of their transformer blocks, from the table of layouts in
+``bitnet_ao.layouts`` (:data:`LAYOUTS`): a Llama with Meta's reference names, torchtitan's Llama 3 and Hugging
+Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``. The roles there say which linears get a norm and which norms
+go away.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .layouts import LAYOUTS, BlockLayout, quantize_filter
 from .linear import InputNorm, bitnet_linear, is_bitnet_weight
 from .norm import RMSNorm
 
@@ -46,66 +50,12 @@ logger = logging.getLogger(__name__)
 
 Placement = Literal["faq", "subln"]
 
-#: Names of output heads, which stay in high precision (:func:`quantize_filter`).
-HEAD_NAMES = ("output", "lm_head")
 
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where a transformer block keeps its norms and linears, as paths relative to the block."""
-
-    name: str
-    attention_norm: str
-    mlp_norm: str
-    attention_inputs: tuple[str, ...]
-    attention_output: str
-    mlp_inputs: tuple[str, ...]
-    mlp_output: str
-
-    def linears(self, placement: Placement) -> tuple[str, ...]:
-        """The linears that get a norm in front of them, in forward order."""
-        if placement == "subln":
-            return (self.attention_output, self.mlp_output)
-        return (*self.attention_inputs, self.attention_output, *self.mlp_inputs, self.mlp_output)
-
-    def paths(self) -> tuple[str, ...]:
-        return (self.attention_norm, self.mlp_norm, *self.linears("faq"))
-
-
-_META_MLP = dict(mlp_norm="ffn_norm", mlp_inputs=("feed_forward.w1", "feed_forward.w3"), mlp_output="feed_forward.w2")
-
-LAYOUTS: tuple[BlockLayout, ...] = (
-    BlockLayout(
-        "Llama (Meta reference names)",
-        attention_norm="attention_norm",
-        attention_inputs=("attention.wq", "attention.wk", "attention.wv"),
-        attention_output="attention.wo",
-        **_META_MLP,
-    ),
-    BlockLayout(
-        "torchtitan Llama 3 (fused QKV)",
-        attention_norm="attention_norm",
-        attention_inputs=("attention.qkv_linear.wqkv",),
-        attention_output="attention.wo",
-        **_META_MLP,
-    ),
-    BlockLayout(
-        "torchtitan Llama 3 (separate QKV)",
-        attention_norm="attention_norm",
-        attention_inputs=("attention.qkv_linear.wq", "attention.qkv_linear.wk", "attention.qkv_linear.wv"),
-        attention_output="attention.wo",
-        **_META_MLP,
-    ),
-    BlockLayout(
-        "Hugging Face Llama",
-        attention_norm="input_layernorm",
-        mlp_norm="post_attention_layernorm",
-        attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        attention_output="self_attn.o_proj",
-        mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
-        mlp_output="mlp.down_proj",
-    ),
-)
+def normed_linears(layout: BlockLayout, placement: Placement) -> tuple[str, ...]:
+    """The linears of a block that get a norm in front of them, in forward order: all of them (FAQ), or the
+    attention and MLP outputs, where BitNet's sub-norms sit (subln)."""
+    roles = layout.block_linears if placement == "faq" else [r for r in layout.block_linears if r.kind == "output"]
+    return tuple(layout.path(r) for r in roles)
 
 
 class NormedLinear(nn.Module):
@@ -168,15 +118,35 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def base_linear(module: nn.Module | None) -> nn.Linear | None:
+    """The ``nn.Linear`` that does a block linear's matmul, through the wrappers it may sit in: a
+    :class:`NormedLinear` (its ``.linear``) and peft's tuner layers (LoRA & co., duck-typed by their public
+    ``get_base_layer()``, so that bitnet_ao does not import peft), in any nesting; ``None`` for anything else.
+    Code that needs a layer's q/k/v projections on a normed and/or adapted model goes through this."""
+    for _ in range(8):  # a handful of nested wrappers at most; no cycle can hang it
+        if isinstance(module, nn.Linear):
+            return module
+        if isinstance(module, NormedLinear):
+            module = module.linear
+        elif callable(getattr(module, "get_base_layer", None)) and module.get_base_layer() is not module:
+            module = module.get_base_layer()
+        else:
+            return None
+    return None
+
+
 def _matches(block: nn.Module, layout: BlockLayout) -> bool:
-    linears = layout.linears("faq")
     return all(_get(block, p) is not None for p in layout.paths()) and all(
-        isinstance(_get(block, p), nn.Linear) for p in linears
+        base_linear(_get(block, layout.path(r))) is not None for r in layout.block_linears
     )
 
 
 def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Module]]]:
-    """The transformer blocks of ``model`` (fully qualified name, module) and the layout they follow."""
+    """The transformer blocks of ``model`` (fully qualified name, module) and the layout they follow.
+
+    A block's linears may be plain ``nn.Linear``, a :class:`NormedLinear` around one (after
+    :func:`apply_bitnet_norms`) or a peft tuner layer around either (:func:`base_linear`), so the blocks of a
+    normed and/or adapted model are found too."""
     for layout in LAYOUTS:
         blocks = [(name, m) for name, m in model.named_modules() if _matches(m, layout)]
         if blocks:
@@ -185,8 +155,9 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Modul
     children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children())
     raise ValueError(
         f"apply_bitnet_norms: no transformer block of {type(model).__name__} matches a known layout. "
-        f"A block must hold these submodules (the linears as nn.Linear):\n{known}\n"
-        f"The model's top-level modules: {children}. Add a BlockLayout to bitnet_ao.surgery.LAYOUTS for it."
+        "A block must hold these submodules (the linears as nn.Linear, or a NormedLinear / peft layer around one):"
+        f"\n{known}\n"
+        f"The model's top-level modules: {children}. Add a BlockLayout to bitnet_ao.layouts.LAYOUTS for it."
     )
 
 
@@ -196,16 +167,41 @@ def _replace(block: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def _rms_norm_gain_and_eps(norm: nn.Module, features: int) -> tuple[Tensor | None, float | None] | None:
+    """The gain (``None``: no affine gain) and eps of an RMS norm over ``features`` (torch's ``nn.RMSNorm`` and
+    bitnet_ao's, whose eps is ``.eps``; Hugging Face's ``LlamaRMSNorm`` / ``Qwen2RMSNorm``, ``.variance_epsilon``),
+    or ``None`` for anything else (a LayerNorm subtracts the mean: no RMSNorm reproduces it)."""
+    if isinstance(norm, nn.RMSNorm):
+        eps = norm.eps
+    elif hasattr(norm, "variance_epsilon") and "RMSNorm" in type(norm).__name__:
+        eps = float(norm.variance_epsilon)
+    else:
+        return None
+    gain = getattr(norm, "weight", None)
+    if gain is not None and tuple(gain.shape) != (features,):
+        return None
+    return gain, eps
+
+
 def apply_bitnet_norms(
-    model: nn.Module, placement: Placement = "faq", eps: float = 1e-5, keep_block_norms: bool = False
+    model: nn.Module, placement: Placement = "faq", eps: float | None = None, keep_block_norms: bool = False
 ) -> SurgeryReport:
     """Insert the BitNet RMSNorms into every transformer block of ``model``, in place; see the module doc.
 
-    Call it before ``quantize_`` (and before building the optimizer: the new norms have parameters). The
-    norms are created on the device and in the dtype of the linear they precede, with unit gain.
+    Call it before ``quantize_`` (and before building the optimizer: the new norms have parameters).
     ``keep_block_norms``: with the FAQ placement, keep the block's pre-norms too (a model trained that way, e.g.
     in transformers with ``use_rms_norm``, has learned gains there). Returns a :class:`SurgeryReport`, also
     logged at INFO level.
+
+    The norms are created on the device and in the dtype of the linear they precede. So that a pretrained model
+    computes what it computed before (docs/finetuning.md), a norm in front of an attention or MLP input (FAQ: q,
+    k, v, gate, up) takes the gain and eps of the block's pre-norm it stands in for: with that pre-norm removed,
+    it *is* the pre-norm, and the function is unchanged; with ``keep_block_norms`` the gain moves into the new
+    norms and the kept pre-norm gets unit gain (unchanged up to eps: the second norm sees a row of RMS ~1). The
+    norms in front of the attention output and the MLP's down projection (FAQ, and subln's sub-norms) divide by
+    a per-token RMS that was not there: they start with unit gain, which :func:`calibrate_bitnet_norms` can
+    replace with the mean RMS of their inputs. A fresh model (unit gains) gets unit gains everywhere, as before.
+    ``eps``: of every inserted norm; ``None`` takes the pre-norm's (1e-5 where a block has no RMS pre-norm).
     """
     if placement not in ("faq", "subln"):
         raise ValueError(f"apply_bitnet_norms: placement must be 'faq' or 'subln', got {placement!r}")
@@ -214,23 +210,118 @@ def apply_bitnet_norms(
         raise ValueError(f"apply_bitnet_norms: the model already has BitNet norms (at {done}); apply it once")
     layout, blocks = find_blocks(model)
     report = SurgeryReport(layout.name, placement)
+    roles = {layout.path(r): r for r in layout.block_linears}
     for block_name, block in blocks:
         prefix = f"{block_name}." if block_name else ""
-        for path in layout.linears(placement):
-            _replace(block, path, NormedLinear(_get(block, path), eps))
+        # The pre-norm of each part (attention, MLP), read before anything changes.
+        pre = {
+            role.norm: _rms_norm_gain_and_eps(_get(block, layout.path(role.norm)), _get(block, path).in_features)
+            for path, role in roles.items()
+            if role.kind == "input" and role.norm in layout.modules
+        }
+        default_eps = next((ge[1] for ge in pre.values() if ge is not None), 1e-5)
+        moved = set()
+        for path in normed_linears(layout, placement):
+            role = roles[path]
+            source = pre.get(role.norm) if role.kind == "input" else None
+            norm_eps = eps if eps is not None else source[1] if source is not None else default_eps
+            normed = NormedLinear(_get(block, path), norm_eps)
+            if source is not None and source[0] is not None:
+                with torch.no_grad():
+                    normed.norm.weight.copy_(source[0])
+                moved.add(role.norm)
+            _replace(block, path, normed)
             report.inserted.append(prefix + path)
         if placement == "faq" and not keep_block_norms:
-            for path in (layout.attention_norm, layout.mlp_norm):
+            for path in layout.pre_norms:
                 _replace(block, path, nn.Identity())
                 report.removed.append(prefix + path)
+        elif placement == "faq":
+            for role in moved:  # the gain now sits in the new norms
+                with torch.no_grad():
+                    _get(block, layout.path(role)).weight.fill_(1.0)
     logger.info("%s", report)
     return report
 
 
-def quantize_filter(module: nn.Module, fqn: str) -> bool:
-    """``filter_fn`` for ``quantize_``: every ``nn.Linear`` except the output head, which stays in high
-    precision (embeddings are not linears, so they are skipped too)."""
-    return isinstance(module, nn.Linear) and fqn.rpartition(".")[2] not in HEAD_NAMES
+def _unpreserved_norms(model: nn.Module) -> dict[str, NormedLinear]:
+    """The inserted norms that cannot reproduce the pretrained function: those before the attention output and
+    the MLP's down projection (both placements), by the linear's fully qualified name."""
+    layout, blocks = find_blocks(model)
+    found = {}
+    for block_name, block in blocks:
+        prefix = f"{block_name}." if block_name else ""
+        for role in layout.block_linears:
+            module = _get(block, layout.path(role))
+            if role.kind == "output" and isinstance(module, NormedLinear):
+                found[prefix + layout.path(role)] = module
+    return found
+
+
+@torch.no_grad()
+def calibrate_bitnet_norms(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    """Set the gain of every inserted norm before an attention output or an MLP down projection to the mean RMS
+    of its input over ``batches``, so that on average its output has the scale the linear read before the
+    surgery (a unit gain would feed it rows of RMS 1 instead). The other inserted norms reproduce the pretrained
+    function already (:func:`apply_bitnet_norms`) and are left alone.
+
+    Call it after :func:`apply_bitnet_norms`, before training; ``quantize_`` may come before or after (the
+    inputs are the same up to the quantization of the layers before). ``batches``: what the model is called with,
+    one at a time: a tensor of token ids (``model(batch)``), a tuple (``model(*batch)``) or a dict
+    (``model(**batch)``). One pass: every norm's statistics are taken with the gains as they were (all unit after
+    the surgery), and all gains are set at the end. Returns the new gain by linear name.
+    """
+    norms = _unpreserved_norms(model)
+    if not norms:
+        raise ValueError(
+            f"calibrate_bitnet_norms: {type(model).__name__} has no BitNet norm before an attention output or MLP "
+            "down projection; call apply_bitnet_norms(model) first"
+        )
+    sums = dict.fromkeys(norms, 0.0)
+    counts = dict.fromkeys(norms, 0)
+
+    def hook(name: str, eps: float) -> Callable:
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().double()
+            rms = (x.square().mean(-1) + eps).sqrt()
+            sums[name] += rms.sum().item()
+            counts[name] += rms.numel()
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(hook(name, m.norm.eps if m.norm.eps is not None else 0.0))
+        for name, m in norms.items()
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        for batch in batches:
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not all(counts.values()):
+        missing = [name for name, count in counts.items() if not count]
+        raise ValueError(f"calibrate_bitnet_norms: the batches never reached {missing[:3]}; pass at least one batch")
+    gains = {name: sums[name] / counts[name] for name in norms}
+    for name, m in norms.items():
+        if m.norm.weight is None:
+            raise ValueError(f"calibrate_bitnet_norms: the norm before {name} has no gain (elementwise_affine=False)")
+        m.norm.weight.fill_(gains[name])
+    logger.info(
+        "calibrate_bitnet_norms: %d norm gains set, from %.3g to %.3g",
+        len(gains),
+        min(gains.values()),
+        max(gains.values()),
+    )
+    return gains
 
 
 __all__ = [
@@ -239,6 +330,9 @@ __all__ = [
     "NormedLinear",
     "SurgeryReport",
     "apply_bitnet_norms",
+    "base_linear",
+    "calibrate_bitnet_norms",
     "find_blocks",
+    "normed_linears",
     "quantize_filter",
 ]

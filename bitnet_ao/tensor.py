@@ -4,8 +4,9 @@ the ``quantize_`` handler that builds it.
 The optimizer, ``.to()``, ``deepcopy`` and in-place updates see the master weight: every aten op is run on it,
 and in-place ops write into it. Only ``F.linear`` is different: it runs the BitNet autograd function of
 ``linear.py``, which reaches the weight through the :class:`~bitnet_ao.linear.BitNetWeight` methods below.
-State dicts hold the master weight as a plain tensor (see "checkpoints" below). The FSDP2 all-gather extension
-of this class (``fsdp_pre_all_gather`` / ``fsdp_post_all_gather``) is installed by ``bitnet_ao/fsdp.py``.
+State dicts hold the master weight as a plain tensor (see "checkpoints" below). FSDP2 finds its all-gather
+extension as the methods ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` of the sharded local tensor; their
+math is ``bitnet_ao/fsdp_gather.py``.
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from . import kernels
+from . import fsdp_gather, kernels
 from .config import BitNetTrainingConfig
-from .linear import bitnet_linear, scaled_mm_groups
+from .fsdp_gather import ScaleState
+from .linear import InputNorm, scaled_mm_groups
 from .packed import BitNetPackedLinearWeight
 from .private_api import (
-    disable_torch_function_subclass,
     dtensor_local,
     is_compiling_with_fake_tensors,
+    is_mutable_op,
     make_wrapper_subclass,
-    stable_hash_for_caching,
     tree_map_only,
 )
+from .weight_base import BitNetWeightTensor
 from .weight_quant import WeightQuantization, quantize_weight, weight_quantization
 
 aten = torch.ops.aten
@@ -68,14 +70,24 @@ _MATMULS = {
 }
 
 
-class BitNetTrainingLinearWeight(Tensor):
+def _rebuild_bitnet_weight(
+    data: Tensor, config: BitNetTrainingConfig, requires_grad: bool
+) -> BitNetTrainingLinearWeight:
+    """Unpickle a weight (its ``__reduce_ex__``): the constructor takes ``requires_grad`` from ``data``."""
+    return BitNetTrainingLinearWeight(data, config).requires_grad_(requires_grad)
+
+
+class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_weight):
     """A linear weight trained the BitNet way. Holds the master weight in ``_data`` and the recipe in ``config``.
 
     Build it with ``quantize_(model, bitnet_training())`` rather than directly.
     """
 
     _data: Tensor
-    config: BitNetTrainingConfig
+    #: FSDP2, on the sharded local tensor: the all-reduced statistics of the whole weight this shard's all-gathers
+    #: quantize with, read and written by ``bitnet_ao/fsdp_gather.py`` only (which says when they are reused).
+    #: ``None`` until the first all-gather or precompute; views and copies start without one.
+    _fsdp_scale_state: ScaleState | None = None
 
     @staticmethod
     def __new__(cls, data: Tensor, config: BitNetTrainingConfig) -> BitNetTrainingLinearWeight:
@@ -104,15 +116,13 @@ class BitNetTrainingLinearWeight(Tensor):
     def __tensor_unflatten__(cls, inner: dict[str, Tensor], meta: tuple, outer_size, outer_stride):
         return cls(inner["_data"], *meta)
 
-    def _stable_hash_for_caching(self) -> str:
-        # Key for torch.compile's AOT autograd cache: everything a compiled graph specializes on, no data.
-        meta = (tuple(self.shape), self._data.stride(), self.dtype, self.device.type, self.requires_grad, self.config)
-        return stable_hash_for_caching(meta)
+    def _cache_key_layout(self) -> tuple[tuple[int, ...]]:
+        # The master weight's strides: the matmul layouts are chosen from them.
+        return (self._data.stride(),)
 
-    def __reduce_ex__(self, protocol: int):
-        # Pickle as (master weight, config): loadable with torch.load(weights_only=True) once bitnet_ao is
-        # imported (the class and config are registered as safe globals below).
-        return (_rebuild_bitnet_weight, (self._data, self.config, self.requires_grad))
+    def _rebuild_args(self) -> tuple[Tensor, BitNetTrainingConfig, bool]:
+        # Pickled as (master weight, config, requires_grad), rebuilt by _rebuild_bitnet_weight.
+        return (self._data, self.config, self.requires_grad)
 
     # --- the BitNetWeight interface of the autograd function (bitnet_ao/linear.py) ---------------------------
 
@@ -120,12 +130,13 @@ class BitNetTrainingLinearWeight(Tensor):
         return weight_quantization(self._data, self.config)
 
     def bitnet_int8(self, q: WeightQuantization) -> Tensor:
-        return quantize_weight(self._data, q, transpose=False)
+        return quantize_weight(self._data, q, weights=self.config.weights, transpose=False)
 
     def bitnet_mm(
         self,
         a: Tensor,
         q: WeightQuantization,
+        *,
         transpose: bool,
         row_scale: Tensor,
         bias: Tensor | None,
@@ -136,25 +147,58 @@ class BitNetTrainingLinearWeight(Tensor):
         # transposed view of a row-major tensor (contiguous along the reduction dim) for oneDNN and Triton.
         w = self._data
         if kernels.right_operand_k_contiguous(w):
-            b = quantize_weight(w, q, not transpose).t()
+            b = quantize_weight(w, q, weights=self.config.weights, transpose=not transpose).t()
         else:
-            b = quantize_weight(w, q, transpose)
-        return scaled_mm_groups(a, b, row_scale, q, self.config, transpose, bias, out_dtype)
+            b = quantize_weight(w, q, weights=self.config.weights, transpose=transpose)
+        return scaled_mm_groups(
+            a,
+            b,
+            row_scale=row_scale,
+            q=q,
+            config=self.config,
+            transpose=transpose,
+            bias=bias,
+            out_dtype=out_dtype,
+        )
+
+    def bitnet_forward(
+        self, x2: Tensor, *, norm: InputNorm | None, bias: Tensor | None, out_dtype: torch.dtype
+    ) -> Tensor | None:
+        """No fused forward: the weight is ternarized from the master weight on every call, into the layout the
+        backend's matmul wants, and that is exactly the general path (``None``)."""
+        return None
+
+    # --- FSDP2 all-gather extension (the math: bitnet_ao/fsdp_gather.py) ----------------------------------
+
+    def fsdp_pre_all_gather(self, mesh: DeviceMesh) -> tuple[tuple[Tensor], tuple[Tensor, int]]:
+        """This shard quantized with the whole weight's scale and packed: 1/8 of the BF16 bytes on the wire.
+        FSDP2's mesh-only form on purpose: with the five-argument one, torch 2.13 requires every all-gather input
+        of an unevenly sharded weight to have the padded shard's ``(rows, K)`` shape, which no packed input has."""
+        return fsdp_gather.pre_all_gather(self, mesh)
+
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[Tensor, ...],
+        metadata: tuple[Tensor, int],
+        param_dtype: torch.dtype,
+        *,
+        out: Tensor | None = None,
+    ) -> tuple[BitNetPackedLinearWeight, tuple[Tensor, ...]] | None:
+        """The gathered bytes as the unsharded weight, a :class:`BitNetPackedLinearWeight` (no copy)."""
+        return fsdp_gather.post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
 
     # --- torch function / dispatch ------------------------------------------------------------------------
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            return bitnet_linear(*args, **kwargs)
         if func is Tensor.untyped_storage and not is_compiling_with_fake_tensors():
             # A wrapper has no storage of its own; eager checkpointers (torchtitan's) compare storages to find
             # shared tensors, and the storage that matters is the master weight's. torch.compile, which builds
             # fake tensors from the wrapper's own (empty) storage, keeps seeing that one.
             return args[0]._data.untyped_storage()
-        with disable_torch_function_subclass():
-            return func(*args, **kwargs)
+        if func in (_DATA_GET, _DATA_SET) or func in _IN_PLACE_SUMS or func is Tensor.clone:
+            return _merge_watch(cls, func, types, args, kwargs or {})
+        return super().__torch_function__(func, types, args, kwargs)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -169,7 +213,7 @@ class BitNetTrainingLinearWeight(Tensor):
                 "(unquantize_ or weight._data)."
             )
         out = func(*tree_map_only(cls, _unwrap, args), **tree_map_only(cls, _unwrap, kwargs))
-        if func._schema.is_mutable and isinstance(args[0], cls):
+        if is_mutable_op(func) and isinstance(args[0], cls):
             # In-place update (optimizer step, copy_ from load_state_dict): the wrapper, with its own recipe,
             # is the result; a checkpoint carries weights, not the recipe.
             return args[0]
@@ -183,10 +227,60 @@ def _unwrap(t: BitNetTrainingLinearWeight) -> Tensor:
     return t._data
 
 
-def _rebuild_bitnet_weight(
-    data: Tensor, config: BitNetTrainingConfig, requires_grad: bool
-) -> BitNetTrainingLinearWeight:
-    return BitNetTrainingLinearWeight(data, config).requires_grad_(requires_grad)
+# --- merging into a master weight (peft's LoRA merge) -----------------------------------------------------
+# peft merges an adapter with ``base.weight.data += delta`` (unmerge: ``-=``; safe_merge: ``w = base.weight.data
+# .clone(); w += delta; base.weight.data = w``). Into a BitNet master weight the sum is re-ternarized at every
+# forward: the layer computes ternary(W + dW), not ternary(W) + dW, and the merged model is not the adapted one.
+# That is worth a warning with the measured change, but only there: an optimizer step (``param.add_``,
+# ``addcdiv_``, ``_foreach_*``, torchao's ``copy_``) and ``load_state_dict`` (``copy_``) never assign ``.data``,
+# and old-style optimizers that do ``p.data.add_`` never assign it back. So: a sum into a ``.data`` alias (or a
+# clone of one) is measured, and the warning is given when such a tensor is assigned to ``.data``.
+
+_DATA_GET, _DATA_SET = Tensor.data.__get__, Tensor.data.__set__
+_IN_PLACE_SUMS = {Tensor.add_: 1.0, Tensor.sub_: -1.0}
+
+
+def _effective_weight(data: Tensor, config: BitNetTrainingConfig) -> tuple[Tensor, Tensor]:
+    """The weight a BitNet linear computes with, as float32 ``W_q * s_w``, and its int8 values ``W_q``."""
+    q = weight_quantization(data, config)
+    values = quantize_weight(data, q, weights=config.weights, transpose=False)
+    return values.float() * q.scale, values
+
+
+def _merge_note(weight: BitNetTrainingLinearWeight, delta: Tensor) -> str:
+    """What adding ``delta`` to the master weight does to the weight the layer computes with, in words."""
+    data = weight._data.detach()
+    delta = delta.detach().float()
+    before, values_before = _effective_weight(data, weight.config)
+    after, values_after = _effective_weight((data.float() + delta).to(data.dtype), weight.config)
+    error = (after - (before + delta)).abs().max().item() if delta.numel() else 0.0
+    changed = int((values_before != values_after).sum())
+    return (
+        f"bitnet_ao: a sum into the master weight of a BitNet linear (shape {tuple(data.shape)}), as peft's LoRA "
+        "merge/unmerge does: the sum is re-ternarized at every forward, so the layer computes ternary(W + dW), not "
+        f"ternary(W) + dW. Merging into a ternary weight is lossy: here the effective weight ends up to {error:.3g} "
+        f"away from the exact sum (|dW| up to {delta.abs().max().item():.3g}) and {changed} of {data.numel()} "
+        "ternary values changed. Keep the adapter unmerged to keep its exact function, or fine-tune after merging"
+    )
+
+
+def _merge_watch(cls: type, func: Callable, types: tuple, args: tuple, kwargs: dict) -> object:
+    """``__torch_function__`` for ``.data`` (get and set), ``add_``/``sub_`` and ``clone``: see above."""
+    target = args[0]
+    if func in _IN_PLACE_SUMS and target.__dict__.get("_bitnet_data_alias") and isinstance(args[1], Tensor):
+        delta = args[1] * (_IN_PLACE_SUMS[func] * kwargs.get("alpha", 1))
+        target._bitnet_merge_note = _merge_note(target, delta)
+    if func == _DATA_SET and isinstance(target, cls) and isinstance(args[1], cls):
+        note = args[1].__dict__.pop("_bitnet_merge_note", None)
+        if note is not None:
+            warnings.warn(note, stacklevel=3)
+    out = super(cls, cls).__torch_function__(func, types, args, kwargs)
+    if func == _DATA_SET and isinstance(target, cls) and isinstance(args[1], cls):
+        # The wrapper's own (empty) tensor was replaced; the master weight is ours to replace (safe_merge).
+        target._data = args[1]._data
+    if isinstance(out, cls) and out is not target and (func == _DATA_GET or target.__dict__.get("_bitnet_data_alias")):
+        out._bitnet_data_alias = True  # .data, or a clone of it (safe_merge)
+    return out
 
 
 # --- checkpoints: plain master weights in, plain master weights out ----------------------------------------
@@ -248,9 +342,6 @@ def register_checkpoint_hooks(
     module.register_state_dict_post_hook(state_dict_post_hook)
     module.register_load_state_dict_pre_hook(load_pre_hook)
     registered.add((state_dict_post_hook, load_pre_hook))
-
-
-torch.serialization.add_safe_globals([BitNetTrainingLinearWeight, BitNetTrainingConfig, _rebuild_bitnet_weight])
 
 
 # --- quantize_ and its inverse ----------------------------------------------------------------------------

@@ -16,8 +16,8 @@ local shard: a ``BitNetTrainingLinearWeight`` holding ``G / T`` groups. The coll
   shard and all-gathered as int8 + scales (one collective), the input gradient reduce-scattered; the row-parallel
   output reduce-scattered.
 
-Under FSDP2 x TP (``fully_shard`` over the data-parallel mesh afterwards), ``fsdp.py`` all-gathers the local shards
-packed with their group scales.
+Under FSDP2 x TP (``fully_shard`` over the data-parallel mesh afterwards), the master weight's FSDP2 hooks
+(``fsdp_gather.py``) all-gather the local shards packed with their group scales.
 
 The stock ``ColwiseParallel`` / ``RowwiseParallel`` on a BitNet weight would decompose ``F.linear`` on the
 ``DTensor`` into a plain matmul of the master weight: full precision, silently. The weight refuses that matmul
@@ -39,8 +39,8 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torchao.quantization import quantize_
 
 from .config import BitNetTrainingConfig
+from .layouts import LAYOUTS, quantize_filter
 from .linear import bitnet_linear
-from .surgery import LAYOUTS, quantize_filter
 from .tensor import BitNetTrainingLinearWeight
 
 
@@ -77,24 +77,13 @@ class _BitNetLinearParallel(ParallelStyle):
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        style = type(self).__name__
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or not isinstance(weight, BitNetTrainingLinearWeight):
-            raise TypeError(
-                f"{style}: {module!r} is not an nn.Linear with a BitNet training weight; quantize_ it with "
-                "bitnet_training(scale_groups=..., group_dim=...) first, or use the stock styles for plain linears"
-            )
-        if device_mesh.ndim != 1:
-            raise ValueError(f"{style}: expected a 1-D tensor-parallel mesh, got {device_mesh}")
-        config, tp = weight.config, device_mesh.size()
-        if config.group_dim != self.shard_dim or config.scale_groups % tp:
-            raise ValueError(
-                f"{style} on {module!r}: each of the {tp} ranks must hold whole scale groups of the sharded "
-                f"dimension, so the weight needs bitnet_training(group_dim={self.shard_dim}, scale_groups=a multiple "
-                f"of {tp}); it has group_dim={config.group_dim}, scale_groups={config.scale_groups}"
-            )
-        module.weight = nn.Parameter(
-            shard_bitnet_weight(weight, device_mesh, self.shard_dim), requires_grad=weight.requires_grad
+        shard_bitnet_linear(
+            module,
+            device_mesh,
+            self.shard_dim,
+            who=type(self).__name__,
+            remedy=f"quantize_ it with bitnet_training(group_dim={self.shard_dim}, scale_groups=a multiple of the "
+            "tensor-parallel degree), or use the stock styles for plain linears",
         )
         if module.bias is not None:
             placement = Shard(0) if self.shard_dim == 0 else Replicate()
@@ -122,9 +111,9 @@ class BitNetColwiseParallel(_BitNetLinearParallel):
             if isinstance(x, DTensor):
                 x = x.redistribute(mesh, [Shard(1)]).to_local()
             y = bitnet_linear(x, module.weight.to_local(), bias, sequence_gather=_SequenceGather(mesh, x.shape[:-1]))
-        else:
-            y = column_parallel_linear(x, module.weight, bias)
-        return y if self.use_local_output else DTensor.from_local(y, mesh, [Shard(-1)], run_check=False)
+            return y if self.use_local_output else DTensor.from_local(y, mesh, [Shard(-1)], run_check=False)
+        y = local_shard_linear(x, module.weight, self.shard_dim, bias)
+        return y.to_local() if self.use_local_output else y
 
 
 class BitNetRowwiseParallel(_BitNetLinearParallel):
@@ -137,10 +126,48 @@ class BitNetRowwiseParallel(_BitNetLinearParallel):
     def _forward(self, module: nn.Linear, x: Tensor) -> Tensor:
         mesh = module.weight.device_mesh
         # All-reduce, or reduce-scatter along the sequence under sequence parallelism.
-        y = row_parallel_partial(x, module.weight).redistribute(mesh, [self.output_layout])
+        y = local_shard_linear(x, module.weight, self.shard_dim).redistribute(mesh, [self.output_layout])
         if module.bias is not None:
             y = y + module.bias
         return y.to_local() if self.use_local_output else y
+
+
+def shard_bitnet_linear(module: nn.Module, mesh: DeviceMesh, shard_dim: int, who: str, remedy: str) -> None:
+    """Shard the BitNet weight of ``module`` over the 1-D tensor-parallel ``mesh`` along ``shard_dim`` (0: output
+    rows, column-parallel; 1: input columns, row-parallel), in place: the one check and sharding of both the styles
+    above and the torchtitan converter. Each rank must hold whole scale groups of the sharded dimension, so that it
+    computes its scales locally; ``who`` and ``remedy`` (how its user sets the groups) make the error's words."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or not isinstance(weight, BitNetTrainingLinearWeight):
+        raise TypeError(f"{who}: {module!r} is not an nn.Linear with a BitNet training weight; {remedy}")
+    if mesh.ndim != 1:
+        raise ValueError(f"{who}: expected a 1-D tensor-parallel mesh, got {mesh}")
+    config, tp = weight.config, mesh.size()
+    if config.group_dim != shard_dim or config.scale_groups % tp:
+        raise ValueError(
+            f"{who} on {module!r}: tensor parallelism of degree {tp} shards the weight along dim {shard_dim}, and "
+            f"each rank must hold whole scale groups of it, so the weight needs group_dim={shard_dim} and "
+            f"scale_groups a multiple of {tp}; it has group_dim={config.group_dim}, "
+            f"scale_groups={config.scale_groups}: {remedy}"
+        )
+    module.weight = nn.Parameter(shard_bitnet_weight(weight, mesh, shard_dim), requires_grad=weight.requires_grad)
+
+
+def local_shard_linear(x: Tensor, weight: DTensor, shard_dim: int, bias: Tensor | None = None) -> DTensor:
+    """The BitNet linear of a tensor-parallel module on this rank's shard of ``weight`` (sharded along
+    ``shard_dim`` by :func:`shard_bitnet_linear`), the forward of both the styles above and the torchtitan
+    converter's ``BitNetLinear``: ``F.linear`` on the ``DTensor`` would be taken apart into a plain matmul of the
+    master weight, so the BitNet linear runs on the local shard and the result goes back into a ``DTensor``.
+
+    Column-parallel (0): ``x`` replicated, the output sharded on its last dimension, plus ``bias`` (this rank's
+    slice). Row-parallel (1): ``x`` sharded on its last dimension, the output ``Partial`` (the sum over the ranks
+    pending); a row-parallel bias is added after that reduction, by the caller."""
+    if shard_dim == 0:
+        y = column_parallel_linear(x, weight, bias)
+        return DTensor.from_local(y, weight.device_mesh, [Shard(y.dim() - 1)], run_check=False)
+    if bias is not None:
+        raise ValueError("local_shard_linear: a row-parallel bias is added once, after the reduction")
+    return row_parallel_partial(x, weight)
 
 
 def column_parallel_linear(x: Tensor, weight: DTensor, bias: Tensor | None) -> Tensor:
@@ -204,8 +231,10 @@ def _shard(t: Tensor, mesh: DeviceMesh, placement, config) -> DTensor:
 
 
 #: Paths (relative to a transformer block) of the linears tensor parallelism shards by input column: the
-#: attention output and the MLP's down projection, for every block layout bitnet_ao.surgery knows.
-ROW_PARALLEL_PATHS = tuple(sorted({p for layout in LAYOUTS for p in (layout.attention_output, layout.mlp_output)}))
+#: row-parallel roles (the attention output and the MLP's down projection) of every layout in bitnet_ao.layouts.
+ROW_PARALLEL_PATHS = tuple(
+    sorted({layout.path(r) for layout in LAYOUTS for r in layout.block_linears if r.row_parallel})
+)
 
 
 def tensor_parallel_group_dim(fqn: str) -> int:

@@ -12,22 +12,24 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .config import BitNetTrainingConfig
+from .config import BitNetTrainingConfig, WeightKind
 from .kernels.reference import WEIGHT_EPS, weight_scales_from_stats
 
 
 class WeightQuantization(NamedTuple):
     """How a weight was quantized: what the backward needs to rebuild the same int8 weight without a copy.
 
-    With group scales (``config.scale_groups = G > 1``) both fields hold one value per row (``group_dim=0``, shape
-    ``(N, 1)``) or per column (``group_dim=1``, ``(1, K)``): each group's value repeated over its rows or
-    columns, so that they broadcast against the weight in ``ternarize`` / ``binarize`` as they are.
+    With group scales (``config.scale_groups = G > 1``) ``scale`` and ``center`` hold one value per row
+    (``group_dim=0``, shape ``(N, 1)``) or per column (``group_dim=1``, ``(1, K)``): each group's value repeated
+    over its rows or columns, so that they broadcast against the weight in ``ternarize`` / ``binarize`` as they are.
     """
 
     #: ``s_w = mean |W|``, float32 scalar (or per group, see above): the int8 matmul's output is multiplied by it.
     scale: Tensor
-    #: Binary weights only: ``mean(W)``, the value subtracted before ``sign``; ``None`` for ternary weights.
-    center: Tensor | None
+    #: The value subtracted before ``sign`` when binary values are computed from a high-precision weight:
+    #: ``mean(W)``. ``None`` when there is nothing to subtract: ternary weights, and weights that exist only as
+    #: their int8 values (a packed weight's centre was spent when it was packed).
+    center: Tensor | None = None
 
 
 def quantization_from_stats(stats: Tensor, shape: tuple[int, int], config: BitNetTrainingConfig) -> WeightQuantization:
@@ -35,7 +37,7 @@ def quantization_from_stats(stats: Tensor, shape: tuple[int, int], config: BitNe
     group scales, which come back repeated over each group's rows or columns (see :class:`WeightQuantization`)."""
     n, k = shape
     scale, mean = weight_scales_from_stats(stats, n * k // config.scale_groups)
-    q = WeightQuantization(scale, mean if config.weights == "binary" else None)
+    q = WeightQuantization(scale=scale, center=mean if config.weights == "binary" else None)
     if not config.grouped:
         return q
     size = shape[config.group_dim] // config.scale_groups
@@ -44,7 +46,7 @@ def quantization_from_stats(stats: Tensor, shape: tuple[int, int], config: BitNe
         repeated = per_group.repeat_interleave(size)
         return repeated[:, None] if config.group_dim == 0 else repeated[None, :]
 
-    return WeightQuantization(spread(q.scale), None if q.center is None else spread(q.center))
+    return q._replace(scale=spread(q.scale), center=None if q.center is None else spread(q.center))
 
 
 def column_group_stats(w: Tensor, groups: int) -> Tensor:
@@ -63,10 +65,17 @@ def weight_quantization(w: Tensor, config: BitNetTrainingConfig) -> WeightQuanti
     return quantization_from_stats(stats, tuple(w.shape), config)
 
 
-def quantize_weight(w: Tensor, q: WeightQuantization, transpose: bool) -> Tensor:
-    """The int8 ternary (``q.center is None``) or binary weight, ``(K, N)`` when ``transpose`` else ``(N, K)``."""
-    if q.center is None:
+def quantize_weight(w: Tensor, q: WeightQuantization, *, weights: WeightKind, transpose: bool) -> Tensor:
+    """The int8 values of the high-precision weight ``w`` under ``q``, ``weights`` (the recipe's) saying which:
+    ternary {-1, 0, 1} or binary {-1, 1}; ``(K, N)`` when ``transpose`` else ``(N, K)``. The kind is an argument
+    rather than a field of ``q``, which torch.compile traces out of a weight subclass and must hold tensors only."""
+    if weights == "ternary":
         return kernels.ternarize(w, q.scale, transpose)
+    if q.center is None:
+        raise ValueError(
+            "quantize_weight: binary values need the centre mean(W) to subtract; this quantization has none (it "
+            "belongs to weights that exist only as their int8 values, a packed weight)"
+        )
     return kernels.binarize(w, q.center, transpose)
 
 
@@ -112,7 +121,9 @@ def master_weight_for(values: Tensor, scale: Tensor, dtype: torch.dtype) -> Tens
         remainder -= piece
     weight = weight.reshape(values.shape).to(dtype)
     q = weight_quantization(weight, _TERNARY)
-    if q.scale.item() != target_scale or not torch.equal(quantize_weight(weight, q, transpose=False), values):
+    if q.scale.item() != target_scale or not torch.equal(
+        quantize_weight(weight, q, weights="ternary", transpose=False), values
+    ):
         raise ValueError(
             f"master_weight_for: no {dtype} weight of shape {tuple(values.shape)} reproduces these values with "
             f"scale {target_scale:g} exactly (too few zero values to carry the rounding); use float32"

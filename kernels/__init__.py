@@ -4,16 +4,13 @@ The ops live under ``torch.ops.bitnet_ao``; the Python names below call the same
 When Triton is installed (the ``triton`` extra), its kernels register as the default backend for CUDA tensors.
 """
 
-if __name__ != "bitnet_ao.kernels":
-    # This folder is also importable as a top-level ``kernels`` when a checkout's root is on sys.path (running
-    # from the repository, pytest's rootdir), and other libraries probe that name (transformers imports any
-    # ``kernels`` it finds, looking for the Hub kernels package). A second copy would register every
-    # torch.library op twice, so the top-level name hands out the one real package instead.
-    import importlib
-    import sys
-
-    sys.modules[__name__] = importlib.import_module("bitnet_ao.kernels")
-else:
+# This folder is also importable as a top-level ``kernels`` when a checkout's root is on sys.path (running from the
+# repository, pytest's rootdir), and other libraries probe that name: transformers imports any ``kernels`` it finds
+# without package metadata, looking for the Hub kernels package. A second copy would register every torch.library
+# op again, silently replacing the real package's implementations with its own (with a backend registry of its own,
+# which register_backend / use_backend of the real package do not reach). So under any name but the installed one
+# this package defines and registers nothing (tests/test_packaging.py).
+if __name__ == "bitnet_ao.kernels":
     import importlib.util
 
     from . import reference
@@ -27,6 +24,7 @@ else:
         quantize_rowwise,
         register_backend,
         right_operand_k_contiguous,
+        rms_norm,
         rms_norm_backward,
         rms_norm_quantize_rowwise,
         run_packed_linear,
@@ -55,6 +53,7 @@ else:
         "reference",
         "register_backend",
         "right_operand_k_contiguous",
+        "rms_norm",
         "rms_norm_backward",
         "rms_norm_quantize_rowwise",
         "run_packed_linear",

@@ -43,14 +43,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..private_api import (
+from . import cpu_build, cpu_sign_gemm, reference
+from .private_api import (
     cpu_has_int8_dot_product,
     int_mm,
     onednn_int8_linear,
     onednn_int8_linear_available,
     outside_dispatch_modes,
 )
-from . import cpu_build, cpu_sign_gemm, reference
 
 ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.

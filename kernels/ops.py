@@ -2,7 +2,7 @@
 
 Each op has one name, a fake implementation (so ``torch.compile`` and FSDP2 trace through it without graph
 breaks) and a real implementation that forwards to a *backend* module holding functions of the same names:
-``cpu`` (``torch._int_mm`` + compiled elementwise, the default everywhere) or a backend registered with
+``torch_backend`` (``torch._int_mm`` + compiled elementwise, the default everywhere) or a backend registered with
 :func:`register_backend` (the Triton kernels register themselves for CUDA). :func:`use_backend` forces one,
 which is how the Triton kernels are tested on CPU under ``TRITON_INTERPRET=1``.
 
@@ -18,10 +18,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from ..private_api import dispatch_mode_active
-from . import cpu, reference
+from . import reference, torch_backend
+from .private_api import check, dispatch_mode_active
 
-_BACKENDS: dict[str, ModuleType] = {"torch": cpu}
+_BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
 #: Backend used for a device type when none is forced; devices not listed use "torch".
 _DEVICE_DEFAULTS: dict[str, str] = {}
 _forced_backend: str | None = None
@@ -58,11 +58,11 @@ def right_operand_k_contiguous(t: Tensor) -> bool:
 
 
 def _check_2d(name: str, t: Tensor, what: str) -> None:
-    torch._check(t.dim() == 2, lambda: f"bitnet_ao.{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
+    check(t.dim() == 2, lambda: f"bitnet_ao.{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
 
 
 def _check_float(name: str, t: Tensor, what: str) -> None:
-    torch._check(
+    check(
         t.dtype.is_floating_point,
         lambda: f"bitnet_ao.{name}: {what} must be a floating-point tensor, got {t.dtype}",
     )
@@ -85,7 +85,14 @@ def _(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-# --- RMSNorm fused with the activation quantization, and its backward ---------------------------------------
+# --- RMSNorm, alone or fused with the activation quantization, and its backward -----------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """RMSNorm of a 2-D ``x`` and its ``rstd`` for :func:`rms_norm_backward`, see ``reference.rms_norm``. A plain
+    function, not a custom op: its one caller, ``bitnet_ao.norm.RMSNorm``, runs it eagerly only (torch.compile
+    traces ``torch.nn.RMSNorm`` instead), so no trace needs to see it as one op."""
+    return backend_for(x).rms_norm(x, weight, eps)
 
 
 @torch.library.custom_op("bitnet_ao::rms_norm_quantize_rowwise", mutates_args=())
@@ -206,11 +213,11 @@ def _(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
 def _check_mm(a: Tensor, b: Tensor) -> None:
     _check_2d("scaled_int8_mm", a, "a")
     _check_2d("scaled_int8_mm", b, "b")
-    torch._check(
+    check(
         a.dtype == torch.int8 and b.dtype == torch.int8,
         lambda: f"bitnet_ao.scaled_int8_mm: a and b must be int8, got {a.dtype} and {b.dtype}",
     )
-    torch._check(
+    check(
         a.shape[1] == b.shape[0],
         lambda: f"bitnet_ao.scaled_int8_mm: inner dimensions differ, a {tuple(a.shape)} @ b {tuple(b.shape)}",
     )
@@ -267,8 +274,8 @@ def scaled_int8_mm_packed(
 def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool, bits: int) -> None:
     _check_2d("scaled_int8_mm_packed", a, "a")
     _check_2d("scaled_int8_mm_packed", b_packed, "b_packed")
-    torch._check(bits in (1, 2), lambda: f"bitnet_ao.scaled_int8_mm_packed: bits must be 1 or 2, got {bits}")
-    torch._check(
+    check(bits in (1, 2), lambda: f"bitnet_ao.scaled_int8_mm_packed: bits must be 1 or 2, got {bits}")
+    check(
         b_packed.shape[1] == reference.packed_columns(k, bits),
         lambda: (
             f"bitnet_ao.scaled_int8_mm_packed: b_packed {tuple(b_packed.shape)} does not hold k={k} "
@@ -276,7 +283,7 @@ def _check_packed(a: Tensor, b_packed: Tensor, k: int, transpose_b: bool, bits: 
         ),
     )
     _, inner = reference.packed_matmul_dims(b_packed, k, transpose_b)
-    torch._check(
+    check(
         a.shape[1] == inner,
         lambda: f"bitnet_ao.scaled_int8_mm_packed: a {tuple(a.shape)} needs {inner} columns",
     )

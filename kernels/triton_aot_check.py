@@ -10,7 +10,7 @@ memory, the MMA instruction and whether global loads are pipelined (``cp.async``
     python -m bitnet_ao.kernels.triton_aot_check --arch 89 --all-configs
 
 It uses Triton's compiler entry points (``ASTSource``, ``GPUTarget``), which are not a stable API (see
-``bitnet_ao.private_api``).
+``bitnet_ao.kernels.private_api``).
 ``TRITON_INTERPRET`` must be unset: interpreted kernels cannot be compiled.
 """
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import triton
 
-from ..private_api import triton_compiler
 from . import triton_mm, triton_quant
+from .private_api import triton_compiler
 from .triton_common import INTERPRET
 
 ASTSource, GPUTarget = triton_compiler()

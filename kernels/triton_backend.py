@@ -1,16 +1,16 @@
 """The Triton backend of the ``bitnet_ao`` ops: the module ``kernels/__init__.py`` registers for CUDA tensors.
 
-It holds the same function names and signatures as ``cpu.py`` (``ops.py`` dispatches by name); the kernels and
-their launchers live in ``triton_quant.py`` (quantization, memory-bound) and ``triton_mm.py`` (the scaled INT8
-matmuls). The RMSNorm ops have no Triton kernel of their own: they run the reference bodies fused by inductor, as
-on CPU (inductor writes Triton code for CUDA tensors). Forcing the backend on CPU tensors
+It holds the same function names and signatures as ``torch_backend.py`` (``ops.py`` dispatches by name); the
+kernels and their launchers live in ``triton_quant.py`` (quantization, memory-bound) and ``triton_mm.py`` (the
+scaled INT8 matmuls). The RMSNorm functions have no Triton kernel of their own: they are the torch backend's, the
+reference bodies fused by inductor (which writes Triton code for CUDA tensors). Forcing the backend on CPU tensors
 (``ops.use_backend("triton")``) needs ``TRITON_INTERPRET=1`` set before ``bitnet_ao.kernels`` is first imported;
 that is how the kernels are tested without a GPU.
 """
 
 from torch import Tensor
 
-from .cpu import rms_norm_backward, rms_norm_quantize_rowwise
+from .torch_backend import rms_norm, rms_norm_backward, rms_norm_quantize_rowwise
 from .triton_mm import scaled_int8_mm, scaled_int8_mm_packed
 from .triton_quant import binarize, quantize_colwise_scaled, quantize_rowwise, ternarize, weight_stats
 
@@ -33,6 +33,7 @@ __all__ = [
     "quantize_grad_output",
     "quantize_rowwise",
     "right_operand_k_contiguous",
+    "rms_norm",
     "rms_norm_backward",
     "rms_norm_quantize_rowwise",
     "scaled_int8_mm",

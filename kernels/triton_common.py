@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..private_api import triton_interpreting
+from .private_api import triton_interpreting
 
 #: True when the kernels in this package run in Triton's interpreter (CPU tensors allowed, no autotuning).
 INTERPRET: bool = triton_interpreting()

@@ -1,4 +1,4 @@
-"""FSDP2 with BitNet weights (bitnet_ao/fsdp.py), on CPU with gloo.
+"""FSDP2 with BitNet weights (bitnet_ao/fsdp.py, bitnet_ao/fsdp_gather.py), on CPU with gloo.
 
 One ``torch.multiprocessing`` launch of 2 processes runs every 2-rank scenario and one launch of 4 processes the
 HSDP one; rank 0 writes each scenario's figures to a JSON file and the tests below assert on them. Reference

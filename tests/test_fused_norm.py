@@ -13,7 +13,8 @@ from torch import nn
 from torchao.quantization import quantize_
 
 from bitnet_ao import bitnet_training
-from bitnet_ao.kernels import cpu, reference
+from bitnet_ao.kernels import reference, torch_backend
+from bitnet_ao.norm import RMSNorm
 from bitnet_ao.surgery import NormedLinear
 from tests.spec_reference import act_quant
 
@@ -43,7 +44,7 @@ def _step(layer: NormedLinear, x: torch.Tensor, fused: bool, autocast: torch.dty
 )
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_fused_equals_norm_then_linear(monkeypatch, dtype, autocast, compiled):
-    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0 if compiled else 1 << 60)
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 0 if compiled else 1 << 60)
     layer = _normed_bitnet_linear(96, 40, dtype)
     x = torch.randn(3, 17, 96, dtype=dtype) * 3
     fused = _step(layer, x, fused=True, autocast=autocast)
@@ -67,6 +68,30 @@ def test_fused_int8_activation_is_the_quantized_norm_output():
         torch.testing.assert_close(rstd, x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt())
 
 
+def test_rms_norm_module_runs_forward_and_backward_on_the_backend(monkeypatch):
+    """``bitnet_ao.norm.RMSNorm`` reaches the kernels only through the ops layer, both ways: the backend the ops pick
+    for the input (the torch backend on CPU) runs the forward and the backward, with the reference's numbers."""
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 1 << 60)  # eager bodies: the reference's exact floats
+    calls = []
+    for name in ("rms_norm", "rms_norm_backward"):
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    torch.manual_seed(2)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 5, 48) * 3).requires_grad_()
+    dy = torch.randn(2, 5, 48)
+    y = norm(x)
+    y.backward(dy)
+    assert calls == ["rms_norm", "rms_norm_backward"]
+    x2, gain = x.detach().reshape(10, 48), norm.weight.detach()
+    expected, rstd = reference.rms_norm(x2, gain, 1e-5)
+    dx, dgain = reference.rms_norm_backward(dy.reshape(10, 48), x2, gain, rstd)
+    assert torch.equal(y.detach().reshape(10, 48), expected)
+    assert torch.equal(x.grad.reshape(10, 48), dx) and torch.equal(norm.weight.grad, dgain)
+
+
 def test_fusion_is_skipped_when_the_linear_has_hooks():
     layer = _normed_bitnet_linear(32, 16, torch.float32)
     calls = []
@@ -87,13 +112,13 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 from bitnet_ao import bitnet_training
-from bitnet_ao.kernels import cpu, reference
+from bitnet_ao.kernels import reference, torch_backend
 from bitnet_ao.surgery import NormedLinear
 torch.manual_seed(0)
 gain = nn.Parameter(torch.ones(1024))
 for _ in range(3):  # the bare trigger: a parameter handed to a compiled body under no_grad
     with torch.no_grad():
-        cpu.run_fused(reference.rms_norm, 1 << 20, torch.randn(1024, 1024), gain, 1e-5)
+        torch_backend.run_fused(reference.rms_norm, 1 << 20, torch.randn(1024, 1024), gain, 1e-5)
 layers = nn.Sequential(*[NormedLinear(nn.Linear(1024, 1024), 1e-5) for _ in range(3)])
 quantize_(layers, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
 x = torch.randn(1024, 1024, requires_grad=True)

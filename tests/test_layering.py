@@ -14,16 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Every module, lowest first. A new module must be placed here, where its imports allow.
 ORDER = [
-    # leaves: private torch/Triton APIs, the recipe
+    # leaves: the private torch APIs of bitnet_ao/, the recipe
     "bitnet_ao.private_api",
     "bitnet_ao.config",
-    # kernels: the numerics contract as code, the backends, the custom ops
+    "bitnet_ao.layouts",
+    # kernels (self-contained: nothing from bitnet_ao outside them): their private torch/Triton APIs, the numerics
+    # contract as code, the backends, the custom ops
+    "bitnet_ao.kernels.private_api",
     "bitnet_ao.kernels.reference",
     "bitnet_ao.kernels.cpu_build",
     "bitnet_ao.kernels.cpu_sign_gemm",
     "bitnet_ao.kernels.cpu_matmul",
     "bitnet_ao.kernels.cpu_gemv",
-    "bitnet_ao.kernels.cpu",
+    "bitnet_ao.kernels.torch_backend",
     "bitnet_ao.kernels.triton_common",
     "bitnet_ao.kernels.triton_quant",
     "bitnet_ao.kernels.triton_mm",
@@ -37,18 +40,24 @@ ORDER = [
     "bitnet_ao.norm",
     # the autograd function and the weight interface it talks to
     "bitnet_ao.linear",
-    # weight kinds
+    # weight kinds: what they share, then each kind (the master weight's FSDP2 all-gather math below it)
+    "bitnet_ao.weight_base",
     "bitnet_ao.packed",
+    "bitnet_ao.fsdp_gather",
     "bitnet_ao.tensor",
+    # fine-tuning: quantization warmup of master weights
+    "bitnet_ao.warmup",
     # deployment: freezing weight kinds into packed ones
     "bitnet_ao.inference",
     # integrations
     "bitnet_ao.fsdp",
     "bitnet_ao.surgery",
+    "bitnet_ao.distill",
     "bitnet_ao.tensor_parallel",
     "bitnet_ao",
     "bitnet_ao.integrations",
     "bitnet_ao.integrations.transformers",
+    "bitnet_ao.integrations.trainer",
     "bitnet_ao.integrations.torchtitan.converter",
     "bitnet_ao.integrations.torchtitan.hooks",
     "bitnet_ao.integrations.torchtitan.config_registry",
@@ -68,8 +77,9 @@ def _module_files() -> dict[str, Path]:
     return files
 
 
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The package modules ``name`` imports anywhere in its file (module level or inside functions)."""
+def _imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every module ``name`` imports anywhere in its file (module level or inside functions), relative imports
+    resolved; ``from package import x`` counts as importing ``package.x`` when that is one of the ``known`` modules."""
     is_package = path.name == "__init__.py"
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -86,9 +96,24 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names]
         else:
             continue
-        found.update(t for t in targets if t in known)
+        found.update(targets)
     found.discard(name)
     return found
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``name`` imports anywhere in its file (module level or inside functions)."""
+    return _imported_modules(name, path, known) & known
+
+
+def _outside_kernels(name: str, path: Path, known: set[str]) -> set[str]:
+    """The modules of bitnet_ao outside ``bitnet_ao.kernels`` that the kernel module ``name`` imports."""
+    return {
+        target
+        for target in _imported_modules(name, path, known)
+        if (target == "bitnet_ao" or target.startswith("bitnet_ao."))
+        and not (target == "bitnet_ao.kernels" or target.startswith("bitnet_ao.kernels."))
+    }
 
 
 def test_every_module_is_placed_in_the_order():
@@ -107,6 +132,21 @@ def test_imports_flow_one_way():
     assert not upward, "modules importing upward:\n" + "\n".join(upward)
 
 
+def test_kernels_import_nothing_from_bitnet_ao_outside_them():
+    """``kernels/`` is self-contained: a relative import reaching above it (``from ..private_api import ...``)
+    resolves only under its installed name, and an import of the rest of bitnet_ao would tie the kernels to the layers
+    built on them. Their private torch/Triton wrappers live in ``kernels/private_api.py``."""
+    files = _module_files()
+    kernels = {name: path for name, path in files.items() if name.split(".")[:2] == ["bitnet_ao", "kernels"]}
+    assert "bitnet_ao.kernels.ops" in kernels
+    outside = [
+        f"{name} imports {target}"
+        for name, path in sorted(kernels.items())
+        for target in sorted(_outside_kernels(name, path, set(files)))
+    ]
+    assert not outside, "kernel modules importing bitnet_ao outside bitnet_ao.kernels:\n" + "\n".join(outside)
+
+
 def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
     """The checker itself: it must resolve the import forms the package uses, or the test above proves nothing."""
     source = "from . import kernels\nfrom ..private_api import int_mm\ndef f():\n    import bitnet_ao.fsdp\n"
@@ -117,6 +157,11 @@ def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
     expected = {"bitnet_ao.kernels", "bitnet_ao.private_api", "bitnet_ao.fsdp"}
     assert _imports("bitnet_ao.kernels.mod", path, known) == expected
     assert _imports("bitnet_ao.mod", path, known) == {"bitnet_ao.kernels", "bitnet_ao.fsdp"}
+    # The kernels' own rule: `..` from a kernel module and a lazy absolute import leave bitnet_ao.kernels; `.` not.
+    path.write_text(source + "from . import ops\ndef g():\n    from .. import config\n")
+    known |= {"bitnet_ao.kernels.ops", "bitnet_ao.config"}
+    outside = {"bitnet_ao.private_api", "bitnet_ao.fsdp", "bitnet_ao.config"}
+    assert _outside_kernels("bitnet_ao.kernels.mod", path, known) == outside
 
 
 def test_design_doc_draws_every_module():

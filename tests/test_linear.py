@@ -11,7 +11,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
-from bitnet_ao.kernels import cpu
+from bitnet_ao.kernels import torch_backend
 from tests.conftest import fit
 from tests.spec_reference import FakeQuantBitLinear, act_quant, snr_db, ternary_weight
 
@@ -226,9 +226,9 @@ def test_compiled_training_step_is_bit_identical_on_every_route(cpu_route):
 @pytest.mark.slow  # torch.compile: 8 to 25 s on 2 cores with a cold inductor cache
 def test_compiled_cpu_elementwise_path_in_training(monkeypatch):
     """Large layers take the inductor-compiled quantization path: same numbers as the eager path."""
-    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 1 << 62)
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 1 << 62)
     x_eager, layer_eager, _ = _grads(dict(int8_grad_input=True, int8_grad_weight=True), m=24, k=40, n=32)
-    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 0)
     x_fused, layer_fused, _ = _grads(dict(int8_grad_input=True, int8_grad_weight=True), m=24, k=40, n=32)
     assert torch.equal(x_eager.grad, x_fused.grad)
     assert torch.equal(layer_eager.weight.grad, layer_fused.weight.grad)

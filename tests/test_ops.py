@@ -1,4 +1,4 @@
-"""The ``bitnet_ao`` custom ops against spec §1 (tests/spec_reference.py), on the CPU backend.
+"""The ``bitnet_ao`` custom ops against spec §1 (tests/spec_reference.py), on the torch backend (CPU tensors).
 
 Every op runs twice: eagerly (small tensors) and through the inductor-compiled path that large tensors take
 (``COMPILE_MIN_NUMEL`` forced to 0), and both must give the spec's int8 values bit for bit.
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bitnet_ao import kernels
-from bitnet_ao.kernels import cpu, reference
+from bitnet_ao.kernels import reference, torch_backend
 from tests.conftest import random_int8
 from tests.spec_reference import act_quant, binary_weight, ternary_weight
 
@@ -22,7 +22,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(params=["eager", "compiled"])
 def cpu_path(request, monkeypatch):
-    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0 if request.param == "compiled" else 1 << 62)
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 0 if request.param == "compiled" else 1 << 62)
     return request.param
 
 
@@ -267,7 +267,7 @@ def test_opcheck(op):
 def test_compiled_path_survives_more_variants_than_dynamos_recompile_limit(monkeypatch):
     """A training process meets many variants of one body (dtypes x eps x layouts); the compiled path must not hit
     dynamo's per-code-object recompile limit (8), which is a hard error under fullgraph."""
-    monkeypatch.setattr(cpu, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 0)
     torch.manual_seed(7)
     x = torch.randn(6, 10)
     for dtype in DTYPES:
@@ -279,12 +279,12 @@ def test_compiled_path_survives_more_variants_than_dynamos_recompile_limit(monke
 
 _DUCK_SHAPED_REUSE = """
 import torch
-from bitnet_ao.kernels import cpu, reference
+from bitnet_ao.kernels import reference, torch_backend
 torch.manual_seed(0)
 for k in [256] + ([704] + [256] * 6) * 3:  # the RMSNorm backward of a block: M == K, then M != K
     x, w, dy = torch.randn(256, k), torch.rand(k) + 0.5, torch.randn(256, k)
     _, rstd = reference.rms_norm(x, w, 1e-5)
-    dx, dw = cpu.run_fused(reference.rms_norm_backward, 1 << 30, dy, x, w, rstd)
+    dx, dw = torch_backend.run_fused(reference.rms_norm_backward, 1 << 30, dy, x, w, rstd)
     ex, ew = reference.rms_norm_backward(dy, x, w, rstd)
     assert torch.allclose(dx, ex, atol=1e-4) and torch.allclose(dw, ew, atol=1e-3)
 print("exact")
@@ -294,7 +294,7 @@ print("exact")
 @pytest.mark.slow
 def test_compiled_body_is_not_reused_across_size_equality():
     """Regression (torch 2.13.0): inductor's FX graph cache served the graph compiled for M == K to the compile for
-    M != K, which wrote out of bounds (heap corruption in float32 training); ``cpu.run_fused`` compiles without
-    that cache. In a subprocess, since the failure kills the process."""
+    M != K, which wrote out of bounds (heap corruption in float32 training); ``torch_backend.run_fused`` compiles
+    without that cache. In a subprocess, since the failure kills the process."""
     out = subprocess.run([sys.executable, "-c", _DUCK_SHAPED_REUSE], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "exact" in out.stdout, out.stderr[-2000:]

@@ -7,6 +7,7 @@ AVX2-only CPUs), so the expectations below are computed from ``hardware.baseline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 
 from benchmarks import hardware, pretrain, report
 from benchmarks.data import ByteDataset, load_corpus
-from bitnet_ao import BitNetTrainingLinearWeight
+from bitnet_ao import BitNetTrainingConfig, BitNetTrainingLinearWeight
 from bitnet_ao.surgery import NormedLinear
 
 CPU = torch.device("cpu")
@@ -101,7 +102,10 @@ def test_run_specs_follow_flags() -> None:
         ["--quantize", "bitnet", "--no-int8-grad-weight", "--weights", "binary", "--placement", "subln"]
     )
     (spec,) = pretrain.run_specs(args)
-    assert spec == pretrain.RunSpec("bitnet", True, True, False, "binary", "subln", args.dtype)
+    recipe = pretrain.bitnet_training(int8_grad_weight=False, weights="binary")
+    assert spec == pretrain.RunSpec("bitnet", True, recipe, "subln", args.dtype)
+    (spec,) = pretrain.run_specs(pretrain.parse_args(["--quantize", "bitnet", "--scale-groups", "4"]))
+    assert spec.recipe == pretrain.bitnet_training(scale_groups=4)
     (spec,) = pretrain.run_specs(pretrain.parse_args(["--quantize", "bitnet", "--no-surgery"]))
     assert spec.surgery is None
     assert [s.name for s in pretrain.run_specs(pretrain.parse_args(["--quantize", "none"]))] == [BASELINE]
@@ -139,14 +143,37 @@ def test_dtype_auto_and_the_fp32_preset() -> None:
 
 def test_build_model_applies_the_spec() -> None:
     config = pretrain.ModelConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=16)
-    spec = pretrain.RunSpec("bitnet", True, False, True, "binary", "faq")
+    spec = pretrain.RunSpec("bitnet", True, pretrain.bitnet_training(int8_grad_input=False, weights="binary"), "faq")
     model = pretrain.build_model(spec, config, seed=0, device=torch.device("cpu"))
     wq = model.layers[0].attention.wq
     assert isinstance(wq, NormedLinear) and isinstance(wq.linear.weight, BitNetTrainingLinearWeight)
     assert wq.linear.weight.config == pretrain.bitnet_training(int8_grad_input=False, weights="binary")
     assert not isinstance(model.output.weight, BitNetTrainingLinearWeight)
+    wo = model.layers[0].attention.wo.linear.weight
+    assert wo.config == wq.linear.weight.config, "one device without groups: plain quantize_, one recipe everywhere"
     plain = pretrain.build_model(pretrain.RunSpec("bf16", False), config, seed=0, device=torch.device("cpu"))
     assert torch.equal(plain.layers[0].attention.wq.weight, wq.linear.weight._data), "same seed, same init"
+    grouped = dataclasses.replace(spec, recipe=pretrain.bitnet_training(scale_groups=2))
+    block = pretrain.build_model(grouped, config, seed=0, device=torch.device("cpu")).layers[0]
+    dims = [block.get_submodule(p).linear.weight.config.group_dim for p in ("attention.wq", "attention.wo")]
+    assert dims == [0, 1], "with groups, the twin of a tensor-parallel run: each linear along its TP dimension"
+
+
+def test_recipe_flags_are_the_recipe_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """One flag per BitNetTrainingConfig field (but the per-linear group_dim), with the field's default and help."""
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(BitNetTrainingConfig):
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.name in pretrain.PER_LINEAR_FIELDS:
+            assert flag not in out
+        else:
+            assert flag in out and " ".join(f.metadata["help"].split()[:5]) in out, f.name
+    args = pretrain.parse_args([])
+    assert pretrain.bitnet_training(**{f.name: getattr(args, f.name) for f in pretrain.recipe_fields()}) == (
+        pretrain.bitnet_training()
+    ), "the flags' defaults are the recipe's"
 
 
 def test_lr_schedule() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,14 @@ from torchao.quantization import quantize_
 from benchmarks.model import ModelConfig, Transformer
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
 from bitnet_ao.norm import RMSNorm
-from bitnet_ao.surgery import NormedLinear, apply_bitnet_norms, quantize_filter
+from bitnet_ao.surgery import (
+    NormedLinear,
+    apply_bitnet_norms,
+    base_linear,
+    calibrate_bitnet_norms,
+    find_blocks,
+    quantize_filter,
+)
 from tests.conftest import fit, tiny_llama
 
 ATTN, MLP = ("wq", "wk", "wv", "wo"), ("w1", "w2", "w3")
@@ -186,3 +195,112 @@ def test_rms_norm_matches_torch(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(new.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+# --- pretrained models: the surgery keeps their function where it can (docs/finetuning.md) -------------------
+
+
+def pretrained(family: str) -> nn.Module:
+    """A tiny HF Llama or Qwen2 (biases on q/k/v) with non-unit pre-norm gains, as a pretrained model has."""
+    transformers = pytest.importorskip("transformers")
+    if family == "llama":
+        model = tiny_llama(vocab_size=64, rms_norm_eps=1e-6)
+    else:
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+        )  # fmt: skip
+        model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 2.0)
+    return model
+
+
+def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_faq_on_a_pretrained_model_keeps_its_function(family: str) -> None:
+    """FAQ without the block norms: the q/k/v and gate/up norms take the removed pre-norm's gain and eps and are
+    that pre-norm; the o/down norms are not (unit gain), so only with those bypassed is the model the same."""
+    original = pretrained(family)
+    model = copy.deepcopy(original)
+    apply_bitnet_norms(model)
+    block = model.model.layers[0]
+    assert block.self_attn.q_proj.norm.eps == original.model.layers[0].input_layernorm.variance_epsilon
+    assert torch.equal(block.mlp.up_proj.norm.weight, original.model.layers[0].post_attention_layernorm.weight)
+    for layer in model.model.layers:  # the unpreservable norms out of the way: what is left must be exact
+        layer.self_attn.o_proj = layer.self_attn.o_proj.linear
+        layer.mlp.down_proj = layer.mlp.down_proj.linear
+    torch.testing.assert_close(logits(model), logits(original), rtol=1e-5, atol=1e-5)
+
+
+def test_keep_block_norms_moves_the_gain() -> None:
+    original = pretrained("llama")
+    model = copy.deepcopy(original)
+    apply_bitnet_norms(model, keep_block_norms=True)
+    block, before = model.model.layers[1], original.model.layers[1]
+    assert torch.equal(block.input_layernorm.weight, torch.ones(32)), "the kept pre-norm gets unit gain"
+    assert torch.equal(block.self_attn.v_proj.norm.weight, before.input_layernorm.weight)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj = layer.self_attn.o_proj.linear
+        layer.mlp.down_proj = layer.mlp.down_proj.linear
+    # Up to eps: the kept pre-norm's output has RMS sqrt(ms / (ms + eps)), 1 - O(eps / ms), not 1.
+    new, ref = logits(model), logits(original)
+    assert (new - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_calibration_sets_the_mean_rms_of_the_inputs() -> None:
+    """Layer 0's o_proj reads the same input as in the original model (everything before it is exact), so its
+    calibrated gain is the mean RMS of the original o_proj input, taken here with a hook on transformers' model."""
+    original = pretrained("llama")
+    model = copy.deepcopy(original)
+    apply_bitnet_norms(model)
+    batches = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    seen = []
+    hook = original.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for batch in batches:
+        with torch.no_grad():
+            original(batch)
+    hook.remove()
+    x = torch.cat([s.flatten(0, 1) for s in seen]).double()
+    expected = (x.square().mean(-1) + 1e-6).sqrt().mean().item()
+
+    gains = calibrate_bitnet_norms(model, batches)
+    assert set(gains) == {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")}
+    assert gains["model.layers.0.self_attn.o_proj"] == pytest.approx(expected, rel=1e-6)
+    assert torch.all(model.model.layers[0].self_attn.o_proj.norm.weight == torch.tensor(expected, dtype=torch.float32))
+    assert torch.equal(
+        model.model.layers[0].self_attn.q_proj.norm.weight, original.model.layers[0].input_layernorm.weight
+    )
+
+
+def test_qwen2_biases_train() -> None:
+    model = pretrained("qwen2")
+    apply_bitnet_norms(model)
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    q = model.model.layers[0].self_attn.q_proj.linear
+    assert q.bias is not None and isinstance(q.weight, BitNetTrainingLinearWeight)
+    before = q.bias.detach().clone()
+    train_losses(model, 64, steps=2)
+    assert not torch.equal(q.bias.detach(), before), "the q_proj bias gets gradients and is updated"
+
+
+def test_find_blocks_through_normed_and_peft_layers() -> None:
+    peft = pytest.importorskip("peft")
+    model = hf_model()
+    apply_bitnet_norms(model, placement="subln")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj.linear"]))
+    layout, blocks = find_blocks(adapted)
+    assert [name for name, _ in blocks] == [f"base_model.model.model.layers.{i}" for i in range(2)]
+    block = blocks[0][1]
+    assert base_linear(block.self_attn.q_proj) is block.self_attn.q_proj.base_layer  # peft around a linear
+    assert base_linear(block.self_attn.o_proj) is block.self_attn.o_proj.linear.base_layer  # peft in a NormedLinear
+    assert base_linear(block.mlp.down_proj) is block.mlp.down_proj.linear
+    assert base_linear(block.mlp) is None

@@ -110,8 +110,3 @@ def test_quantize_rejects_integer_weight_naming_the_module():
     layer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match=r"Linear\(in_features=4, out_features=4.*int8"):
         quantize_(layer, bitnet_training())
-
-
-def test_config_validation():
-    with pytest.raises(ValueError, match="ternary"):
-        bitnet_training(weights="quaternary")

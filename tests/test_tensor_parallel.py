@@ -152,6 +152,24 @@ def _stock_styles_raise() -> dict:
     return {"message": "no error: the stock styles ran the BitNet weights"}
 
 
+def _unshardable_raise() -> dict:
+    """``shard_bitnet_linear``, the check every BitNet tensor-parallel path shares: a column-parallel style on a
+    weight grouped by columns, and on a plain linear."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from bitnet_ao.tensor_parallel import BitNetColwiseParallel
+
+    mesh = init_device_mesh("cpu", (TP,))
+    messages = []
+    for model, name in ((_bitnet_mlp(), "w2"), (MLP(), "w1")):
+        try:
+            parallelize_module(model, mesh, {name: BitNetColwiseParallel()})
+        except (TypeError, ValueError) as e:
+            messages.append(str(e))
+    return {"messages": messages}
+
+
 def _collectives(sequence_parallel: bool) -> dict:
     """Collectives of one forward + backward: the BitNet plan against the stock plan on plain linears."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -179,6 +197,7 @@ def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
         "ternary_sp": lambda: _matches_single_device("ternary", sequence_parallel=True),
         "binary_sp": lambda: _matches_single_device("binary", sequence_parallel=True),
         "stock": _stock_styles_raise,
+        "unshardable": _unshardable_raise,
         "collectives": lambda: _collectives(sequence_parallel=False),
         "collectives_sp": lambda: _collectives(sequence_parallel=True),
     }
@@ -212,6 +231,13 @@ def test_fsdp2_x_tp_on_a_2x2_mesh_equals_single_device(results, weights):
 def test_stock_styles_on_bitnet_weights_raise_naming_the_bitnet_styles(results):
     message = scenario_result(results, "stock")["message"]
     assert "BitNetColwiseParallel" in message and "full-precision" in message, message
+
+
+def test_weights_that_cannot_be_sharded_raise_saying_why(results):
+    wrong_groups, plain = scenario_result(results, "unshardable")["messages"]
+    assert "needs group_dim=0 and scale_groups a multiple of 2; it has group_dim=1" in wrong_groups, wrong_groups
+    assert "bitnet_training(group_dim=0" in wrong_groups
+    assert "not an nn.Linear with a BitNet training weight" in plain, plain
 
 
 @pytest.mark.parametrize("name", ["collectives", "collectives_sp"])

@@ -8,6 +8,7 @@ optimizer container with the spec's ``post_optimizer_build_fn``, and torchtitan'
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -92,6 +93,27 @@ def test_converter_options_and_filters():
         model_registry("debugmodel", converters=[BitNetConverter.Config(), BitNetConverter.Config()])
     with pytest.raises(ValueError, match="'ternary' or 'binary'"):
         BitNetConverter.Config(weights="int4").build()
+
+
+def test_converter_options_are_the_recipe_fields():
+    """The ``bitnet_training`` options are ``BitNetTrainingConfig``'s fields (default and help), but the group
+    dimension, which each linear takes from its tensor-parallel role."""
+    options = {f.name: f for f in dataclasses.fields(BitNetConverter.Config)}
+    for f in dataclasses.fields(BitNetTrainingConfig):
+        if f.name == "group_dim":
+            assert f.name not in options
+        else:
+            assert (options[f.name].default, options[f.name].metadata) == (f.default, f.metadata), f.name
+    assert BitNetConverter.Config().to_dict() == {
+        "model_compile_enabled": False,
+        "int8_grad_input": True,
+        "int8_grad_weight": True,
+        "weights": "ternary",
+        "scale_groups": 1,
+        "fqns": [],
+        "filter_fqns": ["lm_head"],
+        "quantization_warmup_steps": 0,
+    }
 
 
 def test_meta_build_to_empty_and_init_keep_bitnet_weights():
@@ -313,3 +335,31 @@ def _train_and_checkpoint(rank: int, tmp: str, tp: bool, world: int) -> None:
 def test_training_with_scale_hook_and_dcp_checkpoint(tp, world):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(free_port(), tmp, tp, world), nprocs=world, join=True)
+
+
+def test_converter_quantization_warmup_follows_the_optimizer_step():
+    """``BitNetConverter.Config(quantization_warmup_steps=N)``: the post-optimizer hook sets lambda from the optimizer
+    state's step count before each forward (so a restored optimizer state resumes the warmup), up to 1."""
+    from torchtitan.models.llama3 import model_registry
+
+    config = llama3_debugmodel_bitnet()
+    spec = model_registry("debugmodel", converters=[BitNetConverter.Config(quantization_warmup_steps=2)])
+    model_config = spec.model
+    model_config.layers = model_config.layers[:1]
+    _use_sdpa(model_config)
+    model = model_config.build()
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    optimizers = config.optimizer.build(model_parts=[model])
+    register_bitnet_scale_hook(optimizers, [model], parallel_dims=None)
+    weight = model.layers["0"].feed_forward.w1.weight
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    seen = []
+    for _ in range(4):
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        seen.append(weight.quantization_strength)
+        loss.backward()
+        optimizers.step()
+        optimizers.zero_grad()
+    assert seen == [0.0, 0.5, 1.0, 1.0]
+    assert model.lm_head.weight.__class__ is torch.nn.Parameter

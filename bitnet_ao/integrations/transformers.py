@@ -37,17 +37,18 @@ from torchao.quantization import quantize_
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import BitNetTrainingConfig, bitnet_training
+from ..layouts import HF_BITNET, HF_LLAMA, Role
 from ..linear import is_bitnet_weight
-from ..surgery import NormedLinear, Placement, apply_bitnet_norms
+from ..surgery import NormedLinear, Placement, apply_bitnet_norms, normed_linears
 from ..weight_quant import master_weight_for
 
 LinearClass = Literal["autobitlinear", "bitlinear"]
 QuantizationMode = Literal["offline", "online"]
 
-_BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-#: Where the subln placement's two norms live in transformers' BitNet model.
-_SUBLN_NORMS = {"self_attn.o_proj": "self_attn.attn_sub_norm", "mlp.down_proj": "mlp.ffn_sub_norm"}
+#: Where transformers' BitNet model keeps the norms the subln placement puts before these linears: its sub-norms.
+_SUBLN_NORMS = {HF_BITNET.path(r): HF_BITNET.path(r.norm) for r in HF_BITNET.block_linears if r.kind == "output"}
+#: The state-dict keys of the output head and of the embedding it may be tied to.
+_HEAD, _EMBEDDING = (f"{HF_LLAMA.path(role)}.weight" for role in (Role.OUTPUT, Role.TOKEN_EMBD))
 #: LlamaConfig fields that BitNetConfig shares.
 _BITNET_CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -173,15 +174,13 @@ def _placement(model: nn.Module) -> tuple[Placement | None, float]:
     placements = set()
     eps = {m.norm.eps for m in model.modules() if isinstance(m, NormedLinear)}
     for i, layer in enumerate(model.model.layers):
-        normed = {p for p in _BLOCK_LINEARS if isinstance(layer.get_submodule(p), NormedLinear)}
-        block_norms = [
-            isinstance(layer.get_submodule(p), nn.Identity) for p in ("input_layernorm", "post_attention_layernorm")
-        ]
+        normed = {p for p in normed_linears(HF_LLAMA, "faq") if isinstance(layer.get_submodule(p), NormedLinear)}
+        block_norms = [isinstance(layer.get_submodule(p), nn.Identity) for p in HF_LLAMA.pre_norms]
         if not normed and not any(block_norms):
             placements.add(None)
-        elif normed == set(_BLOCK_LINEARS) and (all(block_norms) or not any(block_norms)):
+        elif normed == set(normed_linears(HF_LLAMA, "faq")) and (all(block_norms) or not any(block_norms)):
             placements.add("faq")  # the block norms removed, or kept (apply_bitnet_norms(keep_block_norms=True))
-        elif normed == set(_SUBLN_NORMS) and not any(block_norms):
+        elif normed == set(normed_linears(HF_LLAMA, "subln")) and not any(block_norms):
             placements.add("subln")
         else:
             raise ValueError(
@@ -230,7 +229,9 @@ def _check_exportable(
         "head_dim": config.hidden_size // config.num_attention_heads,
     }
     wrong = {key: getattr(config, key, None) for key, value in expected.items() if getattr(config, key, None) != value}
-    missing = [f"model.layers.*.{p}" for p in _BLOCK_LINEARS if not any(n.endswith(p) for n in linears)]
+    missing = [
+        f"{HF_LLAMA.blocks}.*.{p}" for p in normed_linears(HF_LLAMA, "faq") if not any(n.endswith(p) for n in linears)
+    ]
     if wrong or missing:
         raise ValueError(
             "save_pretrained_bitnet: the subln placement exports as transformers' BitNet model (model_type "
@@ -263,11 +264,11 @@ def _export_tensors(
         tensors[f"{hf_module}.{leaf}"] = value.detach().to(dtype) if value.is_floating_point() else value.detach()
     ones = torch.ones(model.config.hidden_size, dtype=dtype)
     for i, layer in enumerate(model.model.layers):
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in HF_LLAMA.pre_norms:
             if isinstance(layer.get_submodule(norm), nn.Identity):  # removed by the FAQ placement
-                tensors[f"model.layers.{i}.{norm}.weight"] = ones.clone()
+                tensors[f"{HF_LLAMA.blocks}.{i}.{norm}.weight"] = ones.clone()
     if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+        tensors.pop(_HEAD, None)
     for name, linear in linears.items():
         weight = linear.weight
         q = weight.bitnet_quantization()
@@ -327,14 +328,12 @@ def from_pretrained_bitnet(
     if placement is not None:
         eps = hf_config["rms_norm_eps"] if placement == "subln" else qc.get("rms_norm_eps", 1e-6)
         # Block norms that are all ones are what the FAQ placement removed (our own exports); trained ones stay.
-        block_norms = [
-            v for k, v in tensors.items() if k.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))
-        ]
+        block_norms = [v for k, v in tensors.items() if k.endswith(tuple(f"{n}.weight" for n in HF_LLAMA.pre_norms))]
         keep = placement == "faq" and not all(torch.equal(v, torch.ones_like(v)) for v in block_norms)
         apply_bitnet_norms(model, placement, eps=eps, keep_block_norms=keep)
         model.to(dtype)
     skip = qc.get("modules_to_not_convert")
-    skip = skip if skip is not None else ["lm_head"]
+    skip = skip if skip is not None else [HF_LLAMA.path(Role.OUTPUT)]
     converted = {
         _hf_name(model, name)
         for name, m in model.named_modules()
@@ -380,7 +379,7 @@ def _import_tensors(
         module_name, _, leaf = key.rpartition(".")
         if leaf == "weight_scale":
             continue
-        if module_name.endswith(("input_layernorm", "post_attention_layernorm")) and key not in own_keys:
+        if module_name.endswith(HF_LLAMA.pre_norms) and key not in own_keys:
             continue  # removed by the FAQ placement: all ones, as checked above
         if offline and module_name in converted and leaf == "weight":
             scale = tensors.get(f"{module_name}.weight_scale")
@@ -391,5 +390,5 @@ def _import_tensors(
             value = master_weight_for(unpack_hf_ternary(value), scale, dtype)
         state[renames.get(key, key)] = value.to(dtype) if value.is_floating_point() else value
     if model.config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        state.setdefault(_HEAD, state[_EMBEDDING])
     return state

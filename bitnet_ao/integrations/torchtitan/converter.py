@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import get_type_hints
 
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
+from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torchao.quantization import quantize_
 from torchtitan.components.quantization import QuantizationConverter
 from torchtitan.config.override import derive
@@ -30,15 +30,14 @@ from torchtitan.protocols.module import Module
 from torchtitan.tools.logging import logger
 
 from bitnet_ao.config import BitNetTrainingConfig
-from bitnet_ao.tensor_parallel import (
-    column_parallel_linear,
-    row_parallel_partial,
-    shard_bitnet_weight,
-    tensor_parallel_group_dim,
-)
+from bitnet_ao.layouts import TORCHTITAN, Role
+from bitnet_ao.private_api import torchtitan_sharding_config
+from bitnet_ao.tensor_parallel import local_shard_linear, shard_bitnet_linear, tensor_parallel_group_dim
 
-#: Output heads stay in high precision (the BitNet recipe); torchtitan 0.3.0 names Llama's head ``lm_head``.
-DEFAULT_FILTER_FQNS = ("lm_head",)
+#: Output heads stay in high precision (the BitNet recipe): torchtitan's Llama 3 head.
+DEFAULT_FILTER_FQNS = (TORCHTITAN.path(Role.OUTPUT),)
+#: The recipe fields the converter does not offer: each linear's group dimension is its tensor-parallel one.
+_PER_LINEAR_FIELDS = ("group_dim",)
 
 
 class BitNetLinear(Linear):
@@ -53,9 +52,15 @@ class BitNetLinear(Linear):
         """``Linear.Config`` plus the BitNet recipe of this linear."""
 
         bitnet: BitNetTrainingConfig = field(default_factory=BitNetTrainingConfig)
+        quantization_warmup_steps: int = 0
+        """Optimizer steps of quantization warmup (``bitnet_ao.warmup``), driven by the post-optimizer hook."""
+
+    #: The weight dimension tensor parallelism shards (``parallelize``), ``None`` without tensor parallelism.
+    _tp_shard_dim: int | None = None
 
     def __init__(self, config: Config):
         super().__init__(config)
+        self.quantization_warmup_steps = config.quantization_warmup_steps
         # The same handler as a user's quantize_(model, bitnet_training()), so both paths make one weight.
         quantize_(self, config.bitnet, filter_fn=lambda module, fqn: module is self)
 
@@ -64,39 +69,41 @@ class BitNetLinear(Linear):
         column-parallel, columns for row-parallel), with the local shard a BitNet weight holding its own scale
         groups (docs/tensor_parallel.md), then let torchtitan do the rest (input/output redistribution; it skips
         an already distributed weight). ``forward`` then runs the BitNet linear on the local shard."""
-        cfg = self._sharding_config
-        if parallel_dims.tp_enabled and cfg is not None:
+        sharding = torchtitan_sharding_config(self)
+        if parallel_dims.tp_enabled and sharding is not None:
             if get_spmd_backend() != "partial_dtensor":
                 raise ValueError(
                     "BitNetLinear supports tensor parallelism with parallelism.spmd_backend='partial_dtensor' "
                     f"(got {get_spmd_backend()!r})"
                 )
-            weight, mesh = self.weight, parallel_dims.get_mesh("tp")
-            shard_dim = cfg.state_shardings["weight"].per_axis_spmd_types()[MeshAxisName.TP].dim
-            config = weight.config
-            if config.group_dim != shard_dim or config.scale_groups % mesh.size():
-                raise ValueError(
-                    f"BitNetLinear (nn.Linear(in_features={self.in_features}, out_features={self.out_features})) "
-                    f"is sharded along dim {shard_dim} by tensor parallelism of degree {mesh.size()}, so its BitNet "
-                    f"weight needs group_dim={shard_dim} and scale_groups a multiple of {mesh.size()}; it has "
-                    f"{config}. Set BitNetConverter.Config(scale_groups=...)."
-                )
             if self.bias is not None:
                 raise ValueError("BitNetLinear: tensor parallelism of a BitNet linear with a bias is not supported")
-            self.weight = nn.Parameter(shard_bitnet_weight(weight, mesh, shard_dim), requires_grad=weight.requires_grad)
+            shard_dim = sharding.state_shardings["weight"].per_axis_spmd_types()[MeshAxisName.TP].dim
+            remedy = "set BitNetConverter.Config(scale_groups=...) to a multiple of tensor_parallel_degree"
+            shard_bitnet_linear(self, parallel_dims.get_mesh("tp"), shard_dim, who="BitNetLinear", remedy=remedy)
             self._tp_shard_dim = shard_dim
         super().parallelize(parallel_dims)
 
     def forward(self, input: Tensor) -> Tensor:
         weight = self.weight
-        if not isinstance(weight, DTensor) or getattr(self, "_tp_shard_dim", None) is None:
+        if not isinstance(weight, DTensor) or self._tp_shard_dim is None:
             return F.linear(input, weight, self.bias)
-        # Tensor parallel: F.linear on the DTensor would be taken apart into a plain matmul of the master weight,
-        # so compute on the local shard and hand torchtitan the DTensor layout it expects.
-        if self._tp_shard_dim == 0:
-            y = column_parallel_linear(input, weight, None)
-            return DTensor.from_local(y, weight.device_mesh, [Shard(y.dim() - 1)], run_check=False)
-        return row_parallel_partial(input, weight)
+        return local_shard_linear(input, weight, self._tp_shard_dim)
+
+
+def _recipe_options(base: type) -> type:
+    """``base`` plus the ``bitnet_training`` options as fields: one per ``BitNetTrainingConfig`` field (its name,
+    type, default and ``help``), but those set per linear."""
+    hints = get_type_hints(BitNetTrainingConfig)
+    options = [
+        (f.name, hints[f.name], field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(BitNetTrainingConfig)
+        if f.name not in _PER_LINEAR_FIELDS
+    ]
+    namespace = {"__module__": __name__}
+    return dataclasses.make_dataclass(
+        "RecipeOptions", options, bases=(base,), namespace=namespace, kw_only=True, slots=True
+    )
 
 
 class BitNetConverter(QuantizationConverter):
@@ -108,7 +115,14 @@ class BitNetConverter(QuantizationConverter):
     """
 
     @dataclass(kw_only=True, slots=True)
-    class Config(QuantizationConverter.Config):
+    class Config(_recipe_options(QuantizationConverter.Config)):
+        """The linears to convert, and the ``bitnet_training`` options ``int8_grad_input``, ``int8_grad_weight``,
+        ``weights`` and ``scale_groups`` (``BitNetTrainingConfig``'s fields, with their defaults). With
+        ``scale_groups``, each linear is grouped along its tensor-parallel dimension (rows for the attention and
+        MLP inputs, columns for the row-parallel roles of ``bitnet_ao.layouts``): needed for tensor parallelism (a
+        multiple of its degree), and gives the same numbers for any TP degree dividing it
+        (docs/tensor_parallel.md)."""
+
         fqns: list[str] = field(default_factory=list)
         """Convert only linears whose FQN contains one of these strings; empty converts every linear."""
 
@@ -116,28 +130,20 @@ class BitNetConverter(QuantizationConverter):
         """Never convert linears whose FQN contains one of these strings (wins over ``fqns``). The default
         keeps the output head in high precision, as the BitNet recipe does."""
 
-        int8_grad_input: bool = True
-        """``bitnet_training(int8_grad_input=...)``: INT8 matmul for the input gradient."""
-
-        int8_grad_weight: bool = True
-        """``bitnet_training(int8_grad_weight=...)``: INT8 matmul for the weight gradient."""
-
-        weights: Literal["ternary", "binary"] = "ternary"
-        """``bitnet_training(weights=...)``: BitNet b1.58 ternary weights or the original binary ones."""
-
-        scale_groups: int = 1
-        """``bitnet_training(scale_groups=...)``, each linear grouped along its tensor-parallel dimension (rows
-        for wq/wk/wv/w1/w3, columns for wo/w2): needed for tensor parallelism (a multiple of its degree), and
-        gives the same numbers for any TP degree dividing it (docs/tensor_parallel.md)."""
+        quantization_warmup_steps: int = 0
+        """Fine-tuning a pretrained checkpoint: blend full precision into BitNet over this many optimizer steps
+        (``bitnet_ao.warmup.QuantizationWarmup``, run by ``register_bitnet_scale_hook``); 0 trains BitNet from
+        the first step. Not under FSDP2, whose all-gather is already ternary (docs/finetuning.md)."""
 
     def __init__(self, config: Config):
         self.config = config
         # Validates the options here, at config time, not when the first linear is built.
         self.bitnet = BitNetTrainingConfig(
-            int8_grad_input=config.int8_grad_input,
-            int8_grad_weight=config.int8_grad_weight,
-            weights=config.weights,
-            scale_groups=config.scale_groups,
+            **{
+                f.name: getattr(config, f.name)
+                for f in dataclasses.fields(BitNetTrainingConfig)
+                if f.name not in _PER_LINEAR_FIELDS
+            }
         )
 
     def _selected(self, fqn: str) -> bool:
@@ -161,7 +167,12 @@ class BitNetConverter(QuantizationConverter):
             recipe = self.bitnet
             if recipe.grouped:
                 recipe = dataclasses.replace(recipe, group_dim=tensor_parallel_group_dim(fqn))
-            new_config = derive(linear_config, BitNetLinear.Config, bitnet=recipe)
+            new_config = derive(
+                linear_config,
+                BitNetLinear.Config,
+                bitnet=recipe,
+                quantization_warmup_steps=self.config.quantization_warmup_steps,
+            )
             if parent is None:
                 model_config = new_config
             elif isinstance(parent, list):

@@ -1,4 +1,4 @@
-"""The per-step BitNet hook torchtitan runs after each optimizer step (``ModelSpec.post_optimizer_build_fn``)."""
+"""The per-step BitNet hooks torchtitan runs around each optimizer step (``ModelSpec.post_optimizer_build_fn``)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,46 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.distributed import ParallelDims
 
 import bitnet_ao
+from bitnet_ao.warmup import QuantizationWarmup
+
+from .converter import BitNetLinear
+
+
+def _optimizer_steps(optimizers: OptimizersContainer) -> int:
+    """Optimizer steps taken so far, read from the optimizer state (a checkpoint load restores it, so a resumed run
+    continues its warmup): Adam-family optimizers keep a ``step`` per parameter."""
+    for optimizer in optimizers.optimizers:
+        for state in optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+    return 0
+
+
+def _register_warmup(optimizers: OptimizersContainer, model_parts: list[nn.Module]) -> None:
+    """Quantization warmup over ``BitNetLinear.Config.quantization_warmup_steps`` (the converter's option):
+    lambda follows the optimizer's step count, set before each forward until it reaches 1."""
+    steps = {m.quantization_warmup_steps for part in model_parts for m in part.modules() if isinstance(m, BitNetLinear)}
+    steps.discard(0)
+    if not steps:
+        return
+    (warmup_steps,) = steps  # one converter sets every linear's
+    warmup = QuantizationWarmup(model_parts, warmup_steps)
+    handles = []
+
+    def _set_strength(*args: object) -> None:
+        warmup.load_state_dict({"warmup_steps": warmup_steps, "last_step": _optimizer_steps(optimizers)})
+        if warmup.strength == 1.0:
+            for handle in handles:
+                handle.remove()
+
+    handles.extend(part.register_forward_pre_hook(_set_strength) for part in model_parts)
 
 
 def register_bitnet_scale_hook(
     optimizers: OptimizersContainer, model_parts: list[nn.Module], parallel_dims: ParallelDims
 ) -> None:
-    """Recompute the BitNet weight scales of all ``model_parts`` after every optimizer step.
+    """Recompute the BitNet weight scales of all ``model_parts`` after every optimizer step, and drive
+    quantization warmup when the converter asks for it (``quantization_warmup_steps``).
 
     Under FSDP2 a weight's scale is the abs-mean of the *whole* weight, which no rank holds. Computing it
     once per step, right after the weights change, takes one all-reduce for every BitNet weight of every
@@ -25,3 +59,4 @@ def register_bitnet_scale_hook(
         bitnet_ao.precompute_bitnet_scale_for_fsdp(model_parts)
 
     optimizers.register_step_post_hook(_precompute_scales)
+    _register_warmup(optimizers, model_parts)

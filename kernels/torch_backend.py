@@ -1,4 +1,6 @@
-"""The torch implementation of the ``bitnet_ao`` ops: exact int8 matmuls plus fused elementwise work.
+"""The torch backend of the ``bitnet_ao`` ops (registered as ``"torch"``): exact int8 matmuls plus fused
+elementwise work, for CPU tensors and for any device without a backend of its own (CUDA without Triton), and the
+RMSNorm bodies the Triton backend reuses.
 
 The int8 matmuls on CPU take the route ``cpu_matmul.py`` chose for the CPU (``torch._int_mm``, oneDNN's u8 x s8
 linear, or exact FP32 GEMMs); on other devices ``torch._int_mm`` where it applies, else the float64 reference.
@@ -7,22 +9,19 @@ On CPU an eager chain of elementwise ops is as slow as the matmul it feeds (a 40
 quantization: ~70 ms eager, ~2.5 ms fused), so tensors of ``COMPILE_MIN_NUMEL`` elements or more run the
 reference bodies compiled by inductor (``dynamic=True``: one compile per dtype and op variant, not per
 shape). Smaller tensors run the same bodies eagerly, where compiling would cost more than it saves.
-
-This module is also the fallback for any device without a dedicated backend.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import types
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ..private_api import int_mm
 from . import cpu_gemv, cpu_matmul, reference
+from .private_api import int_mm, with_own_code_object
 from .reference import ACTIVATION_EPS
 
 #: Tensors with at least this many elements take the compiled path. ``BITNET_AO_COMPILE_MIN_NUMEL``
@@ -41,8 +40,7 @@ def _compiled(fn: Callable, variant: tuple, keep_narrowing_casts: bool) -> Calla
     # Dynamo keeps at most `recompile_limit` (8) graphs per code object, and one body can meet more variants in a
     # process (three dtypes, two eps values, transposed or not, which optional scales...): past the limit a
     # fullgraph compile fails. A private copy of the code object per variant gives each variant its own cache.
-    code_copy = fn.__code__.replace()
-    copy = types.FunctionType(code_copy, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy = with_own_code_object(fn)
     # fx_graph_cache off: in torch 2.13.0 inductor's FX graph cache hands a graph compiled where two sizes were
     # equal (a 1024 x 1024 activation, one "duck-shaped" symbol) to a later compile where they differ, and the
     # kernel writes out of bounds (heap corruption in float32 training; tests/test_ops.py). Compiling each body
@@ -61,7 +59,7 @@ def _variant(args: tuple) -> tuple:
 
 def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = False):
     """Run the elementwise/reduction body ``fn`` compiled by inductor when ``numel`` (the size of the work) is
-    at least ``COMPILE_MIN_NUMEL``, else eagerly. Also used outside the ops, e.g. by ``norm.RMSNorm``.
+    at least ``COMPILE_MIN_NUMEL``, else eagerly.
     ``keep_narrowing_casts``: the body rounds to a narrower dtype on purpose and the compiled code must too."""
     if numel >= COMPILE_MIN_NUMEL:
         return _compiled(fn, _variant(args), keep_narrowing_casts)(*args)
@@ -70,6 +68,10 @@ def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = Fals
 
 def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return run_fused(reference.quantize_rowwise, x.numel(), x, eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return run_fused(reference.rms_norm, x.numel(), x, weight, eps)
 
 
 def rms_norm_quantize_rowwise(

@@ -1,0 +1,102 @@
+"""Every private torch / Triton API the kernels rely on, in one place, each with the version it was checked on.
+
+The custom ops, the CPU int8 matmul routes and the Triton launchers need a few internals that carry no stability
+promise. Keeping them here means an upgrade is reviewed in one file, and ``tests/test_private_api.py`` checks each
+behaviour the kernels depend on, so a torch or Triton release that changes one fails there, by name, instead of
+deep inside a training step. This module imports nothing from bitnet_ao: ``kernels/`` is self-contained, and
+``bitnet_ao/private_api.py`` holds the wrappers the rest of the package needs.
+
+Checked on torch 2.13.0 and Triton 3.9.0 (:data:`CHECKED_ON`).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: The releases every entry below was checked on.
+CHECKED_ON = {"torch": "2.13.0", "triton": "3.9.0"}
+
+#: ``torch._check(cond, message)`` (torch 2.13.0): raises ``RuntimeError`` with ``message()`` when ``cond`` is
+#: false, and records the condition as a guard on symbolic sizes, so the ops' input checks also hold inside a
+#: torch.compile trace and in the fake implementations (torch.library's guide for custom ops uses it).
+check = torch._check
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` (fake tensors, FLOP or communication counters, functionalization) is on the
+    stack (torch 2.13.0: ``torch._C._len_torch_dispatch_stack``): such a mode must see a custom op as one op."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def outside_dispatch_modes() -> Any:
+    """Context manager that runs its block on real tensors with every ``TorchDispatchMode`` (fake tensors of a
+    torch.compile trace included) taken off the stack (torch 2.13.0: ``torch.utils._python_dispatch.
+    _disable_current_modes``): measuring the CPU's int8 routes may first happen while a compile traces."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def with_own_code_object(fn: Callable) -> Callable:
+    """A copy of the function ``fn`` with a code object of its own (``CodeType.replace()``, checked on Python 3.11).
+    Dynamo keeps its compiled graphs per code object, at most ``torch._dynamo.config.recompile_limit`` (8) of them
+    (torch 2.13.0), so a copy per variant of a body gives each variant its own cache."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int8 x int8 -> int32 matmul (torch 2.13.0: ``torch._int_mm``; on CPU fast only where oneDNN has
+    VNNI / AMX kernels)."""
+    return torch._int_mm(a, b)
+
+
+def onednn_int8_linear_available() -> bool:
+    """Whether oneDNN's int8 linear ops exist in this build (torch 2.13.0 x86 builds: ``torch.ops.onednn``)."""
+    return hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def onednn_int8_linear(a_u8: Tensor, zero_point: int, weight_s8: Tensor) -> Tensor:
+    """``(a_u8 - zero_point) @ weight_s8.T`` as float32, by oneDNN's u8 x s8 linear (torch 2.13.0:
+    ``torch.ops.onednn.qlinear_prepack`` + ``qlinear_pointwise``, the ops inductor's int8 lowering uses), with
+    unit scales so the output is the integer sum itself. ``weight_s8`` is ``(N, K)``, prepacked on every call."""
+    n = weight_s8.shape[0]
+    packed = torch.ops.onednn.qlinear_prepack(weight_s8, None)
+    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+    return torch.ops.onednn.qlinear_pointwise(
+        a_u8, 1.0, zero_point, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+def cpu_has_int8_dot_product() -> bool:
+    """Whether this CPU has int8 dot-product instructions oneDNN uses for ``torch._int_mm`` (torch 2.13.0:
+    ``torch.cpu._is_vnni_supported()`` for AVX-512 VNNI, ``torch.cpu._is_amx_tile_supported()`` for AMX)."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies BF16 natively (torch 2.13.0: ``torch.cpu._is_avx512_bf16_supported()`` or
+    AMX); without it a BF16 matmul falls back to scalar code, 30-80x slower than FP32. Next to
+    :func:`cpu_has_int8_dot_product`, the other CPU capability the benchmarks report."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in Triton's interpreter (Triton 3.9.0: ``triton.knobs.runtime.interpret``,
+    read from ``TRITON_INTERPRET`` when a kernel is decorated)."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def triton_compiler() -> tuple[type, type]:
+    """``(ASTSource, GPUTarget)``: Triton's ahead-of-time compiler entry points (Triton 3.9.0), used by
+    ``triton_aot_check`` to compile kernels for a GPU on a machine without one."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return ASTSource, GPUTarget
