@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import functools
 import json
 import math
@@ -120,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.convert_lr is None:
-        args.convert_lr = args.lr  # 3x lower converted 0.3-0.7 points of gap worse (docs/finetune_results_notes.md)
+        args.convert_lr = args.lr  # 3x lower converted 0.3-0.7 points of gap worse (docs/finetuning.md)
     for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "lora_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
@@ -509,8 +508,10 @@ def plot(teacher: dict, runs: list[dict], args: argparse.Namespace, path: Path, 
     start = args.steps * tokens_per_step / 1e6
     axes[0].set_title("whole training (faint: training loss)")
     axes[1].set_xlim(start - 0.02 * start, (args.steps + budget_steps(args)) * tokens_per_step / 1e6 * 1.01)
-    zoomed = [v for r in runs for _, v in r["val_losses"]] + [teacher["final_val_loss"]]
-    axes[1].set_ylim(min(zoomed) - 0.05, min(max(zoomed), 2 * max(teacher["final_val_loss"], 0.1)) + 0.05)
+    # The validation losses within the budget (BitNet from scratch's earlier ones are far above) and the teacher's.
+    zoomed = [v for r in runs for step, v in r["val_losses"] if r["start_step"] + step >= args.steps]
+    zoomed.append(teacher["final_val_loss"])
+    axes[1].set_ylim(min(zoomed) - 0.1, max(zoomed) + 0.1)
     axes[1].set_title(f"conversion budget ({args.budget:.0%} of pretraining tokens)")
     axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -547,14 +548,7 @@ def write(
              f"{hardware.summary(args.device)}")  # fmt: skip
     plot(teacher, runs, args, args.out / "finetune_curves.png", title[:400])
     results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": hardware.summary(args.device),
-        "hardware": hardware.describe(args.device),
-        "baseline_dtype": args.dtype,
-        "torch": torch.__version__,
-        "data": source,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "model": dataclasses.asdict(model_config),
+        **report.run_metadata(args, model_config, source),
         "settings": {
             "budget_steps": budget_steps(args),
             "warmup_steps": round(budget_steps(args) * args.warmup_fraction),

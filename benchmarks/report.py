@@ -151,6 +151,20 @@ def speed_note(runs: list[dict], device: str) -> str | None:
     )
 
 
+def run_metadata(args: argparse.Namespace, model_config: ModelConfig, source: str) -> dict:
+    """What every benchmark JSON opens with: when, on what hardware and software, with which data, flags and model."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": hardware.summary(args.device),  # the hardware in words, as before hardware.describe existed
+        "hardware": hardware.describe(args.device),
+        "baseline_dtype": args.dtype,
+        "torch": torch.__version__,
+        "data": source,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": dataclasses.asdict(model_config),
+    }
+
+
 def write(
     runs: list[dict], notes: dict[str, str], args: argparse.Namespace, model_config: ModelConfig, source: str
 ) -> None:
@@ -166,17 +180,6 @@ def write(
         print(why)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.out / "loss_curves.png", plot_title(args, model_config))
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": hardware.summary(args.device),  # the hardware in words, as before hardware.describe existed
-        "hardware": hardware.describe(args.device),
-        "baseline_dtype": args.dtype,
-        "torch": torch.__version__,
-        "data": source,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "model": dataclasses.asdict(model_config),
-        "notes": notes,
-        "runs": runs,
-    }
+    results = {**run_metadata(args, model_config, source), "notes": notes, "runs": runs}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'loss_curves.png'}")

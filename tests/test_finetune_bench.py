@@ -1,5 +1,5 @@
 """benchmarks/finetune.py end to end on a tiny configuration, in process: the four conversions and LoRA on a
-packed base run, and the JSON says what the report needs (the real figures are in docs/finetune_results_notes.md).
+packed base run, and the JSON says what the report needs (the real figures are in docs/finetuning.md).
 """
 
 from __future__ import annotations
