@@ -109,6 +109,20 @@ def quantize_groups(t: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]
     return t_q.view(m, c), s.view(m, groups)
 
 
+def dequantize_groups(t_q: Tensor, s: Tensor) -> Tensor:
+    """``t_q * s`` in float32, the fake-quantized values :func:`quantize_groups` stands for: ``s`` is ``(M,)``, or
+    ``(M, G)`` with one scale per row of each of ``G`` equal column blocks."""
+    if s.dim() == 1:
+        return t_q * s[:, None]
+    m, c = t_q.shape
+    return (t_q.reshape(m, s.shape[1], c // s.shape[1]) * s[:, :, None]).reshape(m, c)
+
+
+def dequantize_weight(weight: BitNetWeight, q: WeightQuantization, dtype: torch.dtype) -> Tensor:
+    """``W_q * s_w`` in ``dtype``: the weight the INT8 path multiplies by, as high-precision values."""
+    return weight.bitnet_int8(q).to(dtype) * q.scale.to(dtype)
+
+
 def scaled_mm_groups(
     a: Tensor,
     b: Tensor,
@@ -286,7 +300,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 g_q, s_g = g_rows or quantize_groups(g, groups, GRADIENT_EPS)
                 grad_x = weight.bitnet_mm(g_q, q, transpose=False, row_scale=s_g, bias=None, out_dtype=g.dtype)
             elif config.grouped:
-                grad_x = g @ (weight.bitnet_int8(q).to(g.dtype) * q.scale.to(g.dtype))
+                grad_x = g @ dequantize_weight(weight, q, g.dtype)
             else:
                 grad_x = (g @ weight.bitnet_int8(q).to(g.dtype)) * q.scale.to(g.dtype)
             if ctx.gather is not None:
@@ -319,8 +333,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
                     )
                 grad_w = blocks[0] if groups == 1 else torch.cat(blocks, dim=1)
             else:
-                s_cols = s_x[:, None] if groups == 1 else s_x.repeat_interleave(x_q.shape[1] // groups, dim=1)
-                x_fq = (x_q * s_cols).to(g.dtype)
+                x_fq = dequantize_groups(x_q, s_x).to(g.dtype)
                 grad_w = (g.t() @ x_fq).to(weight.dtype)
 
         if needs_grad_bias:
@@ -412,13 +425,8 @@ def warmup_linear(
     config = weight.config
     with torch.no_grad():
         groups = config.scale_groups if config.group_dim == 1 else 1
-        x_q, s_x = quantize_groups(x2, groups, ACTIVATION_EPS)
-        m, k = x_q.shape
-        s_x = s_x.reshape(m, -1, 1)  # one scale per (token, group of K / G inputs)
-        x_fq = (x_q.reshape(m, -1, k // s_x.shape[1]) * s_x).reshape(m, k)
-        x_step = (x_fq.to(dtype) - x2) * strength
-        q = weight.bitnet_quantization()
-        w_step = (weight.bitnet_int8(q).to(weight.dtype) * q.scale.to(weight.dtype) - weight) * strength
+        x_step = (dequantize_groups(*quantize_groups(x2, groups, ACTIVATION_EPS)).to(dtype) - x2) * strength
+        w_step = (dequantize_weight(weight, weight.bitnet_quantization(), weight.dtype) - weight) * strength
     w = (weight + w_step).to(dtype)
     y = F.linear(x2 + x_step, w, bias)
     return _unflatten(y, input.shape, gathered=False)
