@@ -57,7 +57,8 @@ from benchmarks.model import ModelConfig
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_training, unquantize_
 from bitnet_ao.distill import logits_distillation_loss
-from bitnet_ao.surgery import NormedLinear, apply_bitnet_norms, calibrate_bitnet_norms, quantize_filter
+from bitnet_ao.layouts import META
+from bitnet_ao.surgery import apply_bitnet_norms, calibrate_bitnet_norms, quantize_filter
 from bitnet_ao.warmup import QuantizationWarmup
 
 #: Settings that replace the pretrain.py preset's for this benchmark (flags still win). The ``tiny`` preset's
@@ -74,8 +75,9 @@ LABELS = {
     "warmup-distill": "c. warmup + LM + logits distillation",
     "scratch": "d. BitNet from scratch (same total tokens)",
 }
-#: The linears LoRA adapts: every block linear, by its leaf name in the Meta layout (benchmarks/model.py).
-LORA_LEAVES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+#: The linears LoRA adapts (peft ``target_modules``): every block linear, by its leaf name in the Meta layout
+#: (benchmarks/model.py). After the surgery they are ``NormedLinear``s, linears at the same names.
+LORA_TARGETS = [META.path(role).rpartition(".")[2] for role in META.block_linears]
 
 
 # --- the command line ----------------------------------------------------------------------------------------
@@ -331,13 +333,6 @@ def conversion_runs(
 # --- LoRA on a packed base ------------------------------------------------------------------------------------
 
 
-def lora_targets(model: nn.Module) -> list[str]:
-    """peft ``target_modules`` for every block linear. The surgery's ``NormedLinear`` wrappers hold the linear as
-    ``.linear`` and peft only adapts linears, so with the surgery the targets are ``wq.linear``..."""
-    wrapped = any(isinstance(m, NormedLinear) for m in model.modules())
-    return [f"{leaf}.linear" if wrapped else leaf for leaf in LORA_LEAVES]
-
-
 def base_weight_bytes(model: nn.Module) -> dict[str, int]:
     """The block linears' weight bytes as stored (packed values + scales, or dense) and as BF16 would store them."""
     stored = bf16 = 0
@@ -379,9 +374,8 @@ def lora_runs(converted: nn.Module, args: argparse.Namespace, data: ByteDataset)
             quantize_(base, bitnet_inference(), filter_fn=quantize_filter)
         else:
             unquantize_(base)
-        targets = lora_targets(base)
         config = peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                 target_modules=targets)  # fmt: skip
+                                 target_modules=LORA_TARGETS)  # fmt: skip
         model = peft.get_peft_model(base, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -399,7 +393,7 @@ def lora_runs(converted: nn.Module, args: argparse.Namespace, data: ByteDataset)
         runs.append({
             **run,
             "label": "LoRA, packed 2-bit base" if name == "lora-packed" else f"LoRA, {dense_name[5:].upper()} base",
-            "target_modules": targets,
+            "target_modules": LORA_TARGETS,
             "trainable_params": trainable,
             "total_params": total,
             "base_weight_bytes": weight_bytes["stored"],

@@ -191,7 +191,7 @@ def to_hf_llama(model: Transformer) -> nn.Module:
         eps = next(m.norm.eps for m in model.modules() if isinstance(m, NormedLinear))
         keep = not isinstance(block.get_submodule(META.path(Role.ATTN_NORM)), nn.Identity)
         apply_bitnet_norms(hf, "faq" if all(normed) else "subln", eps=eps, keep_block_norms=keep)
-    recipe = getattr((wq.linear if normed[0] else wq).weight, "config", None)
+    recipe = getattr(wq.weight, "config", None)
     if recipe is not None:
         quantize_(hf, recipe, filter_fn=quantize_filter)  # the master-weight recipe: state dicts hold master weights
     hf.load_state_dict({META.rename(k, HF_LLAMA): v for k, v in model.state_dict().items()})

@@ -10,10 +10,11 @@ pre-MLP norms, which those per-linear norms make redundant. Embeddings and the o
     print(report)                                      # what was inserted and removed
     quantize_(model, bitnet_training(), filter_fn=quantize_filter)
 
-Each normalized linear becomes a :class:`NormedLinear` holding ``.norm`` and the original ``.linear``
-(its class, parameters and hooks unchanged), so ``quantize_`` still finds the ``nn.Linear``. The linear's
-state-dict keys gain a ``.linear`` component (``attention.wq.weight`` -> ``attention.wq.linear.weight``):
-load pretrained weights before the surgery.
+Each normalized linear becomes a :class:`NormedLinear`: the same module (its parameters and hooks unchanged) at
+the same name, an ``nn.Linear`` still, with its norm as the child ``.norm``. ``quantize_``, peft's
+``target_modules`` and the state dict see the linear where they saw it before; the state dict gains the norms'
+gains (``attention.wq.norm.weight``), so pretrained weights load before or after the surgery (``strict=False``
+after it, or the norms' keys are missing).
 
 Placements:
 
@@ -58,35 +59,77 @@ def normed_linears(layout: BlockLayout, placement: Placement) -> tuple[str, ...]
     return tuple(layout.path(r) for r in roles)
 
 
-class NormedLinear(nn.Module):
-    """``linear(norm(x))``: a linear with its own RMSNorm (no bias) in front, the FAQ's ``BitLinear`` layout.
+class NormedLinear(nn.Linear):
+    """``linear(norm(x))``: an ``nn.Linear`` with its own RMSNorm (no bias) in front, the FAQ's ``BitLinear``.
 
-    ``linear`` is kept as it is, so ``quantize_`` turns it into a BitNet linear like any other. Once it is one, the
-    norm runs fused into the linear's activation quantization (``bitnet_linear(..., input_norm=...)``): one pass
-    over the activation that normalizes, takes the per-token absmax and writes int8, instead of writing the
-    normalized activation and reading it twice. The int8 values are the same as norm-then-linear. The linear is
-    called as a module (unfused) whenever that could skip something: hooks on it, or a subclass (FSDP2's
-    per-module wrapping).
+    It *is* the linear, at the linear's name, with the norm as its child ``.norm``: the state dict keeps the
+    linear's keys (``attention.wq.weight``) and adds ``attention.wq.norm.weight``, ``quantize_`` and its filters
+    see the ``nn.Linear`` where they saw it before, and stock peft (``target_modules=["q_proj"]``) adapts it
+    like any linear. :meth:`from_linear` turns a linear into one in place by swapping its class, as FSDP2's
+    ``fully_shard`` does: its parameters (and any optimizer state on them) and hooks stay; a subclass of
+    ``nn.Linear`` gets a ``Normed<Class>`` subclass that keeps its own forward after the norm. Hooks on the module
+    see its input before the norm.
+
+    Once the weight is a BitNet weight, the norm runs fused into the linear's activation quantization
+    (``bitnet_linear(..., input_norm=...)``): one pass over the activation that normalizes, takes the per-token
+    absmax and writes int8, instead of writing the normalized activation and reading it twice. The int8 values
+    are the same as norm-then-linear. A subclass whose own forward does more than ``F.linear`` runs unfused.
+
+    Checkpoints of the earlier wrapper layout (``attention.wq.linear.weight``) load into it unchanged.
     """
 
-    def __init__(self, linear: nn.Linear, eps: float) -> None:
-        super().__init__()
-        self.norm = RMSNorm(linear.in_features, eps=eps, device=linear.weight.device, dtype=linear.weight.dtype)
-        self.linear = linear
+    norm: RMSNorm
+    #: Whether the forward after the norm is ``nn.Linear``'s (``F.linear``), which the fused path replaces.
+    _fuses: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        after = mro[mro.index(NormedLinear) + 1 :]
+        cls._fuses = next(k.__dict__["forward"] for k in after if "forward" in k.__dict__) is nn.Linear.forward
+
+    @staticmethod
+    def from_linear(linear: nn.Linear, eps: float) -> NormedLinear:
+        """``linear`` with an RMSNorm over its input features in front (unit gain, ``eps``), in place."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NormedLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, NormedLinear):
+            raise ValueError(f"NormedLinear.from_linear: {linear!r} already has its input norm")
+        norm = RMSNorm(linear.in_features, eps=eps, device=linear.weight.device, dtype=linear.weight.dtype)
+        linear.__class__ = _normed_class(type(linear))
+        linear.norm = norm
+        return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        linear = self.linear
+        weight = self.weight
         fusable = (
-            is_bitnet_weight(linear.weight)
-            and not (linear.weight.config.grouped and linear.weight.config.group_dim == 1)
-            and type(linear) is nn.Linear
-            and not (linear._forward_hooks or linear._forward_pre_hooks)
+            type(self)._fuses
+            and is_bitnet_weight(weight)
+            and not (weight.config.grouped and weight.config.group_dim == 1)
             and self.norm.weight is not None
         )
         if not fusable:
-            return linear(self.norm(x))
+            return super().forward(self.norm(x))
         eps = self.norm.eps if self.norm.eps is not None else torch.finfo(x.dtype).eps
-        return bitnet_linear(x, linear.weight, linear.bias, InputNorm(self.norm.weight, eps))
+        return bitnet_linear(x, weight, self.bias, InputNorm(self.norm.weight, eps))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for leaf in ("weight", "bias"):  # the earlier NormedLinear(norm, linear) wrapper's keys
+            old = f"{prefix}linear.{leaf}"
+            if old in state_dict and f"{prefix}{leaf}" not in state_dict:
+                state_dict[f"{prefix}{leaf}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_NORMED_CLASSES: dict[type, type] = {nn.Linear: NormedLinear}
+
+
+def _normed_class(cls: type) -> type:
+    """The ``NormedLinear`` class of a linear of class ``cls``: ``NormedLinear`` itself for ``nn.Linear``, one
+    ``Normed<Class>`` per other subclass (made once, so that modules of one class share it)."""
+    if cls not in _NORMED_CLASSES:
+        _NORMED_CLASSES[cls] = type(f"Normed{cls.__name__}", (NormedLinear, cls), {"__module__": cls.__module__})
+    return _NORMED_CLASSES[cls]
 
 
 @dataclass
@@ -119,16 +162,14 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def base_linear(module: nn.Module | None) -> nn.Linear | None:
-    """The ``nn.Linear`` that does a block linear's matmul, through the wrappers it may sit in: a
-    :class:`NormedLinear` (its ``.linear``) and peft's tuner layers (LoRA & co., duck-typed by their public
-    ``get_base_layer()``, so that bitnet_ao does not import peft), in any nesting; ``None`` for anything else.
-    Code that needs a layer's q/k/v projections on a normed and/or adapted model goes through this."""
+    """The ``nn.Linear`` (a :class:`NormedLinear` too) that does a block linear's matmul, through peft's tuner layers
+    (LoRA & co., duck-typed by their public ``get_base_layer()``, so that bitnet_ao does not import peft) around it,
+    in any nesting; ``None`` for anything else. Code that needs a layer's q/k/v projections on an adapted model
+    goes through this."""
     for _ in range(8):  # a handful of nested wrappers at most; no cycle can hang it
         if isinstance(module, nn.Linear):
             return module
-        if isinstance(module, NormedLinear):
-            module = module.linear
-        elif callable(getattr(module, "get_base_layer", None)) and module.get_base_layer() is not module:
+        if callable(getattr(module, "get_base_layer", None)) and module.get_base_layer() is not module:
             module = module.get_base_layer()
         else:
             return None
@@ -144,9 +185,8 @@ def _matches(block: nn.Module, layout: BlockLayout) -> bool:
 def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Module]]]:
     """The transformer blocks of ``model`` (fully qualified name, module) and the layout they follow.
 
-    A block's linears may be plain ``nn.Linear``, a :class:`NormedLinear` around one (after
-    :func:`apply_bitnet_norms`) or a peft tuner layer around either (:func:`base_linear`), so the blocks of a
-    normed and/or adapted model are found too."""
+    A block's linears may be ``nn.Linear`` (a :class:`NormedLinear` after :func:`apply_bitnet_norms`) or a peft
+    tuner layer around one (:func:`base_linear`), so the blocks of a normed and/or adapted model are found too."""
     for layout in LAYOUTS:
         blocks = [(name, m) for name, m in model.named_modules() if _matches(m, layout)]
         if blocks:
@@ -155,7 +195,7 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Modul
     children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children())
     raise ValueError(
         f"apply_bitnet_norms: no transformer block of {type(model).__name__} matches a known layout. "
-        "A block must hold these submodules (the linears as nn.Linear, or a NormedLinear / peft layer around one):"
+        "A block must hold these submodules (the linears as nn.Linear, or a peft layer around one):"
         f"\n{known}\n"
         f"The model's top-level modules: {children}. Add a BlockLayout to bitnet_ao.layouts.LAYOUTS for it."
     )
@@ -225,12 +265,11 @@ def apply_bitnet_norms(
             role = roles[path]
             source = pre.get(role.norm) if role.kind == "input" else None
             norm_eps = eps if eps is not None else source[1] if source is not None else default_eps
-            normed = NormedLinear(_get(block, path), norm_eps)
+            normed = NormedLinear.from_linear(_get(block, path), norm_eps)
             if source is not None and source[0] is not None:
                 with torch.no_grad():
                     normed.norm.weight.copy_(source[0])
                 moved.add(role.norm)
-            _replace(block, path, normed)
             report.inserted.append(prefix + path)
         if placement == "faq" and not keep_block_norms:
             for path in layout.pre_norms:
@@ -252,7 +291,7 @@ def _unpreserved_norms(model: nn.Module) -> dict[str, NormedLinear]:
     for block_name, block in blocks:
         prefix = f"{block_name}." if block_name else ""
         for role in layout.block_linears:
-            module = _get(block, layout.path(role))
+            module = base_linear(_get(block, layout.path(role)))
             if role.kind == "output" and isinstance(module, NormedLinear):
                 found[prefix + layout.path(role)] = module
     return found

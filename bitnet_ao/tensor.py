@@ -260,7 +260,9 @@ def _merge_note(weight: BitNetTrainingLinearWeight, delta: Tensor) -> str:
         "merge/unmerge does: the sum is re-ternarized at every forward, so the layer computes ternary(W + dW), not "
         f"ternary(W) + dW. Merging into a ternary weight is lossy: here the effective weight ends up to {error:.3g} "
         f"away from the exact sum (|dW| up to {delta.abs().max().item():.3g}) and {changed} of {data.numel()} "
-        "ternary values changed. Keep the adapter unmerged to keep its exact function, or fine-tune after merging"
+        "ternary values changed. On a linear with a BitNet norm (apply_bitnet_norms) the change is larger: the "
+        "adapter read the input before the norm, the merged weight reads it after. Keep the adapter unmerged to "
+        "keep its exact function, or fine-tune after merging"
     )
 
 

@@ -41,6 +41,7 @@ from torchao.quantization import quantize_
 from .config import BitNetTrainingConfig
 from .layouts import LAYOUTS, quantize_filter
 from .linear import bitnet_linear
+from .surgery import NormedLinear
 from .tensor import BitNetTrainingLinearWeight
 
 
@@ -77,6 +78,19 @@ class _BitNetLinearParallel(ParallelStyle):
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if isinstance(module, NormedLinear) and (self.shard_dim == 1 or self.input_layout != Replicate()):
+            why = (
+                "normalizes the input features that row parallelism shards across ranks"
+                if self.shard_dim == 1
+                else "has a gain whose gradient sums over every token, and sequence parallelism gives each rank "
+                "only its own tokens"
+            )
+            raise ValueError(
+                f"{type(self).__name__} on {module!r}: its BitNet norm (apply_bitnet_norms) {why}, and a "
+                "distributed RMSNorm is not implemented: tensor parallelism supports BitNet norms in front of "
+                "column-parallel linears with a replicated input only (the FAQ placement's q/k/v and gate/up norms, "
+                "without sequence parallelism; not its o/down norms, nor subln's sub-norms)"
+            )
         shard_bitnet_linear(
             module,
             device_mesh,
@@ -88,7 +102,11 @@ class _BitNetLinearParallel(ParallelStyle):
         if module.bias is not None:
             placement = Shard(0) if self.shard_dim == 0 else Replicate()
             module.bias = nn.Parameter(_shard(module.bias.detach(), device_mesh, placement, None))
-        module.forward = types.MethodType(self._forward, module)
+        forward = types.MethodType(self._forward, module)
+        if isinstance(module, NormedLinear):  # replicated input: each rank normalizes whole tokens
+            module.forward = lambda x: forward(module.norm(x))
+        else:
+            module.forward = forward
         return module
 
     def _forward(self, module: nn.Linear, x: Tensor) -> Tensor:
@@ -238,9 +256,9 @@ ROW_PARALLEL_PATHS = tuple(
 
 
 def tensor_parallel_group_dim(fqn: str) -> int:
-    """1 for a row-parallel linear (``ROW_PARALLEL_PATHS``, also as ``<path>.linear`` inside a ``NormedLinear``),
-    0 for every other (column-parallel) one: the ``group_dim`` its group scales need."""
-    return 1 if fqn.removesuffix(".linear").endswith(ROW_PARALLEL_PATHS) else 0
+    """1 for a row-parallel linear (``ROW_PARALLEL_PATHS``), 0 for every other (column-parallel) one: the
+    ``group_dim`` its group scales need."""
+    return 1 if fqn.endswith(ROW_PARALLEL_PATHS) else 0
 
 
 def quantize_for_tensor_parallel(

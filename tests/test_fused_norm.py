@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import quantize_
 
@@ -21,7 +22,7 @@ from tests.spec_reference import act_quant
 
 def _normed_bitnet_linear(k: int, n: int, dtype: torch.dtype) -> NormedLinear:
     torch.manual_seed(0)
-    layer = NormedLinear(nn.Linear(k, n, dtype=dtype), eps=1e-5)
+    layer = NormedLinear.from_linear(nn.Linear(k, n, dtype=dtype), eps=1e-5)
     with torch.no_grad():
         layer.norm.weight.uniform_(0.5, 1.5)  # a trained gain, not the unit one
     quantize_(layer, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
@@ -32,9 +33,9 @@ def _step(layer: NormedLinear, x: torch.Tensor, fused: bool, autocast: torch.dty
     x = x.detach().requires_grad_()
     ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
     with ctx:
-        y = layer(x) if fused else layer.linear(layer.norm(x))
+        y = layer(x) if fused else F.linear(layer.norm(x), layer.weight, layer.bias)
     y.float().square().sum().backward()
-    grads = (x.grad, layer.linear.weight.grad, layer.linear.bias.grad, layer.norm.weight.grad)
+    grads = (x.grad, layer.weight.grad, layer.bias.grad, layer.norm.weight.grad)
     layer.zero_grad()
     return (y.detach(), *grads)
 
@@ -92,19 +93,34 @@ def test_rms_norm_module_runs_forward_and_backward_on_the_backend(monkeypatch):
     assert torch.equal(x.grad.reshape(10, 48), dx) and torch.equal(norm.weight.grad, dgain)
 
 
-def test_fusion_is_skipped_when_the_linear_has_hooks():
+def test_hooks_see_the_input_before_the_norm():
     layer = _normed_bitnet_linear(32, 16, torch.float32)
-    calls = []
-    layer.linear.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
-    layer(torch.randn(4, 32))
-    assert calls == [torch.Size([4, 32])], "a hook on the linear must still run"
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(4, 32) * 5
+    y = layer(x)
+    assert len(seen) == 1 and seen[0] is x
+    assert torch.equal(y, F.linear(layer.norm(x), layer.weight, layer.bias))
 
 
 def test_plain_linear_is_not_fused():
     torch.manual_seed(0)
-    layer = NormedLinear(nn.Linear(32, 16), eps=1e-5)
+    layer = NormedLinear.from_linear(nn.Linear(32, 16), eps=1e-5)
     x = torch.randn(4, 32)
-    torch.testing.assert_close(layer(x), layer.linear(layer.norm(x)), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), F.linear(layer.norm(x), layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_a_linear_subclass_keeps_its_forward_after_the_norm():
+    class Doubled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    layer = NormedLinear.from_linear(Doubled(32, 16), eps=1e-5)
+    assert isinstance(layer, Doubled) and type(layer).__name__ == "NormedDoubled"
+    quantize_(layer, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    x = torch.randn(4, 32)
+    assert torch.equal(layer(x), 2 * F.linear(layer.norm(x), layer.weight, layer.bias)), "not fused past its forward"
 
 
 _FLOAT32_TRAINING = """
@@ -119,7 +135,7 @@ gain = nn.Parameter(torch.ones(1024))
 for _ in range(3):  # the bare trigger: a parameter handed to a compiled body under no_grad
     with torch.no_grad():
         torch_backend.run_fused(reference.rms_norm, 1 << 20, torch.randn(1024, 1024), gain, 1e-5)
-layers = nn.Sequential(*[NormedLinear(nn.Linear(1024, 1024), 1e-5) for _ in range(3)])
+layers = nn.Sequential(*[NormedLinear.from_linear(nn.Linear(1024, 1024), 1e-5) for _ in range(3)])
 quantize_(layers, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
 x = torch.randn(1024, 1024, requires_grad=True)
 for _ in range(3):

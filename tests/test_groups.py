@@ -133,16 +133,16 @@ def test_quantize_for_tensor_parallel_groups_each_linear_along_its_tp_dimension(
         name: m.weight.config for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "output"
     }
     assert {name: c.group_dim for name, c in configs.items()} == {
-        "layers.0.attention.wq.linear": 0,
-        "layers.0.attention.wk.linear": 0,
-        "layers.0.attention.wv.linear": 0,
-        "layers.0.attention.wo.linear": 1,
-        "layers.0.feed_forward.w1.linear": 0,
-        "layers.0.feed_forward.w2.linear": 1,
-        "layers.0.feed_forward.w3.linear": 0,
+        "layers.0.attention.wq": 0,
+        "layers.0.attention.wk": 0,
+        "layers.0.attention.wv": 0,
+        "layers.0.attention.wo": 1,
+        "layers.0.feed_forward.w1": 0,
+        "layers.0.feed_forward.w2": 1,
+        "layers.0.feed_forward.w3": 0,
     }
     assert {c.scale_groups for c in configs.values()} == {4}
-    assert not isinstance(model.output.weight, type(model.layers[0].attention.wq.linear.weight))
+    assert not isinstance(model.output.weight, type(model.layers[0].attention.wq.weight))
     assert tensor_parallel_group_dim("model.layers.3.self_attn.o_proj") == 1
     assert tensor_parallel_group_dim("model.layers.3.mlp.up_proj") == 0
     tokens = torch.randint(0, 16, (2, 8))

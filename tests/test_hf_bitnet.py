@@ -131,8 +131,7 @@ def test_round_trip_keeps_ternary_values_and_scales_exactly(tmp_path, linear_cla
     model = _bitnet_llama(placement)
     save_pretrained_bitnet(model, tmp_path / "first", linear_class=linear_class)
     back = from_pretrained_bitnet(tmp_path / "first")
-    assert isinstance(back.model.layers[0].mlp.up_proj.weight if placement != "faq" else
-                      back.model.layers[0].mlp.up_proj.linear.weight, BitNetTrainingLinearWeight)  # fmt: skip
+    assert isinstance(back.model.layers[0].mlp.up_proj.weight, BitNetTrainingLinearWeight)
     save_pretrained_bitnet(back, tmp_path / "second", linear_class=linear_class)
     first, second = (load_file(tmp_path / d / "model.safetensors") for d in ("first", "second"))
     assert first.keys() == second.keys()

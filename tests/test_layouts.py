@@ -228,10 +228,7 @@ def test_every_role_is_a_gguf_tensor() -> None:
 
 
 def test_rename_keeps_the_tail_and_refuses_unknown_names() -> None:
-    assert (
-        META.rename("layers.12.attention.wq.linear.weight", HF_LLAMA)
-        == "model.layers.12.self_attn.q_proj.linear.weight"
-    )
+    assert META.rename("layers.12.attention.wq.norm.weight", HF_LLAMA) == "model.layers.12.self_attn.q_proj.norm.weight"
     assert HF_LLAMA.rename("model.norm.weight", GGUF) == "output_norm.weight"
     with pytest.raises(KeyError, match="no module of a Llama"):
         META.rename("layers.0.attention.rope.cos", HF_LLAMA)

@@ -25,9 +25,12 @@ VOCAB = 128
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def base(kind: str) -> nn.Module:
-    """A tiny HF Llama (hidden 64, 2 layers, vocab 128), quantized for training (master weights frozen) or packed."""
+def base(kind: str, placement: str | None = None) -> nn.Module:
+    """A tiny HF Llama (hidden 64, 2 layers, vocab 128), with the BitNet norms of ``placement`` (or none), quantized
+    for training (master weights frozen) or packed."""
     model = tiny_llama(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    if placement is not None:
+        apply_bitnet_norms(model, placement)
     quantize_(model, bitnet_training(), filter_fn=quantize_filter)
     if kind == "packed":
         quantize_(model, bitnet_inference(), filter_fn=quantize_filter)
@@ -192,21 +195,43 @@ def test_adapters_round_trip_through_peft_save_and_load(tmp_path) -> None:
         assert torch.equal(packed(input_ids=tokens(5)).logits, expected), "the adapters on a packed base too"
 
 
-def test_lora_inside_normed_linears_reads_the_normalized_input() -> None:
-    """After apply_bitnet_norms the linear sits at ``<name>.linear``: peft adapts it there (or with
-    ``"all-linear"``), inside the norm, so the adapter reads the input the ternary base reads, and the blocks
-    are still found."""
-    model = tiny_llama(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4)
-    apply_bitnet_norms(model)
-    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
-    model.requires_grad_(False)
-    adapted = lora(model, "all-linear")
-    q = adapted.base_model.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, NormedLinear) and isinstance(q.linear, peft.tuners.lora.LoraLayer)
-    layout, blocks = find_blocks(adapted)
+@pytest.mark.parametrize("placement", ["faq", "subln"])
+@pytest.mark.parametrize("kind", ["training", "packed"])
+def test_stock_target_names_work_after_the_surgery(tmp_path, kind: str, placement: str) -> None:
+    """After apply_bitnet_norms the normed linears are still linears at their stock names: peft adapts
+    ``q_proj`` there like on any Llama. The adapter reads what peft's adapters read, the module's input (here
+    before the norm); the base computes the normed ternary linear; adapters train and round-trip through peft."""
+    model = lora(base(kind, placement))
+    layer = model.base_model.model.model.layers[0]
+    adapted = [layer.get_submodule(p) for p in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+    assert all(isinstance(m, peft.tuners.lora.LoraLayer) for m in adapted)
+    normed = [m for m in adapted if isinstance(m.base_layer, NormedLinear)]
+    assert len(normed) == (3 if placement == "faq" else 2)
+    layout, blocks = find_blocks(model)
     assert layout.name == "Hugging Face Llama" and len(blocks) == 2
-    x = torch.randn(2, 5, 64)
-    a, b = q.linear.lora_A["default"], q.linear.lora_B["default"]
+    for m in normed:
+        x = torch.randn(2, 5, m.in_features)
+        a, b = m.lora_A["default"], m.lora_B["default"]
+        with torch.no_grad():
+            base_out = F.linear(m.base_layer.norm(x), m.base_layer.weight)
+            torch.testing.assert_close(m(x), base_out + b(a(x)) * m.scaling["default"])
+
+    before = base_weights(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = fit(lambda b: loss_of(model, b), optimizer, [tokens()] * 4)
+    assert losses[-1] < losses[0] - 0.1, losses
+    after = base_weights(model)
+    assert all(torch.equal(before[n], after[n]) for n in before), "the base stays frozen"
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(base(kind, placement), tmp_path)
     with torch.no_grad():
-        delta = q(x) - q.linear.base_layer(q.norm(x))
-        torch.testing.assert_close(delta, b(a(q.norm(x))) * q.linear.scaling["default"])
+        assert torch.equal(reloaded(input_ids=tokens(5)).logits, model(input_ids=tokens(5)).logits)
+
+
+def test_all_linear_adapts_each_normed_linear_once() -> None:
+    """``"all-linear"`` on a surgery model finds every block linear once, at its stock name (the norm inside is no
+    linear), and leaves the head alone."""
+    model = lora(base("training", "faq"), "all-linear")
+    adapted = {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    count = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    assert adapted == set(TARGETS) and count == 2 * len(TARGETS)

@@ -146,16 +146,16 @@ def test_build_model_applies_the_spec() -> None:
     spec = pretrain.RunSpec("bitnet", True, pretrain.bitnet_training(int8_grad_input=False, weights="binary"), "faq")
     model = pretrain.build_model(spec, config, seed=0, device=torch.device("cpu"))
     wq = model.layers[0].attention.wq
-    assert isinstance(wq, NormedLinear) and isinstance(wq.linear.weight, BitNetTrainingLinearWeight)
-    assert wq.linear.weight.config == pretrain.bitnet_training(int8_grad_input=False, weights="binary")
+    assert isinstance(wq, NormedLinear) and isinstance(wq.weight, BitNetTrainingLinearWeight)
+    assert wq.weight.config == pretrain.bitnet_training(int8_grad_input=False, weights="binary")
     assert not isinstance(model.output.weight, BitNetTrainingLinearWeight)
-    wo = model.layers[0].attention.wo.linear.weight
-    assert wo.config == wq.linear.weight.config, "one device without groups: plain quantize_, one recipe everywhere"
+    wo = model.layers[0].attention.wo.weight
+    assert wo.config == wq.weight.config, "one device without groups: plain quantize_, one recipe everywhere"
     plain = pretrain.build_model(pretrain.RunSpec("bf16", False), config, seed=0, device=torch.device("cpu"))
-    assert torch.equal(plain.layers[0].attention.wq.weight, wq.linear.weight._data), "same seed, same init"
+    assert torch.equal(plain.layers[0].attention.wq.weight, wq.weight._data), "same seed, same init"
     grouped = dataclasses.replace(spec, recipe=pretrain.bitnet_training(scale_groups=2))
     block = pretrain.build_model(grouped, config, seed=0, device=torch.device("cpu")).layers[0]
-    dims = [block.get_submodule(p).linear.weight.config.group_dim for p in ("attention.wq", "attention.wo")]
+    dims = [block.get_submodule(p).weight.config.group_dim for p in ("attention.wq", "attention.wo")]
     assert dims == [0, 1], "with groups, the twin of a tensor-parallel run: each linear along its TP dimension"
 
 

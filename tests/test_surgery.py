@@ -103,8 +103,8 @@ def test_faq_placement_tree_and_training(family: str) -> None:
         assert isinstance(modules[name], nn.Identity), name
     for name, linear in originals.items():
         wrapped = modules[name]
-        assert isinstance(wrapped, NormedLinear), name
-        assert wrapped.linear is linear, f"{name}: the original linear must be kept, not copied"
+        assert isinstance(wrapped, NormedLinear) and isinstance(wrapped, nn.Linear), name
+        assert wrapped is linear, f"{name}: the original linear must be kept in place, not copied"
         assert isinstance(wrapped.norm, nn.RMSNorm) and wrapped.norm.normalized_shape == (linear.in_features,)
         assert torch.equal(wrapped.norm.weight, torch.ones(linear.in_features)), "unit gain at insertion"
     for name, module in before.items():
@@ -236,8 +236,7 @@ def test_faq_on_a_pretrained_model_keeps_its_function(family: str) -> None:
     assert block.self_attn.q_proj.norm.eps == original.model.layers[0].input_layernorm.variance_epsilon
     assert torch.equal(block.mlp.up_proj.norm.weight, original.model.layers[0].post_attention_layernorm.weight)
     for layer in model.model.layers:  # the unpreservable norms out of the way: what is left must be exact
-        layer.self_attn.o_proj = layer.self_attn.o_proj.linear
-        layer.mlp.down_proj = layer.mlp.down_proj.linear
+        layer.self_attn.o_proj.norm = layer.mlp.down_proj.norm = nn.Identity()
     torch.testing.assert_close(logits(model), logits(original), rtol=1e-5, atol=1e-5)
 
 
@@ -249,8 +248,7 @@ def test_keep_block_norms_moves_the_gain() -> None:
     assert torch.equal(block.input_layernorm.weight, torch.ones(32)), "the kept pre-norm gets unit gain"
     assert torch.equal(block.self_attn.v_proj.norm.weight, before.input_layernorm.weight)
     for layer in model.model.layers:
-        layer.self_attn.o_proj = layer.self_attn.o_proj.linear
-        layer.mlp.down_proj = layer.mlp.down_proj.linear
+        layer.self_attn.o_proj.norm = layer.mlp.down_proj.norm = nn.Identity()
     # Up to eps: the kept pre-norm's output has RMS sqrt(ms / (ms + eps)), 1 - O(eps / ms), not 1.
     new, ref = logits(model), logits(original)
     assert (new - ref).abs().max() < 1e-2 * ref.abs().max()
@@ -285,7 +283,7 @@ def test_qwen2_biases_train() -> None:
     model = pretrained("qwen2")
     apply_bitnet_norms(model)
     quantize_(model, bitnet_training(), filter_fn=quantize_filter)
-    q = model.model.layers[0].self_attn.q_proj.linear
+    q = model.model.layers[0].self_attn.q_proj
     assert q.bias is not None and isinstance(q.weight, BitNetTrainingLinearWeight)
     before = q.bias.detach().clone()
     train_losses(model, 64, steps=2)
@@ -296,11 +294,45 @@ def test_find_blocks_through_normed_and_peft_layers() -> None:
     peft = pytest.importorskip("peft")
     model = hf_model()
     apply_bitnet_norms(model, placement="subln")
-    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj.linear"]))
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "o_proj"]))
     layout, blocks = find_blocks(adapted)
     assert [name for name, _ in blocks] == [f"base_model.model.model.layers.{i}" for i in range(2)]
     block = blocks[0][1]
     assert base_linear(block.self_attn.q_proj) is block.self_attn.q_proj.base_layer  # peft around a linear
-    assert base_linear(block.self_attn.o_proj) is block.self_attn.o_proj.linear.base_layer  # peft in a NormedLinear
-    assert base_linear(block.mlp.down_proj) is block.mlp.down_proj.linear
+    assert isinstance(block.self_attn.o_proj.base_layer, NormedLinear)
+    assert base_linear(block.self_attn.o_proj) is block.self_attn.o_proj.base_layer  # peft around a NormedLinear
+    assert base_linear(block.mlp.down_proj) is block.mlp.down_proj
     assert base_linear(block.mlp) is None
+
+
+def test_state_dict_keeps_the_stock_keys_and_loads_the_wrapper_layout() -> None:
+    """The linears keep their keys (pretrained weights load after the surgery, only the norms' gains are new), and
+    a checkpoint of the earlier ``NormedLinear(norm, linear)`` wrapper (``wq.linear.weight``) loads exactly."""
+    plain = own_model()
+    model = copy.deepcopy(plain)
+    apply_bitnet_norms(model)
+    keys, stock = set(model.state_dict()), set(plain.state_dict())
+    removed = {k for k in stock if k.endswith(("attention_norm.weight", "ffn_norm.weight"))}
+    linears = [f"attention.{n}" for n in ATTN] + [f"feed_forward.{n}" for n in MLP]
+    assert keys - stock == {f"layers.{i}.{p}.norm.weight" for i in range(2) for p in linears}
+    assert stock - keys == removed
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert set(unexpected) == removed and all(k.endswith(".norm.weight") for k in missing)
+
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NormedLinear):
+                m.norm.weight.uniform_(0.5, 1.5)
+    old = {}
+    for key, value in model.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        wrapped = isinstance(model.get_submodule(module), NormedLinear) and leaf in ("weight", "bias")
+        old[f"{module}.linear.{leaf}" if wrapped else key] = value
+    assert any(".linear.weight" in k for k in old)
+    fresh = own_model()
+    apply_bitnet_norms(fresh)
+    quantize_(fresh, bitnet_training(), filter_fn=quantize_filter)
+    fresh.load_state_dict(old)  # strict
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

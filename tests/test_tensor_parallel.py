@@ -31,11 +31,17 @@ class MLP(nn.Module):
         return self.w2(torch.relu(self.w1(x)))
 
 
-def _bitnet_mlp(weights: str = "ternary") -> MLP:
+def _bitnet_mlp(weights: str = "ternary", normed: str | None = None) -> MLP:
+    """``normed``: the linear (``w1`` or ``w2``) that gets a BitNet norm (``NormedLinear``, a trained gain)."""
     from bitnet_ao import bitnet_training
+    from bitnet_ao.surgery import NormedLinear
 
     torch.manual_seed(0)
     model = MLP()
+    if normed is not None:
+        norm = NormedLinear.from_linear(getattr(model, normed), eps=1e-5).norm
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
     quantize_(model.w1, bitnet_training(weights=weights, scale_groups=TP, group_dim=0))
     quantize_(model.w2, bitnet_training(weights=weights, scale_groups=TP, group_dim=1))
     return model
@@ -84,12 +90,12 @@ def _plan(sequence_parallel: bool, bitnet: bool = True) -> dict:
     return {"w1": colwise(), "w2": rowwise()}
 
 
-def _matches_single_device(weights: str, sequence_parallel: bool = False) -> dict:
+def _matches_single_device(weights: str, sequence_parallel: bool = False, normed: str | None = None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    reference = _losses(_bitnet_mlp(weights))
-    model = _bitnet_mlp(weights)
+    reference = _losses(_bitnet_mlp(weights, normed))
+    model = _bitnet_mlp(weights, normed)
     mesh = init_device_mesh("cpu", (TP,))
     parallelize_module(model, mesh, _plan(sequence_parallel))
     local = model.w1.weight.to_local()
@@ -154,17 +160,22 @@ def _stock_styles_raise() -> dict:
 
 def _unshardable_raise() -> dict:
     """``shard_bitnet_linear``, the check every BitNet tensor-parallel path shares: a column-parallel style on a
-    weight grouped by columns, and on a plain linear."""
+    weight grouped by columns, and on a plain linear; BitNet norms in front of a row-parallel linear and of a
+    sequence-parallel one."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from bitnet_ao.tensor_parallel import BitNetColwiseParallel
+    from bitnet_ao.tensor_parallel import BitNetColwiseParallel, BitNetRowwiseParallel
 
     mesh = init_device_mesh("cpu", (TP,))
     messages = []
-    for model, name in ((_bitnet_mlp(), "w2"), (MLP(), "w1")):
+    cases = ((_bitnet_mlp(), "w2", BitNetColwiseParallel), (MLP(), "w1", BitNetColwiseParallel),
+             (_bitnet_mlp(normed="w2"), "w2", BitNetRowwiseParallel),
+             (_bitnet_mlp(normed="w1"), "w1", lambda: BitNetColwiseParallel(input_layouts=Shard(1))))  # fmt: skip
+    for model, name, style in cases:
         try:
-            parallelize_module(model, mesh, {name: BitNetColwiseParallel()})
+            parallelize_module(model, mesh, {name: style()})
         except (TypeError, ValueError) as e:
             messages.append(str(e))
     return {"messages": messages}
@@ -196,6 +207,7 @@ def scenarios(world: int, out_dir: str) -> dict[str, Callable[[], dict]]:
         "binary": lambda: _matches_single_device("binary"),
         "ternary_sp": lambda: _matches_single_device("ternary", sequence_parallel=True),
         "binary_sp": lambda: _matches_single_device("binary", sequence_parallel=True),
+        "ternary_normed": lambda: _matches_single_device("ternary", normed="w1"),
         "stock": _stock_styles_raise,
         "unshardable": _unshardable_raise,
         "collectives": lambda: _collectives(sequence_parallel=False),
@@ -211,9 +223,10 @@ def results() -> Iterator[dict[str, dict]]:
         yield read_results(out_dir)
 
 
-@pytest.mark.parametrize("weights", ["ternary", "binary", "ternary_sp", "binary_sp"])
+@pytest.mark.parametrize("weights", ["ternary", "binary", "ternary_sp", "binary_sp", "ternary_normed"])
 def test_tp2_equals_single_device_with_the_same_groups(results, weights):
-    """With and without sequence parallelism (then the int8 activation and its scales are all-gathered)."""
+    """With and without sequence parallelism (then the int8 activation and its scales are all-gathered), and with
+    a BitNet norm in front of the column-parallel linear (``NormedLinear``: each rank normalizes whole tokens)."""
     r = scenario_result(results, weights)
     assert r["local_groups"] == 1 and r["local_shape"] == [HIDDEN // TP, DIM]
     ref, tp = torch.tensor(r["reference"]), torch.tensor(r["tp"])
@@ -234,7 +247,9 @@ def test_stock_styles_on_bitnet_weights_raise_naming_the_bitnet_styles(results):
 
 
 def test_weights_that_cannot_be_sharded_raise_saying_why(results):
-    wrong_groups, plain = scenario_result(results, "unshardable")["messages"]
+    wrong_groups, plain, normed_row, normed_sp = scenario_result(results, "unshardable")["messages"]
+    assert "the input features that row parallelism shards" in normed_row, normed_row
+    assert "sequence parallelism gives each rank only its own tokens" in normed_sp, normed_sp
     assert "needs group_dim=0 and scale_groups a multiple of 2; it has group_dim=1" in wrong_groups, wrong_groups
     assert "bitnet_training(group_dim=0" in wrong_groups
     assert "not an nn.Linear with a BitNet training weight" in plain, plain

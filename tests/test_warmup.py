@@ -102,7 +102,7 @@ def test_warmup_through_the_fused_norm_equals_norm_then_linear():
             self.proj = copy.deepcopy(plain[1])
 
     block = Block()
-    block.proj = NormedLinear(block.proj, eps=1e-5)
+    NormedLinear.from_linear(block.proj, eps=1e-5)
     block.proj.norm.weight.data.copy_(plain[0].weight)
     quantize_(block, bitnet_training())
     QuantizationWarmup(block, warmup_steps=3)

@@ -118,12 +118,10 @@ def save_pretrained_bitnet(
 
     tensors = _export_tensors(model, linears, placement, linear_class, quantization_mode, dtype)
     save_file(tensors, save_directory / "model.safetensors", metadata={"format": "pt"})
-    plain_linears = [
-        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _hf_name(model, name) not in linears
-    ]
+    plain_linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in linears]
     quantization_config = transformers.BitNetQuantConfig(
         # Listed explicitly: given any list, transformers no longer skips lm_head by itself.
-        modules_to_not_convert=[re.escape(_hf_name(model, name)) for name in plain_linears],
+        modules_to_not_convert=[re.escape(name) for name in plain_linears],
         linear_class=linear_class,
         quantization_mode=quantization_mode,
         use_rms_norm=placement == "faq",
@@ -139,25 +137,14 @@ def save_pretrained_bitnet(
 
 
 def _bitnet_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The BitNet linears by their Hugging Face name (``q_proj``, not ``q_proj.linear``)."""
-    linears = {
-        _hf_name(model, name): m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and is_bitnet_weight(m.weight)
-    }
+    """The BitNet linears by name."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_bitnet_weight(m.weight)}
     if not linears:
         raise ValueError(
             f"save_pretrained_bitnet: {type(model).__name__} has no BitNet linear; quantize_ it with "
             "bitnet_training() (or bitnet_inference()) first"
         )
     return linears
-
-
-def _hf_name(model: nn.Module, name: str) -> str:
-    parent, _, leaf = name.rpartition(".")
-    if leaf == "linear" and isinstance(model.get_submodule(parent), NormedLinear):
-        return parent
-    return name
 
 
 def _hf_norm_name(linear: str, placement: Placement | None) -> str:
@@ -253,7 +240,7 @@ def _export_tensors(
     tensors: dict[str, Tensor] = {}
     for name, value in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
-        hf_module = _hf_name(model, module_name)
+        hf_module = module_name
         if hf_module in linears or leaf == "weight_scale":
             continue  # written below from the weight itself
         if module_name.endswith(".norm") and isinstance(
@@ -335,9 +322,7 @@ def from_pretrained_bitnet(
     skip = qc.get("modules_to_not_convert")
     skip = skip if skip is not None else [HF_LLAMA.path(Role.OUTPUT)]
     converted = {
-        _hf_name(model, name)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and should_convert_module(_hf_name(model, name), skip)
+        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and should_convert_module(name, skip)
     }
     offline = qc.get("linear_class", "bitlinear") == "bitlinear" or qc.get("quantization_mode") == "offline"
     state = _import_tensors(model, tensors, placement, converted, qc.get("linear_class", "bitlinear"), offline, dtype)
@@ -345,7 +330,7 @@ def from_pretrained_bitnet(
     quantize_(
         model,
         config or bitnet_training(),
-        filter_fn=lambda m, name: isinstance(m, nn.Linear) and _hf_name(model, name) in converted,
+        filter_fn=lambda m, name: isinstance(m, nn.Linear) and name in converted,
     )
     return model
 
@@ -374,7 +359,6 @@ def _import_tensors(
     for name, module in model.named_modules():
         if isinstance(module, NormedLinear):
             renames[f"{_hf_norm_name(name, placement)}.weight"] = f"{name}.norm.weight"
-            renames[f"{name}.weight"] = f"{name}.linear.weight"
     for key, value in tensors.items():
         module_name, _, leaf = key.rpartition(".")
         if leaf == "weight_scale":
