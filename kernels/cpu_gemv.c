@@ -79,6 +79,48 @@ static void dots_u8s8(const uint8_t* u, const int8_t* x0, const int8_t* x1, cons
     for (int i = 0; i < rows; ++i) dots[i] = d[i];
 }
 
+#if defined(__AVX2__) && !defined(__AVX512VNNI__)
+#define FUSED_TERNARY_DOTS 1
+/* dots[i] = sum_k u_k x_i[k] for `rows` (1 or 4) activation rows in plane layout, straight from a packed ternary
+ * row: the codes of 32 bytes (128 values) are decoded in registers, plane by plane, u = ((byte >> 2i) + 1) & 3
+ * (a 16-bit shift leaks the neighbour byte's bits into bits 6..7 only, which the mask drops), and go into
+ * vpmaddubsw as above. Four planes' pair sums add up to at most 4 * 512 in 16 bits, then vpmaddwd widens.
+ * Against decode_ternary + dots_u8s8 this skips writing and reading back K bytes of codes per weight row. */
+static void dots_packed_ternary(const uint8_t* row, const int8_t* x0, int64_t kp, int64_t kk, int rows,
+                                int32_t* dots) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i one8 = _mm256_set1_epi8(1);
+    const __m256i three = _mm256_set1_epi8(3);
+    __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    int64_t j = 0;
+    for (; j + 32 <= kp; j += 32) {
+        const __m256i p = _mm256_loadu_si256((const __m256i*)(row + j));
+        const __m256i w0 = _mm256_and_si256(_mm256_add_epi8(p, one8), three);
+        const __m256i w1 = _mm256_and_si256(_mm256_add_epi8(_mm256_srli_epi16(p, 2), one8), three);
+        const __m256i w2 = _mm256_and_si256(_mm256_add_epi8(_mm256_srli_epi16(p, 4), one8), three);
+        const __m256i w3 = _mm256_and_si256(_mm256_add_epi8(_mm256_srli_epi16(p, 6), one8), three);
+        for (int i = 0; i < rows; ++i) {
+            const int8_t* x = x0 + i * kk + j;
+            __m256i t = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i*)x));
+            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i*)(x + kp))));
+            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(w2, _mm256_loadu_si256((const __m256i*)(x + 2 * kp))));
+            t = _mm256_add_epi16(t, _mm256_maddubs_epi16(w3, _mm256_loadu_si256((const __m256i*)(x + 3 * kp))));
+            s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(t, ones));
+        }
+    }
+    for (int i = 0; i < rows; ++i) {
+        const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s[i]), _mm256_extracti128_si256(s[i], 1));
+        const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        int32_t d = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
+        const int8_t* x = x0 + i * kk;
+        for (int64_t t = j; t < kp; ++t) {
+            for (int plane = 0; plane < 4; ++plane) d += (int32_t)(((row[t] >> (2 * plane)) + 1) & 3) * x[plane * kp + t];
+        }
+        dots[i] = d;
+    }
+}
+#endif
+
 /* acc = a @ W.T exactly; returns nonzero when out of memory. */
 int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int64_t M, int64_t N, int64_t K,
                        int64_t kp, int64_t bits, int64_t threads) {
@@ -115,6 +157,22 @@ int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int
         for (int64_t n = 0; n < N; ++n) {
             if (u == NULL) continue;
             const uint8_t* row = packed + n * kp;
+#ifdef FUSED_TERNARY_DOTS
+            if (bits == 2) {
+                if (M == 1) {
+                    int32_t dot = 0;
+                    dots_packed_ternary(row, planes, kp, kk, 1, &dot);
+                    acc[n] = dot - sums[0];
+                    continue;
+                }
+                for (int64_t m = 0; m < M; m += 4) {
+                    int32_t dots[4];
+                    dots_packed_ternary(row, planes + m * kk, kp, kk, 4, dots);
+                    for (int64_t i = 0; i < 4 && m + i < M; ++i) acc[(m + i) * N + n] = dots[i] - sums[m + i];
+                }
+                continue;
+            }
+#endif
             if (bits == 2) {
                 decode_ternary(row, u, kp);
             } else {

@@ -177,3 +177,33 @@ def test_unbuilt_kernel_and_dtypes_without_a_code_give_none(monkeypatch):
     assert cpu_gemv.packed_gemv(x.to(torch.int8), packed, 10, 2) is None
     assert cpu_gemv.unpack(packed, 10, 2) is None
     assert cpu_gemv.packed_linear(x, *args, torch.float32) is None
+
+
+_PORTABLE_BUILD = """
+import torch
+from bitnet_ao.kernels import cpu_build, cpu_gemv
+from tests import test_cpu_gemv as t
+assert cpu_build.march() == "-march=x86-64", cpu_build.march()
+g = torch.Generator().manual_seed(0)
+for bits in (1, 2):
+    for m, k, n in t.SHAPES:
+        w, a = t._weight(n, k, bits, g), t._activations(m, k, g)
+        acc = cpu_gemv.packed_gemv(a, t._pack(w, bits, g), k, bits)
+        assert torch.equal(acc.double(), t._exact(a, w)), (bits, m, k, n)
+print("exact")
+"""
+
+
+def test_the_portable_build_is_exact_too(tmp_path):
+    """The plain C path (decode a row, then a u8 x s8 loop), which machines without AVX2 and AVX-512 VNNI builds
+    take, and an AVX2 build does not: built for baseline x86-64 in a subprocess (``ATEN_CPU_CAPABILITY=default``)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the x86-64 baseline build")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "BITNET_AO_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _PORTABLE_BUILD], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "exact" in run.stdout, run.stderr[-3000:]
