@@ -41,12 +41,15 @@ from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_trainin
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 
 
-def build_variants(config: ModelConfig, dtype: torch.dtype, device: str) -> dict[str, nn.Module]:
+def build_variants(config: ModelConfig, dtype: torch.dtype, device: str, surgery: bool = True) -> dict[str, nn.Module]:
+    """The dense model, its BitNet training twin and the packed one, from the same seed. ``surgery=False`` keeps
+    the plain Llama block (no FAQ norms), the architecture llama.cpp's ``llama`` runs (``bench_gguf.py``)."""
     torch.manual_seed(0)
     dense = Transformer(config).to(device=device, dtype=dtype).eval()
     training = copy.deepcopy(dense)
-    apply_bitnet_norms(training)
-    training.to(dtype)  # the inserted norms start in float32
+    if surgery:
+        apply_bitnet_norms(training)
+        training.to(dtype)  # the inserted norms start in float32
     quantize_(training, bitnet_training(), filter_fn=quantize_filter)
     packed = copy.deepcopy(training)
     quantize_(packed, bitnet_inference(), filter_fn=quantize_filter)

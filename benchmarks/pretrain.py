@@ -11,7 +11,7 @@ float32 without autocast on other CPUs (AVX2 only: a BF16 matmul there is scalar
 nothing). Both runs use the same data, seed, initial weights and precision; BitNet linears run their INT8 matmuls
 and return the activation dtype. The BitNet run first applies the BitNet model changes (``bitnet_ao.surgery``,
 ``--no-surgery`` to skip), then ``quantize_`` on every block linear; embeddings and the output head stay in high
-precision.
+precision. ``--save-hf`` / ``--save-gguf`` write the trained BitNet model for transformers / llama.cpp.
 
 In float32 the ``cpu-default`` preset trains less (its ``fp32`` settings: 24 steps of 8 sequences instead of 50
 of 16) so that the comparison still ends within 5 minutes on the slowest AVX2 CPU it meets (AMD Zen 1: FP32
@@ -26,7 +26,9 @@ compiles its elementwise helpers once per process) and excludes evaluation. Writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import platform
@@ -159,6 +161,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also write each trained BitNet model to OUT/hf-RUN as a "
         "Hugging Face BitNet checkpoint (transformers' AutoModelForCausalLM loads it; docs/huggingface.md)",
     )
+    p.add_argument("--save-gguf", type=Path, metavar="PATH", help="also write the BitNet run's model to PATH as a "
+                   "GGUF file llama.cpp runs (checked before training: --no-surgery, dims multiples of 256; "
+                   "docs/gguf.md)")  # fmt: skip
+    p.add_argument("--gguf-type", choices=("TQ2_0", "TQ1_0"), default="TQ2_0",
+                   help="--save-gguf's ternary type: TQ2_0 2.06 bits per weight, TQ1_0 1.69")  # fmt: skip
     args = p.parse_args(argv)
     # Stored by name, as the flag spells it: the arguments go to results.json as they are.
     args.dtype = str(hardware.resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
@@ -168,7 +175,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.save_gguf is not None:
+        check_gguf_export(p, args)
     return args
+
+
+def preset_model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model every run trains: the preset's shape, the byte vocabulary, ``--seq-len`` positions."""
+    return ModelConfig(vocab_size=VOCAB_SIZE, max_seq_len=args.seq_len, **PRESETS[args.preset]["model"])
+
+
+def check_gguf_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--save-gguf``: refuse now, not after training, a BitNet run whose model llama.cpp cannot run: the run's
+    model is built on the meta device (no memory, no values) and given ``save_gguf``'s structural checks."""
+    from bitnet_ao.integrations.gguf import gguf_architecture
+
+    spec = next((s for s in run_specs(args) if s.name == "bitnet"), None)
+    if spec is None:
+        p.error("--save-gguf writes the BitNet run, and --quantize none trains none")
+    with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):  # its surgery report comes with the run
+        model = build_model(spec, preset_model_config(args), args.seed, torch.device("meta"))
+    try:
+        gguf_architecture(model)
+    except ValueError as e:
+        reason = str(e).removeprefix("save_gguf: ")
+        p.error(
+            f"--save-gguf: {reason}. The benchmark model (untied head, SwiGLU) exports without norm surgery "
+            "(--no-surgery) and with dims that are multiples of 256 (--preset cpu-default)"
+        )
 
 
 @dataclass(frozen=True)
@@ -369,6 +403,10 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
         from bitnet_ao.integrations.transformers import save_pretrained_bitnet
 
         print(f"wrote {save_pretrained_bitnet(to_hf_llama(model), args.out / f'hf-{spec.name}')}")
+    if args.save_gguf is not None and spec.name == "bitnet":
+        from bitnet_ao.integrations.gguf import save_gguf
+
+        print(f"wrote {save_gguf(model, args.save_gguf, args.gguf_type)}")
     return {
         "name": spec.name,
         "label": spec.label,
@@ -389,7 +427,7 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train every run asked for on the same data, then report; returns the runs (for tests)."""
     args = parse_args(argv)
-    model_config = ModelConfig(vocab_size=VOCAB_SIZE, max_seq_len=args.seq_len, **PRESETS[args.preset]["model"])
+    model_config = preset_model_config(args)
     corpus, source = load_corpus(args.data, args.max_bytes)
     data = ByteDataset(corpus, args.seq_len)
     device = torch.device(args.device)

@@ -57,6 +57,7 @@ ORDER = [
     "bitnet_ao",
     "bitnet_ao.integrations",
     "bitnet_ao.integrations.transformers",
+    "bitnet_ao.integrations.gguf",
     "bitnet_ao.integrations.trainer",
     "bitnet_ao.integrations.torchtitan.converter",
     "bitnet_ao.integrations.torchtitan.hooks",
