@@ -162,6 +162,39 @@ def llama_generate(llm, first: int, new_tokens: int) -> list[int]:
     return out
 
 
+@torch.inference_mode()
+def llama_cpp_agreement(model: nn.Module, path: Path, prompt: list[int], new_tokens: int = 64) -> dict:
+    """How closely stock llama.cpp running the GGUF file at ``path`` follows ``model`` (a benchmark ``Transformer``
+    with BitNet weights, packed or not), after ``prompt``: both generate ``new_tokens`` greedily on their own
+    (``free_agreement``: the fraction of positions with the same token), and llama.cpp is fed bitnet_ao's tokens
+    (``forced_agreement``: the fraction of steps where its argmax is bitnet_ao's; ``logits_rel_error``: relative
+    L2 error of its logits, worst step). llama.cpp quantizes activations per block of 256 to Q8_K where bitnet_ao
+    quantizes per token, so the logits are close, not equal."""
+    config = model.config
+    ours = generate(model, torch.tensor([prompt]), new_tokens, next(model.parameters()).dtype)[0].tolist()
+    reference = model(torch.tensor([prompt + ours[:-1]]))[0, len(prompt) - 1 :].float()
+    llm = load_llama(path, torch.get_num_threads(), config.max_seq_len)
+    theirs = [int(np.argmax(llama_prefill(llm, prompt)))]
+    for _ in range(new_tokens - 1):
+        llm.eval([theirs[-1]])
+        theirs.append(int(np.argmax(llama_logits(llm))))
+    llm.reset()
+    llm.eval(prompt)
+    forced, errors = 0, []
+    for step, token in enumerate(ours):
+        logits = llama_logits(llm)
+        error, agrees = logits_error(reference[step], logits)
+        forced, errors = forced + agrees, [*errors, error]
+        if step + 1 < new_tokens:
+            llm.eval([token])
+    return {
+        "free_agreement": sum(a == b for a, b in zip(ours, theirs, strict=True)) / new_tokens,
+        "forced_agreement": forced / new_tokens,
+        "logits_rel_error": max(errors),
+        "new_tokens": new_tokens,
+    }
+
+
 def llama_timer(llm, fn: Callable[[], object], kind: str, record: list[float]) -> Callable[[], object]:
     """``fn`` with llama.cpp's own timer around it: appends the tokens/s ``llama_perf_context`` counted for the
     call (``kind``: ``"prefill"`` or ``"decode"``)."""

@@ -205,6 +205,25 @@ def check_gguf_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
 
 
+def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> None:
+    """``--save-gguf``'s proof: stock llama.cpp (llama-cpp-python, when installed) runs the file and generates
+    what the trained model generates, from the first 64 bytes of a validation sequence (docs/gguf.md)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install llama-cpp-python): the GGUF file was not run")
+        return
+    from benchmarks.bench_gguf import llama_cpp_agreement
+
+    prompt = data.val[:64].tolist()
+    r = llama_cpp_agreement(model.eval(), path, prompt)
+    print(
+        f"llama.cpp on {path.name}: greedy agreement with bitnet_ao over {r['new_tokens']} tokens "
+        f"{r['free_agreement']:.1%} generating alone, {r['forced_agreement']:.1%} fed bitnet_ao's tokens; "
+        f"logits rel. error {r['logits_rel_error']:.2e} (worst step)"
+    )
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: the dense baseline (``quantize=False``) or BitNet with its ``recipe`` (with scale groups,
@@ -407,6 +426,7 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
         from bitnet_ao.integrations.gguf import save_gguf
 
         print(f"wrote {save_gguf(model, args.save_gguf, args.gguf_type)}")
+        check_with_llama_cpp(model, args.save_gguf, data)
     return {
         "name": spec.name,
         "label": spec.label,
