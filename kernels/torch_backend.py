@@ -53,16 +53,28 @@ def _compiled(fn: Callable, variant: tuple, keep_narrowing_casts: bool) -> Calla
 
 
 def _variant(args: tuple) -> tuple:
-    """What a compiled graph specializes on, besides sizes: dtypes, ranks, layouts and the non-tensor args."""
-    return tuple((a.dtype, a.dim(), a.is_contiguous()) if isinstance(a, Tensor) else a for a in args)
+    """What a compiled graph specializes on, besides sizes: dtypes, ranks, layouts, inference tensors (their
+    dispatch keys differ), the non-tensor args, and whether inference mode is on."""
+    tensors = tuple(
+        (a.dtype, a.dim(), a.is_contiguous(), a.is_inference()) if isinstance(a, Tensor) else a for a in args
+    )
+    return (*tensors, torch.is_inference_mode_enabled())
 
 
 def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = False):
     """Run the elementwise/reduction body ``fn`` compiled by inductor when ``numel`` (the size of the work) is
     at least ``COMPILE_MIN_NUMEL``, else eagerly.
-    ``keep_narrowing_casts``: the body rounds to a narrower dtype on purpose and the compiled code must too."""
+    ``keep_narrowing_casts``: the body rounds to a narrower dtype on purpose and the compiled code must too.
+
+    The bodies are called from autograd functions and custom ops that do their own backward, so the compiled
+    ones get detached tensors under ``no_grad``: dynamo would otherwise guard on each input's ``requires_grad``,
+    on grad mode and on the static shape of an ``nn.Parameter`` (a norm gain pins the activation's width), and one
+    fine-tuning process (training, evaluation, a frozen LoRA base; widths 1024 and 2816) met more than the 8
+    graphs a code object may hold, which fails a fullgraph compile."""
     if numel >= COMPILE_MIN_NUMEL:
-        return _compiled(fn, _variant(args), keep_narrowing_casts)(*args)
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        with torch.no_grad():
+            return _compiled(fn, _variant(args), keep_narrowing_casts)(*args)
     return fn(*args)
 
 
