@@ -298,3 +298,26 @@ def test_compiled_body_is_not_reused_across_size_equality():
     without that cache. In a subprocess, since the failure kills the process."""
     out = subprocess.run([sys.executable, "-c", _DUCK_SHAPED_REUSE], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "exact" in out.stdout, out.stderr[-2000:]
+
+
+def test_one_compiled_body_meets_every_training_and_inference_context(monkeypatch):
+    """A fine-tuning process calls the compiled norm with inputs that do and do not require grad, gains that are
+    trainable or frozen parameters of several widths, under grad mode, no_grad and inference_mode: more than the 8
+    graphs dynamo keeps per code object if each were specialized (a fullgraph compile then fails). Every context
+    gives the same bits, and the eager body's numbers up to rounding."""
+    monkeypatch.setattr(torch_backend, "COMPILE_MIN_NUMEL", 0)
+    contexts = (torch.enable_grad, torch.no_grad, torch.inference_mode)
+    for width in (48, 80, 112):
+        generator = torch.Generator().manual_seed(width)
+        x0, w0 = torch.randn(64, width, generator=generator), torch.rand(width, generator=generator) + 0.5
+        expected = torch_backend.rms_norm(x0, w0, 1e-5)
+        for got, want in zip(expected, reference.rms_norm(x0, w0, 1e-5), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for trainable in (True, False):
+            weight = torch.nn.Parameter(w0.clone(), requires_grad=trainable)
+            for requires_grad in (True, False):
+                for context in contexts:
+                    x = x0.clone().requires_grad_(requires_grad)
+                    with context():
+                        y, rstd = torch_backend.rms_norm(x, weight, 1e-5)
+                    assert torch.equal(y, expected[0]) and torch.equal(rstd, expected[1]), (width, trainable, context)
