@@ -207,7 +207,8 @@ def check_gguf_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> None:
     """``--save-gguf``'s proof: stock llama.cpp (llama-cpp-python, when installed) runs the file and generates
-    what the trained model generates, from the first 64 bytes of a validation sequence (docs/gguf.md)."""
+    what the trained model generates: 64 tokens after the first 64 bytes of the validation text (fewer when
+    ``--seq-len`` is under 128; docs/gguf.md)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -215,8 +216,8 @@ def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> Non
         return
     from benchmarks.bench_gguf import llama_cpp_agreement
 
-    prompt = data.val[:64].tolist()
-    r = llama_cpp_agreement(model.eval(), path, prompt)
+    half = min(64, model.config.max_seq_len // 2)  # prompt and generated tokens within the trained positions
+    r = llama_cpp_agreement(model.eval(), path, data.val[:half].tolist(), new_tokens=half)
     print(
         f"llama.cpp on {path.name}: greedy agreement with bitnet_ao over {r['new_tokens']} tokens "
         f"{r['free_agreement']:.1%} generating alone, {r['forced_agreement']:.1%} fed bitnet_ao's tokens; "
