@@ -165,3 +165,25 @@ def test_torch_compile_fullgraph_traces_the_fused_norm(cpu_route):
     compiled = _step(compiled_layer, x, fused=True, autocast=torch.bfloat16)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_compiled_normed_linears_are_bit_identical_to_eager():
+    """fullgraph dynamo + AOT autograd through NormedLinears (swapped-class nn.Linears whose forward picks the fused
+    path from a class attribute): forward and every gradient equal to eager bit for bit."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        NormedLinear.from_linear(nn.Linear(48, 64), eps=1e-5),
+        nn.ReLU(),
+        NormedLinear.from_linear(nn.Linear(64, 32), 1e-5),
+    )
+    quantize_(model, bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 48)
+    y, y_c = model(x), compiled(x)
+    assert torch.equal(y_c, y)
+    y.square().sum().backward()
+    y_c.square().sum().backward()
+    for p, p_c in zip(model.parameters(), compiled._orig_mod.parameters(), strict=True):
+        assert torch.equal(p_c.grad, p.grad)
