@@ -207,15 +207,23 @@ def _replace(block: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def _rms_norm_gain_and_eps(norm: nn.Module, features: int) -> tuple[Tensor | None, float | None] | None:
-    """The gain (``None``: no affine gain) and eps of an RMS norm over ``features`` (torch's ``nn.RMSNorm`` and
-    bitnet_ao's, whose eps is ``.eps``; Hugging Face's ``LlamaRMSNorm`` / ``Qwen2RMSNorm``, ``.variance_epsilon``),
-    or ``None`` for anything else (a LayerNorm subtracts the mean: no RMSNorm reproduces it)."""
+def rms_norm_eps(norm: nn.Module) -> float | None:
+    """The eps of an RMS norm: torch's ``nn.RMSNorm`` and bitnet_ao's (``.eps``; ``None``: the machine eps of the
+    input's dtype), Hugging Face's ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` (``.variance_epsilon``). ``TypeError`` for
+    any other module (a LayerNorm subtracts the mean: no RMSNorm reproduces it)."""
     if isinstance(norm, nn.RMSNorm):
-        eps = norm.eps
-    elif hasattr(norm, "variance_epsilon") and "RMSNorm" in type(norm).__name__:
-        eps = float(norm.variance_epsilon)
-    else:
+        return norm.eps
+    if hasattr(norm, "variance_epsilon") and "RMSNorm" in type(norm).__name__:
+        return float(norm.variance_epsilon)
+    raise TypeError(f"{type(norm).__name__} is not an RMS norm")
+
+
+def _rms_norm_gain_and_eps(norm: nn.Module, features: int) -> tuple[Tensor | None, float | None] | None:
+    """The gain (``None``: no affine gain) and eps (:func:`rms_norm_eps`) of an RMS norm over ``features``, or
+    ``None`` for anything else."""
+    try:
+        eps = rms_norm_eps(norm)
+    except TypeError:
         return None
     gain = getattr(norm, "weight", None)
     if gain is not None and tuple(gain.shape) != (features,):

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..layouts import GGUF, HF_LLAMA, META, BlockLayout, Role
 from ..linear import is_bitnet_weight
-from ..surgery import NormedLinear, base_linear, find_blocks
+from ..surgery import NormedLinear, find_blocks, rms_norm_eps
 
 TernaryType = Literal["TQ2_0", "TQ1_0"]
 EmbeddingType = Literal["F16", "Q8_0", "Q6_K"]
@@ -98,6 +98,8 @@ class _Plan:
     blocks: list[_Block]
     embedding: nn.Embedding
     head: nn.Linear
+    #: Whether the head is the embedding (:func:`_same`): then no output tensor is written.
+    tied: bool
     final_norm: nn.Module
 
 
@@ -143,7 +145,14 @@ def _plan(model: nn.Module) -> _Plan:
     if head_dim * config.n_heads != dim or config.head_dim not in (None, head_dim):
         raise _fail(f"llama.cpp needs n_heads ({config.n_heads}) heads of size dim / n_heads; dim is {dim}")
     by_role = {lin.role: lin.linear for lin in blocks[0].linears}
-    _check_head(layout, embedding, head, arch)
+    _check_head(layout, embedding, head)
+    tied = _same(head.weight, embedding.weight)
+    if arch == "bitnet" and not tied:
+        raise _fail(
+            f"llama.cpp's bitnet graph has no output tensor: it multiplies by token_embd, but "
+            f"{layout.path(Role.OUTPUT)} is not tied to {layout.path(Role.TOKEN_EMBD)}. Train with a tied head "
+            "(tie_word_embeddings=True) or without norm surgery (arch llama, which writes the head)"
+        )
     eps = _common_eps(layout, blocks, final_norm)
     return _Plan(
         arch=arch,
@@ -158,15 +167,16 @@ def _plan(model: nn.Module) -> _Plan:
         blocks=blocks,
         embedding=embedding,
         head=head,
+        tied=tied,
         final_norm=final_norm,
     )
 
 
 def _block_linear(name: str, role: Role, module: nn.Module) -> _Linear:
-    """The block linear at ``name`` and the norm in front of it, if any."""
-    if not isinstance(module, (nn.Linear, NormedLinear)):
+    """The block linear at ``name`` and the norm in front of it, if any (a ``NormedLinear``'s)."""
+    if not isinstance(module, nn.Linear):
         raise _fail(f"{name} is a {type(module).__name__} around a linear (an adapter?); merge it first")
-    return _Linear(name, role, base_linear(module), module.norm if isinstance(module, NormedLinear) else None)
+    return _Linear(name, role, module, module.norm if isinstance(module, NormedLinear) else None)
 
 
 def _check_ternary(lin: _Linear) -> None:
@@ -270,7 +280,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return not (a.is_meta or b.is_meta) and a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def _check_head(layout: BlockLayout, embedding: nn.Module, head: nn.Module, arch: Architecture) -> None:
+def _check_head(layout: BlockLayout, embedding: nn.Module, head: nn.Module) -> None:
     names = {r: layout.path(r) for r in (Role.TOKEN_EMBD, Role.OUTPUT)}
     if not isinstance(embedding, nn.Embedding):
         raise _fail(f"{names[Role.TOKEN_EMBD]} is a {type(embedding).__name__}, not an nn.Embedding")
@@ -279,21 +289,17 @@ def _check_head(layout: BlockLayout, embedding: nn.Module, head: nn.Module, arch
             f"{names[Role.OUTPUT]} must be a plain nn.Linear without bias: llama.cpp's head is a high-precision "
             "matmul (quantize_ with filter_fn=quantize_filter leaves it so)"
         )
-    if arch == "bitnet" and not _same(head.weight, embedding.weight):
-        raise _fail(
-            f"llama.cpp's bitnet graph has no output tensor: it multiplies by token_embd, but {names[Role.OUTPUT]} "
-            f"is not tied to {names[Role.TOKEN_EMBD]}. Train with a tied head (tie_word_embeddings=True) or "
-            "without norm surgery (arch llama, which writes the head)"
-        )
 
 
 def _rms_eps(norm: nn.Module, name: str) -> float:
-    if isinstance(norm, nn.RMSNorm):
-        dtype = norm.weight.dtype if norm.weight is not None else torch.float32
-        return norm.eps if norm.eps is not None else torch.finfo(dtype).eps
-    if "RMSNorm" in type(norm).__name__ and hasattr(norm, "variance_epsilon"):  # transformers' LlamaRMSNorm
-        return float(norm.variance_epsilon)
-    raise _fail(f"{name} is a {type(norm).__name__}; llama.cpp's norms here are RMSNorms")
+    try:
+        eps = rms_norm_eps(norm)
+    except TypeError:
+        raise _fail(f"{name} is a {type(norm).__name__}; llama.cpp's norms here are RMSNorms") from None
+    if eps is None:  # the machine eps of the dtype the norm computes in
+        weight = getattr(norm, "weight", None)
+        eps = torch.finfo(weight.dtype if weight is not None else torch.float32).eps
+    return eps
 
 
 def _common_eps(layout: BlockLayout, blocks: list[_Block], final_norm: nn.Module) -> float:
@@ -545,7 +551,7 @@ def save_gguf(
             if lin.norm is not None:  # subln: the sub-norm in front of the attention output / down projection
                 tensors.append((weight(lin.role.norm, i), _norm_gain(lin.norm, lin.linear.in_features), None))
     tensors.append((weight(Role.OUTPUT_NORM), _norm_gain(plan.final_norm, dim), None))
-    if not _same(plan.head.weight, plan.embedding.weight):  # llama only: without it llama.cpp ties the head
+    if not plan.tied:  # llama only: without it llama.cpp ties the head
         tensors.append((weight(Role.OUTPUT), *_high_precision(plan.head.weight, embedding_type)))
 
     path = Path(path)
