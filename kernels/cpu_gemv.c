@@ -121,6 +121,25 @@ static void dots_packed_ternary(const uint8_t* row, const int8_t* x0, int64_t kp
 }
 #endif
 
+#ifndef FUSED_TERNARY_DOTS
+#define FUSED_TERNARY_DOTS 0
+#endif
+
+/* dots[i] = sum_k u_k x_i[k] of weight row `row` against `rows` (1 or 4) activation rows from x0 (plane layout,
+ * kk apart): from the packed row itself (FUSED_TERNARY_DOTS), or from its codes `u` decoded beforehand. */
+static void row_dots(const uint8_t* row, const uint8_t* u, const int8_t* x0, int64_t kp, int64_t kk, int64_t bits,
+                     int rows, int32_t* dots) {
+#if FUSED_TERNARY_DOTS
+    if (bits == 2) {
+        dots_packed_ternary(row, x0, kp, kk, rows, dots);
+        return;
+    }
+#endif
+    (void)row;
+    (void)bits;
+    dots_u8s8(u, x0, x0 + kk, x0 + 2 * kk, x0 + 3 * kk, kk, rows, dots);
+}
+
 /* acc = a @ W.T exactly; returns nonzero when out of memory. */
 int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int64_t M, int64_t N, int64_t K,
                        int64_t kp, int64_t bits, int64_t threads) {
@@ -157,38 +176,21 @@ int bitnet_packed_gemv(const int8_t* a, const uint8_t* packed, int32_t* acc, int
         for (int64_t n = 0; n < N; ++n) {
             if (u == NULL) continue;
             const uint8_t* row = packed + n * kp;
-#ifdef FUSED_TERNARY_DOTS
-            if (bits == 2) {
-                if (M == 1) {
-                    int32_t dot = 0;
-                    dots_packed_ternary(row, planes, kp, kk, 1, &dot);
-                    acc[n] = dot - sums[0];
-                    continue;
-                }
-                for (int64_t m = 0; m < M; m += 4) {
-                    int32_t dots[4];
-                    dots_packed_ternary(row, planes + m * kk, kp, kk, 4, dots);
-                    for (int64_t i = 0; i < 4 && m + i < M; ++i) acc[(m + i) * N + n] = dots[i] - sums[m + i];
-                }
-                continue;
-            }
-#endif
-            if (bits == 2) {
-                decode_ternary(row, u, kp);
-            } else {
+            if (bits == 1) {
                 decode_binary(row, u, kp);
+            } else if (!FUSED_TERNARY_DOTS) {
+                decode_ternary(row, u, kp);
             }
             if (M == 1) {
                 int32_t dot = 0;
-                dots_u8s8(u, planes, planes, planes, planes, kk, 1, &dot);
+                row_dots(row, u, planes, kp, kk, bits, 1, &dot);
                 acc[n] = mult * dot - sums[0];
                 continue;
             }
-            /* Four activation rows per pass over the decoded row: each load of u feeds four dot products. */
+            /* Four activation rows per pass over the weight row: each weight load feeds four dot products. */
             for (int64_t m = 0; m < M; m += 4) {
-                const int8_t* x0 = planes + m * kk;
                 int32_t dots[4];
-                dots_u8s8(u, x0, x0 + kk, x0 + 2 * kk, x0 + 3 * kk, kk, 4, dots);
+                row_dots(row, u, planes + m * kk, kp, kk, bits, 4, dots);
                 for (int64_t i = 0; i < 4 && m + i < M; ++i) acc[(m + i) * N + n] = mult * dots[i] - sums[m + i];
             }
         }
