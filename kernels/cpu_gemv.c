@@ -135,7 +135,8 @@ static void row_dots(const uint8_t* row, const uint8_t* u, const int8_t* x0, int
         return;
     }
 #endif
-    (void)row;
+    (void)row; /* read by the fused path only */
+    (void)kp;
     (void)bits;
     dots_u8s8(u, x0, x0 + kk, x0 + 2 * kk, x0 + 3 * kk, kk, rows, dots);
 }
