@@ -150,15 +150,13 @@ def llama_prefill(llm, tokens: list[int]) -> np.ndarray:
     return llama_logits(llm)
 
 
-def llama_generate(llm, first: int, new_tokens: int) -> list[int]:
-    """Greedy decoding from an empty cache: ``new_tokens`` forwards of one token, as ``bench_inference.generate``
-    with a one-token prompt."""
-    llm.reset()
-    token, out = first, []
-    for _ in range(new_tokens):
-        llm.eval([token])
-        token = int(np.argmax(llama_logits(llm)))
-        out.append(token)
+def llama_generate(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding from an empty cache, as ``bench_inference.generate``: the prompt in one forward, then
+    ``new_tokens - 1`` forwards of one token."""
+    out = [int(np.argmax(llama_prefill(llm, prompt)))]
+    for _ in range(new_tokens - 1):
+        llm.eval([out[-1]])
+        out.append(int(np.argmax(llama_logits(llm))))
     return out
 
 
@@ -174,10 +172,7 @@ def llama_cpp_agreement(model: nn.Module, path: Path, prompt: list[int], new_tok
     ours = generate(model, torch.tensor([prompt]), new_tokens, next(model.parameters()).dtype)[0].tolist()
     reference = model(torch.tensor([prompt + ours[:-1]]))[0, len(prompt) - 1 :].float()
     llm = load_llama(path, torch.get_num_threads(), config.max_seq_len)
-    theirs = [int(np.argmax(llama_prefill(llm, prompt)))]
-    for _ in range(new_tokens - 1):
-        llm.eval([theirs[-1]])
-        theirs.append(int(np.argmax(llama_logits(llm))))
+    theirs = llama_generate(llm, prompt, new_tokens)
     llm.reset()
     llm.eval(prompt)
     forced, errors = 0, []
@@ -303,7 +298,7 @@ def time_variants(
     decodes: list[Callable[[], object]] = [functools.partial(generate, packed, prompt[:, :1], args.new_tokens, dtype)]
     for kind, llm in llms.items():
         run_prefill = functools.partial(llama_prefill, llm, tokens)
-        run_decode = functools.partial(llama_generate, llm, tokens[0], args.new_tokens)
+        run_decode = functools.partial(llama_generate, llm, tokens[:1], args.new_tokens)
         prefills.append(llama_timer(llm, run_prefill, "prefill", perf[kind]["prefill"]))
         decodes.append(llama_timer(llm, run_decode, "decode", perf[kind]["decode"]))
     settle = functools.partial(time.sleep, SETTLE_S)

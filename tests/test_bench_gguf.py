@@ -108,10 +108,10 @@ def test_llama_decode_loop_continues_its_prompt(tmp_path: Path) -> None:
     _, packed = bench_gguf.build_bitnet(config, torch.float32)
     save_gguf(packed, tmp_path / "model.gguf", ternary_type="TQ2_0", embedding_type="F16")
     llm = bench_gguf.load_llama(tmp_path / "model.gguf", 1, args.prompt + args.new_tokens)
-    tokens = bench_gguf.llama_generate(llm, 7, args.new_tokens)
+    tokens = bench_gguf.llama_generate(llm, [7], args.new_tokens)
     assert len(tokens) == args.new_tokens
     logits = bench_gguf.llama_prefill(llm, [7, *tokens[:-1]])
     top2 = np.sort(logits)[-2:]
     if top2[1] - top2[0] > 1e-3:  # not a near-tie the two code paths may order differently
         assert int(np.argmax(logits)) == tokens[-1]
-    assert bench_gguf.llama_generate(llm, 7, args.new_tokens) == tokens, "reset() empties the cache"
+    assert bench_gguf.llama_generate(llm, [7], args.new_tokens) == tokens, "reset() empties the cache"
