@@ -167,9 +167,9 @@ def test_torch_compile_fullgraph_traces_the_fused_norm(cpu_route):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_compiled_normed_linears_are_bit_identical_to_eager():
+def test_compiled_normed_linears_are_bit_identical_to_eager(cpu_route):
     """fullgraph dynamo + AOT autograd through NormedLinears (swapped-class nn.Linears whose forward picks the fused
-    path from a class attribute): forward and every gradient equal to eager bit for bit."""
+    path from a class attribute), on every CPU route: forward and every gradient equal to eager bit for bit."""
     import copy
 
     torch.manual_seed(0)
