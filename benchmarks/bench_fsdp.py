@@ -27,7 +27,9 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torchao.quantization import quantize_
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/bench_fsdp.py`: make the `benchmarks` package importable,
+    # after site-packages so that the checkout's `kernels/` folder never shadows the Hub `kernels` package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.model import ModelConfig, Transformer  # noqa: E402
 from benchmarks.timing import measure  # noqa: E402

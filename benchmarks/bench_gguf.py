@@ -48,8 +48,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/bench_gguf.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/bench_gguf.py`: make the `benchmarks` package importable,
+    # after site-packages so that the checkout's `kernels/` folder never shadows the Hub `kernels` package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

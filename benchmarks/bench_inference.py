@@ -25,8 +25,9 @@ import functools
 import sys
 from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/bench_inference.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/bench_inference.py`: make the `benchmarks` package importable,
+    # after site-packages so that the checkout's `kernels/` folder never shadows the Hub `kernels` package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn

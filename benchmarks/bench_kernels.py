@@ -35,8 +35,9 @@ from pathlib import Path
 
 # Interpreted Triton kernels would be timed instead of compiled ones; make sure the real thing runs.
 os.environ.pop("TRITON_INTERPRET", None)
-if not __package__:  # run as `python benchmarks/bench_kernels.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/bench_kernels.py`: make the `benchmarks` package importable,
+    # after site-packages so that the checkout's `kernels/` folder never shadows the Hub `kernels` package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

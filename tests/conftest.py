@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import io
 import json
 import os
 import socket
+import sys
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,6 +18,28 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# pytest imports the tests with --import-mode=importlib (pyproject.toml), which adds nothing to sys.path: bitnet_ao
+# comes from the installed package. The checkout's root is appended after site-packages, for the `benchmarks`
+# package only, so that its `kernels/` folder never shadows the Hub `kernels` package that transformers imports.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+# The packages whose releases this suite meets first, with the version each resolved to (in pytest's header).
+DEPENDENCIES = ("torch", "torchao", "triton", "transformers", "kernels", "peft", "torchtitan", "gguf", "llama-cpp-python")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return "dependencies: " + ", ".join(f"{name} {version(name)}" for name in DEPENDENCIES)
+
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when bitnet_ao.kernels is first imported, so it
 # must be set here, before any test module imports bitnet_ao: without a GPU the Triton kernels then run in

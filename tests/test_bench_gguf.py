@@ -74,7 +74,6 @@ def test_head_to_head_quick(tmp_path: Path) -> None:
     export, a transposed or unpermuted weight, gives errors near 1), the sizes those of the formats."""
     llama_cpp = pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
-    pytest.importorskip("bitnet_ao.integrations.gguf", reason="the GGUF exporter is not there")
     results = bench_gguf.main(["--quick", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "bench_gguf.json").read_text()) == results
     assert results["settings"]["llama_cpp_python"] == llama_cpp.__version__
@@ -100,7 +99,6 @@ def test_llama_decode_loop_continues_its_prompt(tmp_path: Path) -> None:
     """The timed llama.cpp decode loop feeds each token back at the next position: its last token is the argmax
     after a prefill of the sequence it generated."""
     pytest.importorskip("llama_cpp")
-    pytest.importorskip("bitnet_ao.integrations.gguf", reason="the GGUF exporter is not there")
     from bitnet_ao.integrations.gguf import save_gguf
 
     args = bench_gguf.parse_args(["--quick"])

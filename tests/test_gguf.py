@@ -443,12 +443,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _compare_with_llama_cpp(path: Path, generate, logits_of, label: str) -> tuple[float, float]:
+def _compare_with_llama_cpp(llama_cpp, path: Path, generate, logits_of, label: str) -> tuple[float, float]:
     """Greedy generation of 64 tokens by bitnet_ao (``generate``: prompt -> the 64 tokens, with a KV cache;
     ``logits_of``: token ids -> logits per position), replayed token by token through llama.cpp's decode: the
     relative error of llama.cpp's logits over every position and the share of the 64 steps where llama.cpp's
     greedy choice is bitnet_ao's."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     with torch.inference_mode():
         tokens = PROMPT + generate(PROMPT)
         ours = logits_of(tokens[:-1]).double()
@@ -477,6 +476,7 @@ def _compare_with_llama_cpp(path: Path, generate, logits_of, label: str) -> tupl
 
 @pytest.mark.parametrize("ternary_type", ["TQ2_0", "TQ1_0"])
 def test_llama_cpp_runs_the_llama_export(tmp_path: Path, ternary_type: str, one_thread: None) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
     model = bench_model(sharp=True)
     quantize_(model, bitnet_inference(), filter_fn=quantize_filter)
     model.eval()
@@ -491,11 +491,12 @@ def test_llama_cpp_runs_the_llama_export(tmp_path: Path, ternary_type: str, one_
         return out
 
     logits_of = lambda t: model(torch.tensor([t]))[0]  # noqa: E731
-    error, agreement = _compare_with_llama_cpp(path, generate, logits_of, f"llama {ternary_type}")
+    error, agreement = _compare_with_llama_cpp(llama_cpp, path, generate, logits_of, f"llama {ternary_type}")
     assert error <= 2e-2 and agreement >= 0.95
 
 
 def test_llama_cpp_runs_the_bitnet_export(tmp_path: Path, one_thread: None) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
     model = subln_llama()
     quantize_(model, bitnet_inference(), filter_fn=quantize_filter)
     model.eval()
@@ -506,7 +507,7 @@ def test_llama_cpp_runs_the_bitnet_export(tmp_path: Path, one_thread: None) -> N
         return out[0, len(prompt) :].tolist()
 
     logits_of = lambda t: model(torch.tensor([t])).logits[0]  # noqa: E731
-    error, agreement = _compare_with_llama_cpp(path, generate, logits_of, "bitnet TQ2_0")
+    error, agreement = _compare_with_llama_cpp(llama_cpp, path, generate, logits_of, "bitnet TQ2_0")
     assert error <= 2e-2 and agreement >= 0.95
 
 

@@ -2,7 +2,7 @@
 :data:`ORDER` (docs/design.md draws the same order). Imports inside functions count too: a lazy import that
 reaches back up is still a cycle, only a hidden one.
 
-Run it alone with ``python -m pytest tests/test_layering.py``.
+Run it alone with ``pytest tests/test_layering.py``.
 """
 
 from __future__ import annotations

@@ -1,29 +1,134 @@
-"""``kernels/`` is the ``bitnet_ao.kernels`` package; imported under its folder's name it is an empty module."""
+"""The checkout's ``kernels/`` folder never shadows the Hub ``kernels`` package, however the project is started.
+
+transformers requires the Hugging Face Hub ``kernels`` package and imports it. This project's ``kernels/`` folder is
+installed as ``bitnet_ao.kernels``, but it is also importable as a top-level ``kernels`` wherever the checkout's root
+stands on sys.path ahead of site-packages (``python -c`` / ``python -m`` / a notebook started in the checkout). These
+tests start Python exactly as the README, the docs and each benchmark do, with the Hub package installed (transformers
+needs it), and check that transformers gets the Hub package and that ``torch.ops.bitnet_ao`` runs bitnet_ao's own
+implementations.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# The benchmark scripts (the others in benchmarks/ are their modules).
+BENCHMARKS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
-# Run with the checkout's root first on sys.path, where `kernels` names this folder. Once bitnet_ao is imported,
-# transformers' probe for the Hub `kernels` package imports it (no package metadata: its last resort). Executing the
-# folder under that name must define and register nothing: torch.library would silently replace each op's
-# implementation with the second copy's, whose backends the real package's register_backend / use_backend miss.
-_IMPORT_AND_PROBE = """
-import sys
-import types
+# Runs after the launch's own start-up: transformers and a Llama forward, bitnet_ao on it, then where each name
+# came from. The Hub package's distribution says where it lives; transformers must have imported that one.
+_CHECK = """
+import importlib.metadata, importlib.util, sys, types
+from pathlib import Path
 
-sys.path.insert(0, sys.argv[1])
 import torch
-from transformers.utils.import_utils import is_kernels_available
+import transformers
+from torchao.quantization import quantize_
 
+import bitnet_ao
 import bitnet_ao.kernels
 
-assert not is_kernels_available(), "this folder was taken for the Hub kernels package"
-import kernels  # what the probe imported
+config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+model = transformers.LlamaForCausalLM(config)
+quantize_(model, bitnet_ao.bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+logits = model(torch.tensor([[1, 2, 3]])).logits
+assert logits.shape == (1, 3, 64) and logits.isfinite().all()
+
+hub = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py").resolve()
+assert Path(sys.modules["kernels"].__file__).resolve() == hub, sys.modules["kernels"].__file__
+assert transformers.utils.import_utils.is_kernels_available()
+checkout = Path(sys.argv[1]).resolve()
+assert Path(bitnet_ao.kernels.__file__).resolve() == checkout / "kernels" / "__init__.py", bitnet_ao.kernels.__file__
+
+calls = []
+def probe(x, eps):
+    calls.append(eps)
+    return bitnet_ao.kernels.reference.quantize_rowwise(x, eps)
+
+bitnet_ao.kernels.register_backend("probe", types.SimpleNamespace(quantize_rowwise=probe))
+with bitnet_ao.kernels.use_backend("probe"):
+    torch.ops.bitnet_ao.quantize_rowwise(torch.ones(2, 3), 0.5)
+assert calls == [0.5], "torch.ops.bitnet_ao does not run bitnet_ao.kernels' implementation"
+print("hub kernels ok")
+"""
+
+
+def _launch_as_script(script: Path) -> list[str]:
+    """``python benchmarks/NAME.py``: sys.path[0] is the script's folder, then the script's own top level runs
+    (its sys.path set-up and imports; ``main`` does not, the run name is not ``__main__``)."""
+    rel = script.relative_to(ROOT)
+    start = f"import runpy, sys; sys.path[0] = {str(script.parent)!r}; runpy.run_path({str(rel)!r}, run_name='probe')"
+    return [sys.executable, "-c", start + "\n" + _CHECK]
+
+
+def _launch_as_module(script: Path) -> list[str]:
+    """``python -m benchmarks.NAME`` from the checkout: sys.path[0] is the checkout."""
+    start = f"import os, runpy, sys; sys.path[0] = os.getcwd(); runpy.run_module('benchmarks.{script.stem}', run_name='probe', alter_sys=True)"
+    return [sys.executable, "-c", start + "\n" + _CHECK]
+
+
+LAUNCHES = {
+    "python -c (a notebook, a shell in the checkout)": [sys.executable, "-c", _CHECK],
+    **{f"python benchmarks/{s.name}": _launch_as_script(s) for s in BENCHMARKS},
+    "python -m benchmarks.pretrain": _launch_as_module(ROOT / "benchmarks" / "pretrain.py"),
+}
+
+
+@pytest.mark.slow
+def test_every_launch_gets_the_hub_kernels_package():
+    """Every way the README, the docs and the benchmarks start Python, run from the checkout (in parallel)."""
+    procs = {
+        name: subprocess.Popen([*argv, str(ROOT)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, argv in LAUNCHES.items()
+    }
+    failed = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0 or "hub kernels ok" not in out:
+            failed[name] = err[-2000:]
+    assert not failed, "\n\n".join(f"{name}:\n{err}" for name, err in failed.items())
+
+
+def test_this_test_process_imports_the_installed_packages():
+    """The README's test command (and `python -m pytest`, which puts the checkout first): transformers' probe finds
+    the Hub package, bitnet_ao is the installed one."""
+    import transformers.utils.import_utils
+
+    import bitnet_ao
+
+    assert transformers.utils.import_utils.is_kernels_available()
+    import kernels
+
+    assert (
+        Path(kernels.__file__).resolve()
+        == importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py").resolve()
+    )
+    assert Path(bitnet_ao.__file__).parent.resolve() == ROOT / "bitnet_ao"  # the editable install's files
+
+
+# The folder imported under its own name, with no Hub package to hand over to (find_spec hides it): it must define
+# and register nothing. torch.library would silently replace each op's implementation with a second copy's, whose
+# backends the real package's register_backend / use_backend miss.
+_FOLDER_ALONE = """
+import importlib.machinery, sys, types
+
+sys.path.insert(0, sys.argv[1])
+find_spec = importlib.machinery.PathFinder.find_spec
+importlib.machinery.PathFinder.find_spec = classmethod(
+    lambda cls, name, path=None, target=None: None if name == "kernels" and path is not None
+    else find_spec(name, path, target)
+)
+import torch
+
+import bitnet_ao.kernels
+import kernels
 
 assert kernels is not bitnet_ao.kernels and kernels.__file__.startswith(sys.argv[1]), kernels.__file__
 assert not [name for name in vars(kernels) if not name.startswith("__")], sorted(vars(kernels))
@@ -45,7 +150,12 @@ print("registered once")
 
 
 def test_top_level_kernels_name_registers_nothing():
-    out = subprocess.run(
-        [sys.executable, "-c", _IMPORT_AND_PROBE, str(ROOT)], capture_output=True, text=True, timeout=300
-    )
+    out = subprocess.run([sys.executable, "-c", _FOLDER_ALONE, str(ROOT)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "registered once" in out.stdout, out.stderr[-3000:]
+
+
+def test_benchmarks_never_put_the_checkout_ahead_of_site_packages():
+    """A benchmark that inserted the checkout's root at the front of sys.path would shadow the Hub package again."""
+    for script in BENCHMARKS:
+        source = script.read_text()
+        assert "sys.path.insert" not in source and "sys.path[0]" not in source, script.name
