@@ -68,6 +68,8 @@ class MasterWeightShard(Protocol):
     _data: Tensor
     #: The state its all-gathers quantize with; ``None`` until the first all-gather or precompute.
     _fsdp_scale_state: ScaleState | None
+    #: ``lambda`` of quantization warmup, ``None`` at 1 (``bitnet_ao.warmup``).
+    quantization_strength: Tensor | None
 
 
 #: Precomputed states by sharded parameter, the object FSDP2 keeps (see :func:`remember_precomputed`).
@@ -152,7 +154,17 @@ def pre_all_gather(shard: MasterWeightShard, mesh: DeviceMesh) -> tuple[tuple[Te
     so a short (or empty) last shard is padded with zero bytes. FSDP2 keeps real rows first (rank ``r`` holds rows
     ``r P ..``), so the gathered ``(world P, bytes per row)`` tensor is the packed weight followed by padding.
     Metadata: the float32 scale and ``N``.
+
+    A shard in quantization warmup (``lambda < 1``, set before ``fully_shard``) is refused: the packed weight has
+    nothing high-precision left to blend, and gathering it anyway would train at ``lambda = 1`` without a word.
     """
+    if shard.quantization_strength is not None:
+        raise NotImplementedError(
+            f"BitNet FSDP2 all-gather: a weight shard of shape {tuple(shard.shape)} is in quantization warmup "
+            "(lambda < 1), but the all-gather delivers it packed ternary, with nothing high-precision left to "
+            "blend. Finish the warmup on one device (or with tensor parallelism only), then shard "
+            "(docs/finetuning.md)"
+        )
     state = _scale_state(shard, mesh)
     config = shard.config
     n, k = state.rows, shard.shape[1]

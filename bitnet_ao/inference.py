@@ -124,3 +124,7 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
     packed = value.detach().to(param.device)
     scale = scale.detach().to(device=param.device, dtype=torch.float32).reshape(param.scale.shape)
     state_dict[prefix + "weight"] = BitNetPackedLinearWeight(packed, scale, k, param.dtype, param.config)
+
+
+# A pickled model holds its modules' hooks: torch.load(weights_only=True) of a whole packed model needs them.
+torch.serialization.add_safe_globals([_state_dict_post_hook, _load_state_dict_pre_hook])

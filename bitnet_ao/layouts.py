@@ -184,7 +184,7 @@ TORCHTITAN = BlockLayout(
 )
 #: Hugging Face transformers' ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (the same names).
 HF_LLAMA = BlockLayout(
-    "Hugging Face Llama",
+    "Hugging Face Llama/Qwen2",
     blocks="model.layers",
     modules={
         Role.TOKEN_EMBD: "model.embed_tokens",

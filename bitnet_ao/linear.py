@@ -42,9 +42,11 @@ class BitNetWeight(Protocol):
     shape: torch.Size
     dtype: torch.dtype
     config: BitNetTrainingConfig
-    #: ``lambda`` of quantization warmup (:class:`bitnet_ao.warmup.QuantizationWarmup`): 1 is the BitNet linear;
-    #: below 1 the linear blends full precision and fake quantization (:func:`warmup_linear`).
-    quantization_strength: float
+    #: ``lambda`` of quantization warmup (:class:`bitnet_ao.warmup.QuantizationWarmup`): ``None`` is ``lambda =
+    #: 1``, the BitNet linear; a 0-d tensor below 1 makes the linear blend full precision and fake quantization
+    #: (:func:`warmup_linear`). Which of the two is decided by whether it is set, never by its value, so neither
+    #: eager nor compiled code reads it on the host.
+    quantization_strength: Tensor | None
 
     def bitnet_quantization(self) -> WeightQuantization:
         """The scale (and binary centre) this forward quantizes the weight with; saved for the backward."""
@@ -382,11 +384,11 @@ def bitnet_linear(
         input = input.to(dtype)
     if bias is not None:
         bias = bias.to(dtype)
-    if weight.quantization_strength < 1:
+    if weight.quantization_strength is not None:
         if sequence_gather is not None:
             raise NotImplementedError(
-                f"{_describe(weight)}: quantization warmup (strength {weight.quantization_strength}) runs without "
-                "sequence parallelism; warm up first, or parallelize without sequence parallelism"
+                f"{_describe(weight)}: quantization warmup runs without sequence parallelism; warm up first, or "
+                "parallelize without sequence parallelism"
             )
         return warmup_linear(input, weight, bias, input_norm, dtype)
     norm_weight, norm_eps = input_norm if input_norm is not None else (None, 0.0)
@@ -409,14 +411,16 @@ def warmup_linear(
     input: Tensor, weight: BitNetWeight, bias: Tensor | None, input_norm: InputNorm | None, dtype: torch.dtype
 ) -> Tensor:
     """The linear during quantization warmup (docs/finetuning.md): with ``lambda = weight.quantization_strength``
-    it computes ``F.linear(x + lambda (fq(x) - x), W + lambda (fq(W) - W), b)`` in ``dtype``, where ``fq`` is
-    the BitNet fake quantization (the int8 values times their scales, exactly what the INT8 path multiplies) and
-    the blends are straight-through: the gradient reaches ``x`` and the master weight as if they were not there.
+    (a 0-d tensor) it computes ``F.linear(x + lambda (fq(x) - x), W + lambda (fq(W) - W), b)`` in ``dtype``, where
+    ``fq`` is the BitNet fake quantization (the int8 values times their scales, exactly what the INT8 path
+    multiplies) and the blends are straight-through: the gradient reaches ``x`` and the master weight as if they
+    were not there.
 
     ``lambda = 0`` is the full-precision linear the model was pretrained with, and moving it to 1 over a few
     hundred steps lets a pretrained model adapt to the quantization gradually instead of all at once (Hugging
     Face's "Fine-tuning LLMs to 1.58bit"). The matmuls run in ``dtype`` (the cost of the baseline linear plus one
-    quantization pass over ``x`` and ``W``); at ``lambda = 1`` :func:`bitnet_linear` takes the INT8 path instead.
+    quantization pass over ``x`` and ``W``); at ``lambda = 1`` (``None``) :func:`bitnet_linear` takes the INT8
+    path instead. ``lambda`` enters as a tensor, so a compiled graph takes each new value as an input.
     """
     strength = weight.quantization_strength
     if input_norm is not None:

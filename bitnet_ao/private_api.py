@@ -21,7 +21,7 @@ import torch.utils._pytree as _pytree
 from torch import Tensor
 
 #: The releases every entry below was checked on.
-CHECKED_ON = {"torch": "2.13.0"}
+CHECKED_ON = {"torch": "2.13.0", "torchao": "0.18.0"}
 
 
 def in_backward() -> bool:
@@ -41,6 +41,12 @@ def is_compiling_with_fake_tensors() -> bool:
 #: Context manager that turns ``__torch_function__`` of tensor subclasses off (torch 2.13.0:
 #: ``torch._C.DisableTorchFunctionSubclass``): a subclass's own override calls the plain function through it.
 disable_torch_function_subclass = torch._C.DisableTorchFunctionSubclass
+
+
+#: The wrapper ``nn.Module.register_load_state_dict_pre_hook`` keeps each hook in (torch 2.13.0:
+#: ``torch.nn.modules.module._WrappedHook``). A pickled module holds it, so ``torch.load(weights_only=True)`` of a
+#: whole model with load hooks needs it allowlisted.
+module_hook_wrapper = torch.nn.modules.module._WrappedHook
 
 
 def make_wrapper_subclass(cls: type, shape: torch.Size | tuple[int, ...], **kwargs: Any) -> Tensor:
@@ -79,3 +85,35 @@ def torchtitan_sharding_config(module: Any) -> Any:
     how tensor parallelism shards each parameter, which the BitNet linear needs before torchtitan's ``parallelize``
     does it."""
     return module._sharding_config
+
+
+def observe_quantize_(config_types: tuple[type, ...], on_done: Callable[[Any, Any, int], None]) -> None:
+    """Make torchao's ``quantize_`` call ``on_done(model, config, converted)`` after it has walked ``model`` with a
+    config of one of ``config_types``: ``converted`` is how many modules the config's handler was given. torchao
+    has no API that says ``quantize_`` selected nothing (a ``filter_fn`` with a typo). On torch 2.13.0 with torchao
+    0.18.0, ``quantize_`` walks the model with ``quant_api._replace_with_custom_fn_if_matches_filter(model,
+    handler, filter_fn, cur_fqn, device, extra_args=(config,))``, which recurses through that module global with a non-empty ``cur_fqn`` and
+    calls the handler only on the modules the filter selects. Every other caller passes through untouched."""
+    from torchao.quantization import quant_api
+
+    original = quant_api._replace_with_custom_fn_if_matches_filter
+    if getattr(original, "_bitnet_ao_observed", False):
+        return
+
+    def walk(model, replacement_fn, filter_fn, cur_fqn="", device=None, extra_args=()):
+        config = extra_args[0] if extra_args else None
+        if cur_fqn or not isinstance(config, config_types):
+            return original(model, replacement_fn, filter_fn, cur_fqn, device, extra_args)
+        converted = 0
+
+        def counted(module, *args):
+            nonlocal converted
+            converted += 1
+            return replacement_fn(module, *args)
+
+        result = original(model, counted, filter_fn, cur_fqn, device, extra_args)
+        on_done(model, config, converted)
+        return result
+
+    walk._bitnet_ao_observed = True
+    quant_api._replace_with_custom_fn_if_matches_filter = walk

@@ -136,15 +136,16 @@ def _normed_class(cls: type) -> type:
 class SurgeryReport:
     """What :func:`apply_bitnet_norms` changed, as fully qualified module names."""
 
-    layout: str
+    layout: str  # the naming scheme the blocks were recognized by (bitnet_ao.layouts), not the model's family
     placement: Placement
+    model: str  # the model's class
     inserted: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
         return (
-            f"apply_bitnet_norms(placement={self.placement!r}) on {self.layout}: "
+            f"apply_bitnet_norms(placement={self.placement!r}) on {self.model} ({self.layout} names): "
             f"{len(self.inserted)} RMSNorm inserted, {len(self.removed)} norm removed"
         )
 
@@ -257,7 +258,7 @@ def apply_bitnet_norms(
     if done is not None:
         raise ValueError(f"apply_bitnet_norms: the model already has BitNet norms (at {done}); apply it once")
     layout, blocks = find_blocks(model)
-    report = SurgeryReport(layout.name, placement)
+    report = SurgeryReport(layout.name, placement, type(model).__name__)
     roles = {layout.path(r): r for r in layout.block_linears}
     for block_name, block in blocks:
         prefix = f"{block_name}." if block_name else ""

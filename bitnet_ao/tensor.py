@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from . import fsdp_gather, kernels
-from .config import BitNetTrainingConfig
+from .config import BitNetInferenceConfig, BitNetTrainingConfig
 from .fsdp_gather import ScaleState
 from .linear import InputNorm, scaled_mm_groups
 from .packed import BitNetPackedLinearWeight
@@ -30,6 +30,8 @@ from .private_api import (
     is_compiling_with_fake_tensors,
     is_mutable_op,
     make_wrapper_subclass,
+    module_hook_wrapper,
+    observe_quantize_,
     tree_map_only,
 )
 from .weight_base import BitNetWeightTensor
@@ -110,15 +112,36 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
         return f"{type(self).__name__}({self._data!r}, config={self.config})"
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple[BitNetTrainingConfig]]:
-        return ["_data"], (self.config,)
+        # lambda of quantization warmup is an inner tensor while it is set: torch.compile then sees it as a graph
+        # input (a new value needs no recompile), and its presence, which picks the blend or the INT8 path, as
+        # part of the weight's structure (a change recompiles once).
+        inner = ["_data"] if self.quantization_strength is None else ["_data", "quantization_strength"]
+        return inner, (self.config,)
 
     @classmethod
     def __tensor_unflatten__(cls, inner: dict[str, Tensor], meta: tuple, outer_size, outer_stride):
-        return cls(inner["_data"], *meta)
+        weight = cls(inner["_data"], *meta)
+        if "quantization_strength" in inner:
+            weight.quantization_strength = inner["quantization_strength"]
+        return weight
 
-    def _cache_key_layout(self) -> tuple[tuple[int, ...]]:
-        # The master weight's strides: the matmul layouts are chosen from them.
-        return (self._data.stride(),)
+    def _cache_key_layout(self) -> tuple[tuple[int, ...], bool]:
+        # The master weight's strides: the matmul layouts are chosen from them. Warming up or not: the blend or
+        # the INT8 path.
+        return (self._data.stride(), self.quantization_strength is not None)
+
+    def _rewrap(self, data: Tensor) -> BitNetTrainingLinearWeight:
+        """``data`` (this weight copied, viewed or moved) as a weight with this recipe and, during quantization
+        warmup, this ``lambda``: ``module.to(dtype)``, ``.half()``, ``load_state_dict(assign=True)`` and FSDP2's
+        shards keep blending at the warmup's strength instead of silently falling back to ``lambda = 1``."""
+        weight = type(self)(data, self.config)
+        strength = self.quantization_strength
+        if strength is not None:
+            # Another device gets a copy (QuantizationWarmup attaches its own there at its next update); a meta
+            # lambda has no value to copy and stays meta, so a forward fails until then.
+            moved = strength.device != data.device and not strength.is_meta
+            weight.quantization_strength = strength.to(data.device) if moved else strength
+        return weight
 
     def _rebuild_args(self) -> tuple[Tensor, BitNetTrainingConfig, bool]:
         # Pickled as (master weight, config, requires_grad), rebuilt by _rebuild_bitnet_weight.
@@ -218,8 +241,8 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
             # is the result; a checkpoint carries weights, not the recipe.
             return args[0]
         if func in _KEEP_SUBCLASS:
-            # All of these are unary in the weight: the result keeps its recipe.
-            return tree_map_only(Tensor, lambda t: cls(t, args[0].config), out)
+            # All of these are unary in the weight: the result keeps its recipe (and lambda of warmup).
+            return tree_map_only(Tensor, args[0]._rewrap, out)
         return out
 
 
@@ -328,7 +351,7 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, 
     for name, param in module._parameters.items():
         value = state_dict.get(prefix + name)
         if isinstance(param, BitNetTrainingLinearWeight) and type(value) in (Tensor, nn.Parameter):
-            state_dict[prefix + name] = BitNetTrainingLinearWeight(value.detach(), param.config)
+            state_dict[prefix + name] = param._rewrap(value.detach())
 
 
 def register_checkpoint_hooks(
@@ -344,6 +367,12 @@ def register_checkpoint_hooks(
     module.register_state_dict_post_hook(state_dict_post_hook)
     module.register_load_state_dict_pre_hook(load_pre_hook)
     registered.add((state_dict_post_hook, load_pre_hook))
+
+
+# A pickled model holds its modules' hooks (torch keeps a load pre-hook in its own wrapper class), so that
+# torch.load(weights_only=True) of a whole model needs them allowlisted: the user allowlists their own module
+# classes, bitnet_ao everything of its own (docs/usage.md#saving-and-loading).
+torch.serialization.add_safe_globals([module_hook_wrapper, _state_dict_post_hook, _load_state_dict_pre_hook])
 
 
 # --- quantize_ and its inverse ----------------------------------------------------------------------------
@@ -400,7 +429,15 @@ def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) 
             "high-precision values are gone and cannot be trained. Quantize for training before packing, or load "
             "a training checkpoint (plain master weights) into a fresh model"
         )
-    data = weight._data if isinstance(weight, BitNetTrainingLinearWeight) else weight.detach()
+    if isinstance(weight, BitNetTrainingLinearWeight):
+        if weight.config != config:
+            raise ValueError(
+                f"bitnet_training: {describe_module(module)} already trains as BitNet with {weight.config}; "
+                f"quantize_ with {config} would silently replace its recipe. To change it, call "
+                "bitnet_ao.unquantize_(model) first, then quantize_ with the new config"
+            )
+        return module  # the same recipe again: nothing to do, the parameter (and its optimizer state) stays
+    data = weight.detach()
     if not data.dtype.is_floating_point:
         raise TypeError(
             f"bitnet_training: {describe_module(module)} has a {data.dtype} weight; BitNet training needs a "
@@ -422,6 +459,24 @@ def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) 
         module.weight = new
     register_checkpoint_hooks(module)
     return module
+
+
+def _warn_if_nothing_converted(model: nn.Module, config: BitNetTrainingConfig | BitNetInferenceConfig, n: int) -> None:
+    """A ``filter_fn`` that selects nothing (a typo in a module name) would leave a plain model to train without
+    a word: say so, with how many linears the model has."""
+    if n:
+        return
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    recipe = "bitnet_training" if isinstance(config, BitNetTrainingConfig) else "bitnet_inference"
+    warnings.warn(
+        f"quantize_(model, {recipe}(...)) converted no module of {type(model).__name__}: its filter_fn selected "
+        f"none of its {linears} nn.Linear modules, so nothing runs as BitNet. Check the names the filter looks for "
+        "(bitnet_ao.surgery.quantize_filter selects every linear but the output head)",
+        stacklevel=4,  # the caller of quantize_
+    )
+
+
+observe_quantize_((BitNetTrainingConfig, BitNetInferenceConfig), _warn_if_nothing_converted)
 
 
 def unquantize_(model: nn.Module) -> nn.Module:

@@ -37,9 +37,10 @@ class BitNetWeightTensor(Tensor):
 
     #: The training recipe the weight is quantized with (also kept by a packed weight: bits, group scales).
     config: BitNetTrainingConfig
-    #: ``lambda`` of quantization warmup, 1.0 (fully quantized: the INT8 linear) unless a
-    #: :class:`bitnet_ao.warmup.QuantizationWarmup` sets it lower on a master weight (docs/finetuning.md).
-    quantization_strength: float = 1.0
+    #: ``lambda`` of quantization warmup (docs/finetuning.md): ``None`` is ``lambda = 1``, the INT8 linear; while
+    #: a :class:`bitnet_ao.warmup.QuantizationWarmup` blends a master weight, the 0-d float32 tensor it owns and
+    #: updates in place (a graph input under torch.compile, so a new value needs no recompile).
+    quantization_strength: Tensor | None = None
     #: What ``__reduce_ex__`` pickles the weight as a call of: the ``rebuild`` class keyword, else the class. A
     #: module-level name, registered as a safe global: the weights-only unpickler calls nothing else.
     _rebuild: Callable[..., BitNetWeightTensor]

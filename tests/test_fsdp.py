@@ -256,6 +256,29 @@ def _compiled() -> dict:
     return _compare(compiled, eager)
 
 
+def _warmup() -> dict:
+    """Quantization warmup (``bitnet_ao/warmup.py``) and FSDP2: a run resumed past its warmup trains exactly like
+    one that never warmed up, and a model whose warmup started before ``fully_shard`` is refused at its
+    all-gather (on every rank, before any collective) instead of training at ``lambda = 1`` silently."""
+    from bitnet_ao.warmup import QuantizationWarmup
+
+    never_warmed = _shard(_model(32, 64), reshard=True)
+    expected = _train(never_warmed, _optimizer(never_warmed), 3, precompute=True)
+    resumed = _shard(_model(32, 64), reshard=True)
+    QuantizationWarmup(resumed, warmup_steps=4, last_step=4)
+    losses = _train(resumed, _optimizer(resumed), 3, precompute=True)
+
+    early = _model(32, 64)
+    QuantizationWarmup(early, warmup_steps=4, last_step=2)
+    early = _shard(early, reshard=True)
+    try:
+        early(_batch(0, dist.get_rank()))
+        refusal = None
+    except NotImplementedError as e:
+        refusal = str(e)
+    return {"resumed": losses, "never_warmed": expected, "refusal": refusal}
+
+
 def _every_route() -> dict:
     """The packed all-gather output runs each CPU int8 route this machine has (the routes another CPU would
     choose included): FSDP2 equals the single process under every one."""
@@ -303,6 +326,7 @@ SCENARIOS_2: dict[str, Callable[[], dict]] = {
     "bytes_odd": lambda: _bytes(33, 33),
     "compiled": _compiled,
     "every_route": _every_route,
+    "warmup": _warmup,
 }
 SCENARIOS_4: dict[str, Callable[[], dict]] = {"hsdp": _hsdp}
 
@@ -377,6 +401,12 @@ def test_dcp_save_load_resume_equals_uninterrupted(results):
 def test_compiled_blocks_match_eager(results):
     r = scenario_result(results, "compiled")
     assert r["max_rel_err"] < 1e-6, r
+
+
+def test_warmup_resumed_past_its_end_is_plain_bitnet_and_lambda_below_one_is_refused(results):
+    r = scenario_result(results, "warmup")
+    assert r["resumed"] == r["never_warmed"], r
+    assert r["refusal"] and "quantization warmup" in r["refusal"] and "then shard" in r["refusal"], r
 
 
 def test_hsdp_2x2_matches_single_process_and_scales_are_global(results):

@@ -208,7 +208,7 @@ def test_stock_target_names_work_after_the_surgery(tmp_path, kind: str, placemen
     normed = [m for m in adapted if isinstance(m.base_layer, NormedLinear)]
     assert len(normed) == (3 if placement == "faq" else 2)
     layout, blocks = find_blocks(model)
-    assert layout.name == "Hugging Face Llama" and len(blocks) == 2
+    assert layout.name == "Hugging Face Llama/Qwen2" and len(blocks) == 2
     for m in normed:
         x = torch.randn(2, 5, m.in_features)
         a, b = m.lora_A["default"], m.lora_B["default"]

@@ -109,6 +109,14 @@ def test_make_wrapper_subclass_has_the_metadata_and_no_storage():
         t.untyped_storage().data_ptr()
 
 
+def test_module_hook_wrapper_is_what_a_pickled_module_holds():
+    hook = lambda *args: None  # noqa: E731
+    module = torch.nn.Linear(2, 2)
+    module.register_load_state_dict_pre_hook(hook)
+    (wrapped,) = module._load_state_dict_pre_hooks.values()
+    assert type(wrapped) is private_api.module_hook_wrapper and wrapped.hook is hook
+
+
 def test_tree_map_only_maps_only_instances_of_the_class():
     out = private_api.tree_map_only(Tensor, lambda t: t + 1, {"a": [torch.zeros(1), 5], "b": (torch.ones(1),)})
     assert (

@@ -231,7 +231,10 @@ def test_faq_on_a_pretrained_model_keeps_its_function(family: str) -> None:
     that pre-norm; the o/down norms are not (unit gain), so only with those bypassed is the model the same."""
     original = pretrained(family)
     model = copy.deepcopy(original)
-    apply_bitnet_norms(model)
+    report = apply_bitnet_norms(model)
+    assert report.model == type(original).__name__ and report.summary.startswith(
+        f"apply_bitnet_norms(placement='faq') on {type(original).__name__} "
+    ), "the report names the model it changed, not only the naming scheme (a Qwen2 is no Llama)"
     block = model.model.layers[0]
     assert block.self_attn.q_proj.norm.eps == original.model.layers[0].input_layernorm.variance_epsilon
     assert torch.equal(block.mlp.up_proj.norm.weight, original.model.layers[0].post_attention_layernorm.weight)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import io
+import warnings
 
 import pytest
 import torch
 from torch import nn
-from torchao.quantization import quantize_
+from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, unquantize_
+from bitnet_ao import BitNetTrainingLinearWeight, bitnet_inference, bitnet_training, unquantize_
 from tests.conftest import save_load_roundtrip
 
 
@@ -98,11 +100,53 @@ def test_unquantize_restores_plain_linear():
     torch.testing.assert_close(model[0](x), x @ expected.t() + model[0].bias)
 
 
-def test_requantize_replaces_config():
+def test_requantize_with_another_recipe_is_refused_and_the_same_recipe_is_a_no_op():
     model = _quantized()
-    quantize_(model, bitnet_training(int8_grad_weight=False))
-    assert model[0].weight.config.int8_grad_weight is False
-    assert type(model[0].weight._data) is torch.Tensor
+    weight, master = model[0].weight, model[0].weight._data.clone()
+    with pytest.raises(
+        ValueError, match=r"Linear\(in_features=16, out_features=24.*already trains as BitNet.*unquantize_"
+    ):
+        quantize_(model, bitnet_training(weights="binary"))
+    assert model[0].weight is weight and weight.config == bitnet_training() and torch.equal(weight._data, master)
+    quantize_(model, bitnet_training())
+    assert model[0].weight is weight, "the same recipe again keeps the parameter (and its optimizer state)"
+    unquantize_(model)  # the explicit way to change the recipe
+    quantize_(model, bitnet_training(weights="binary"))
+    assert model[0].weight.config.weights == "binary" and torch.equal(model[0].weight._data, master)
+
+
+@pytest.mark.parametrize("config", [bitnet_training(), bitnet_inference()], ids=["training", "packed"])
+def test_a_filter_that_selects_nothing_warns_with_the_number_of_linears(config):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="converted no module of Sequential.* none of its 2 nn.Linear") as seen:
+        quantize_(model, config, filter_fn=lambda m, fqn: "q_prj" in fqn)  # a typo
+    assert seen[0].filename == __file__, "the warning points at the quantize_ call"
+    assert type(model[0].weight) is nn.Parameter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_(model, config, filter_fn=lambda m, fqn: fqn == "2")  # one linear selected: no warning
+        quantize_(nn.Sequential(nn.Linear(4, 4)), Int8WeightOnlyConfig())  # another recipe: not ours to judge
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["training", "packed"])
+def test_whole_model_loads_weights_only_with_only_the_users_classes_allowlisted(inference):
+    """docs/usage.md: a pickled model loads with torch.load(weights_only=True) once the user allowlists their own
+    module classes; bitnet_ao registers everything of its own (weights, recipes, checkpoint hooks)."""
+    model = _quantized()
+    if inference:
+        quantize_(model, bitnet_inference())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([nn.Sequential, nn.Linear, nn.ReLU]):
+        loaded = torch.load(buf, weights_only=True)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    loaded.load_state_dict(model.state_dict())  # the hooks came along and still work
 
 
 def test_quantize_rejects_integer_weight_naming_the_module():

@@ -8,6 +8,7 @@ optimizer container with the spec's ``post_optimizer_build_fn``, and torchtitan'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tempfile
@@ -337,29 +338,84 @@ def test_training_with_scale_hook_and_dcp_checkpoint(tp, world):
         mp.spawn(_worker, args=(free_port(), tmp, tp, world), nprocs=world, join=True)
 
 
-def test_converter_quantization_warmup_follows_the_optimizer_step():
-    """``BitNetConverter.Config(quantization_warmup_steps=N)``: the post-optimizer hook sets lambda from the optimizer
-    state's step count before each forward (so a restored optimizer state resumes the warmup), up to 1."""
+def _warmup_job(warmup_steps: int, mesh=None):
+    """torchtitan's Llama 3 debug model (one block, SDPA) converted with ``quantization_warmup_steps``, sharded with
+    FSDP2 over ``mesh`` when given, and its optimizers with the BitNet job's post-optimizer hook registered."""
+    from torch.distributed.fsdp import fully_shard
     from torchtitan.models.llama3 import model_registry
 
     config = llama3_debugmodel_bitnet()
-    spec = model_registry("debugmodel", converters=[BitNetConverter.Config(quantization_warmup_steps=2)])
+    spec = model_registry("debugmodel", converters=[BitNetConverter.Config(quantization_warmup_steps=warmup_steps)])
     model_config = spec.model
     model_config.layers = model_config.layers[:1]
     _use_sdpa(model_config)
+    torch.manual_seed(0)
     model = model_config.build()
     with torch.no_grad():
         model.init_weights(buffer_device=None)
+    if mesh is not None:
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     optimizers = config.optimizer.build(model_parts=[model])
     register_bitnet_scale_hook(optimizers, [model], parallel_dims=None)
+    return model, optimizers
+
+
+def _warmup_job_step(model, optimizers, tokens: torch.Tensor) -> float:
+    loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    optimizers.step()
+    optimizers.zero_grad()
+    return loss.item()
+
+
+def _strength(weight: torch.Tensor) -> float:
+    """lambda of a BitNet weight as a number: 1 where it has none (the INT8 path)."""
+    return 1.0 if weight.quantization_strength is None else float(weight.quantization_strength)
+
+
+def test_converter_quantization_warmup_follows_the_optimizer_step():
+    """``BitNetConverter.Config(quantization_warmup_steps=N)``: the post-optimizer hook sets lambda from the optimizer
+    state's step count before each forward (so a restored optimizer state resumes the warmup), up to 1."""
+    model, optimizers = _warmup_job(warmup_steps=2)
     weight = model.layers["0"].feed_forward.w1.weight
     tokens = torch.randint(0, VOCAB, (2, 9))
     seen = []
     for _ in range(4):
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-        seen.append(weight.quantization_strength)
+        seen.append(_strength(weight))
         loss.backward()
         optimizers.step()
         optimizers.zero_grad()
     assert seen == [0.0, 0.5, 1.0, 1.0]
     assert model.lm_head.weight.__class__ is torch.nn.Parameter
+
+
+def test_converter_quantization_warmup_under_fsdp2_resumes_past_its_end_and_refuses_lambda_below_one(tmp_path):
+    """FSDP2 all-gathers packed ternary weights, so a warmup cannot run there; a job resumed past its warmup can.
+    The hook builds its warmup at the first forward, after the checkpoint restored the optimizer's step count: the
+    resumed job trains bit for bit like the same job without warmup, and a fresh one is refused at its first
+    forward. One FSDP2 rank; the checkpoint is the model and optimizer state dicts."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+        model, optimizers = _warmup_job(warmup_steps=0, mesh=mesh)
+        for _ in range(2):
+            _warmup_job_step(model, optimizers, tokens)
+        checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizers.state_dict()})
+        uninterrupted = [_warmup_job_step(model, optimizers, tokens) for _ in range(2)]
+
+        resumed, resumed_optimizers = _warmup_job(warmup_steps=2, mesh=mesh)
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_optimizers.load_state_dict(checkpoint["optimizer"])
+        assert [_warmup_job_step(resumed, resumed_optimizers, tokens) for _ in range(2)] == uninterrupted
+
+        fresh, fresh_optimizers = _warmup_job(warmup_steps=2, mesh=mesh)
+        with pytest.raises(NotImplementedError, match="sharded with FSDP2.*Warm up on one device"):
+            _warmup_job_step(fresh, fresh_optimizers, tokens)
+    finally:
+        dist.destroy_process_group()

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from bitnet_ao import bitnet_training  # noqa: E402
 from bitnet_ao.integrations.trainer import DistillationTrainer, QuantizationWarmupCallback  # noqa: E402
 from bitnet_ao.layouts import quantize_filter  # noqa: E402
+from tests.conftest import master_tensor  # noqa: E402
 
 VOCAB = 64
 
@@ -46,8 +47,8 @@ class _Tokens(Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
 
-def _args(tmp_path, steps: int) -> transformers.TrainingArguments:
-    return transformers.TrainingArguments(
+def _args(tmp_path, steps: int, **overrides) -> transformers.TrainingArguments:
+    options = dict(
         output_dir=str(tmp_path),
         max_steps=steps,
         per_device_train_batch_size=4,
@@ -58,6 +59,12 @@ def _args(tmp_path, steps: int) -> transformers.TrainingArguments:
         use_cpu=True,
         disable_tqdm=True,
     )
+    return transformers.TrainingArguments(**{**options, **overrides})
+
+
+def _strength(weight: torch.Tensor) -> float:
+    """lambda of a BitNet weight as a number: 1 where it has none (the INT8 path)."""
+    return 1.0 if weight.quantization_strength is None else float(weight.quantization_strength)
 
 
 class _StrengthProbe(transformers.TrainerCallback):
@@ -67,7 +74,7 @@ class _StrengthProbe(transformers.TrainerCallback):
         self.seen: list[float] = []
 
     def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self.seen.append(model.model.layers[0].self_attn.q_proj.weight.quantization_strength)
+        self.seen.append(_strength(model.model.layers[0].self_attn.q_proj.weight))
 
 
 def test_warmup_callback_follows_the_trainers_step_and_resumes(tmp_path):
@@ -87,7 +94,35 @@ def test_warmup_callback_follows_the_trainers_step_and_resumes(tmp_path):
     resumed = QuantizationWarmupCallback(warmup_steps=4)
     state = transformers.TrainerState(global_step=2)
     resumed.on_step_begin(trainer.args, state, trainer.control, model=student)
-    assert student.model.layers[1].mlp.down_proj.weight.quantization_strength == 0.5
+    assert _strength(student.model.layers[1].mlp.down_proj.weight) == 0.5
+
+
+def test_warmup_callback_drives_each_new_model_and_a_resumed_run_ends_on_the_uninterrupted_weights(tmp_path):
+    """One callback, two ``train()`` calls of a ``model_init`` Trainer, each on a fresh model: the second model is
+    warmed up too (not left at lambda = 1 while the callback keeps driving the first). It resumes from the first
+    run's step-2 checkpoint, continues at lambda 0.5, 0.75 and ends on the uninterrupted run's weights, bit for
+    bit."""
+
+    def model_init() -> transformers.LlamaForCausalLM:
+        model = _llama()
+        quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+        return model
+
+    probe = _StrengthProbe()
+    trainer = transformers.Trainer(
+        model_init=model_init,
+        args=_args(tmp_path, steps=4, save_strategy="steps", save_steps=2),
+        train_dataset=_Tokens(),
+        callbacks=[QuantizationWarmupCallback(warmup_steps=4), probe],
+    )
+    trainer.train()
+    first = trainer.model
+    uninterrupted = {name: master_tensor(p).detach().clone() for name, p in first.named_parameters()}
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.model is not first
+    assert probe.seen == [0.0, 0.25, 0.5, 0.75, 0.5, 0.75]
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(master_tensor(p), uninterrupted[name]), name
 
 
 def test_distillation_loss_is_lm_loss_plus_temperature_scaled_kl(tmp_path):

@@ -25,14 +25,16 @@ from ..warmup import QuantizationWarmup
 class QuantizationWarmupCallback(TrainerCallback):
     """:class:`~bitnet_ao.warmup.QuantizationWarmup` in the ``Trainer``: ``lambda = min(global_step /
     warmup_steps, 1)`` is set before every step from the Trainer's own step counter, so a run resumed from a
-    checkpoint continues the warmup where it was, with nothing extra saved."""
+    checkpoint continues the warmup where it was, with nothing extra saved. It drives the model the Trainer
+    passes at each step: a new one (``model_init``, a second ``Trainer`` given the same callback) gets its own
+    warmup instead of running at ``lambda = 1`` while the old model is driven."""
 
     def __init__(self, warmup_steps: int) -> None:
         self.warmup_steps = warmup_steps
         self.warmup: QuantizationWarmup | None = None
 
     def on_step_begin(self, args, state, control, model: nn.Module | None = None, **kwargs: Any) -> None:
-        if self.warmup is None:
+        if self.warmup is None or self.warmup.models != (model,):
             self.warmup = QuantizationWarmup(model, self.warmup_steps, last_step=state.global_step)
         else:
             self.warmup.load_state_dict({"warmup_steps": self.warmup_steps, "last_step": state.global_step})

@@ -24,17 +24,25 @@ def _optimizer_steps(optimizers: OptimizersContainer) -> int:
 
 def _register_warmup(optimizers: OptimizersContainer, model_parts: list[nn.Module]) -> None:
     """Quantization warmup over ``BitNetLinear.Config.quantization_warmup_steps`` (the converter's option):
-    lambda follows the optimizer's step count, set before each forward until it reaches 1."""
+    lambda follows the optimizer's step count, set before each forward until it reaches 1.
+
+    The warmup is built at the first forward, not here: torchtitan restores a checkpoint (the step count) in
+    between, and a job resumed past its warmup is plain BitNet, also under FSDP2, which refuses ``lambda < 1``."""
     steps = {m.quantization_warmup_steps for part in model_parts for m in part.modules() if isinstance(m, BitNetLinear)}
     steps.discard(0)
     if not steps:
         return
     (warmup_steps,) = steps  # one converter sets every linear's
-    warmup = QuantizationWarmup(model_parts, warmup_steps)
+    warmup: QuantizationWarmup | None = None
     handles = []
 
     def _set_strength(*args: object) -> None:
-        warmup.load_state_dict({"warmup_steps": warmup_steps, "last_step": _optimizer_steps(optimizers)})
+        nonlocal warmup
+        last_step = _optimizer_steps(optimizers)
+        if warmup is None:
+            warmup = QuantizationWarmup(model_parts, warmup_steps, last_step=last_step)
+        else:
+            warmup.load_state_dict({"warmup_steps": warmup_steps, "last_step": last_step})
         if warmup.strength == 1.0:
             for handle in handles:
                 handle.remove()
