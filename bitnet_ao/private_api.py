@@ -92,8 +92,9 @@ def observe_quantize_(config_types: tuple[type, ...], on_done: Callable[[Any, An
     config of one of ``config_types``: ``converted`` is how many modules the config's handler was given. torchao
     has no API that says ``quantize_`` selected nothing (a ``filter_fn`` with a typo). On torch 2.13.0 with torchao
     0.18.0, ``quantize_`` walks the model with ``quant_api._replace_with_custom_fn_if_matches_filter(model,
-    handler, filter_fn, cur_fqn, device, extra_args=(config,))``, which recurses through that module global with a non-empty ``cur_fqn`` and
-    calls the handler only on the modules the filter selects. Every other caller passes through untouched."""
+    handler, filter_fn, cur_fqn, device, extra_args=(config,))``, which recurses through that module global with
+    a non-empty ``cur_fqn`` and calls the handler only on the modules the filter selects. Every other caller
+    passes through untouched."""
     from torchao.quantization import quant_api
 
     original = quant_api._replace_with_custom_fn_if_matches_filter

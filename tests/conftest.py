@@ -28,7 +28,9 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 # The packages whose releases this suite meets first, with the version each resolved to (in pytest's header).
-DEPENDENCIES = ("torch", "torchao", "triton", "transformers", "kernels", "peft", "torchtitan", "gguf", "llama-cpp-python")
+DEPENDENCIES = (
+    "torch", "torchao", "triton", "transformers", "kernels", "peft", "torchtitan", "gguf", "llama-cpp-python",
+)  # fmt: skip
 
 
 def pytest_report_header(config: pytest.Config) -> str:

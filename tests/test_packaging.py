@@ -37,7 +37,8 @@ import bitnet_ao.kernels
 config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=4, num_key_value_heads=2)
 model = transformers.LlamaForCausalLM(config)
-quantize_(model, bitnet_ao.bitnet_training(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+quantize_(model, bitnet_ao.bitnet_training(),
+          filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
 logits = model(torch.tensor([[1, 2, 3]])).logits
 assert logits.shape == (1, 3, 64) and logits.isfinite().all()
 
@@ -70,7 +71,8 @@ def _launch_as_script(script: Path) -> list[str]:
 
 def _launch_as_module(script: Path) -> list[str]:
     """``python -m benchmarks.NAME`` from the checkout: sys.path[0] is the checkout."""
-    start = f"import os, runpy, sys; sys.path[0] = os.getcwd(); runpy.run_module('benchmarks.{script.stem}', run_name='probe', alter_sys=True)"
+    run = f"runpy.run_module('benchmarks.{script.stem}', run_name='probe', alter_sys=True)"
+    start = f"import os, runpy, sys; sys.path[0] = os.getcwd(); {run}"
     return [sys.executable, "-c", start + "\n" + _CHECK]
 
 
