@@ -79,8 +79,14 @@ class BitNetTrainingConfig(AOBaseConfig):
         return self.scale_groups > 1
 
     def check_shape(self, shape: tuple[int, ...], where: str) -> None:
-        """Raise naming ``where`` unless ``scale_groups`` divides the grouped dimension of a weight of ``shape``."""
+        """Raise naming ``where`` for an empty weight, or unless ``scale_groups`` divides the grouped dimension of a
+        weight of ``shape``."""
         n, k = shape
+        if n == 0 or k == 0:
+            raise ValueError(
+                f"{where}: nn.Linear(in_features={k}, out_features={n}) has no weights to quantize; leave it out of "
+                "the filter_fn"
+            )
         size, name = (n, "out_features") if self.group_dim == 0 else (k, "in_features")
         if size % self.scale_groups:
             raise ValueError(

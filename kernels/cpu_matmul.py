@@ -49,6 +49,7 @@ from .private_api import (
     int_mm,
     onednn_int8_linear,
     onednn_int8_linear_available,
+    onednn_isa_below_vnni,
     outside_dispatch_modes,
 )
 
@@ -83,7 +84,7 @@ def _onednn_available() -> bool:
 def available_routes(kind: str) -> tuple[str, ...]:
     """The exact routes of ``kind`` this machine can run."""
     usable = {
-        "int_mm": True,
+        "int_mm": kind == "ternary" or not onednn_isa_below_vnni(),
         "onednn": _onednn_available(),
         "signadd": cpu_sign_gemm.available(),
         "fp32": True,
@@ -262,7 +263,7 @@ def int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
 def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
     with torch.autocast("cpu", enabled=False):
         if route == "int_mm":
-            return int_mm(a, b)
+            return int_mm(_int_mm_operand(a), _int_mm_operand(b))
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
         if route == "signadd":
@@ -270,6 +271,23 @@ def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
         if route == "reference":
             return reference.int8_mm(a, b)
         return _fp32_mm(a, b, FP32_EXACT_TERNARY if b_ternary else FP32_EXACT_BLOCK)
+
+
+def _int_mm_operand(t: Tensor) -> Tensor:
+    """``t`` as ``torch._int_mm`` reads it correctly on CPU: unchanged when its strides are a valid GEMM layout,
+    else a row-major copy.
+
+    With VNNI, torch 2.13.0 passes a strided operand to oneDNN's ``gemm_s8s8s32`` as row-major when ``stride(1) ==
+    1`` (leading dimension ``stride(0)``), else as column-major (leading dimension ``stride(1)``), whatever the
+    sizes. A size-1 dimension may carry any stride: ``w.t()`` of a ``(3, 1)`` weight has strides ``(1, 1)``, the
+    leading dimension 1 is shorter than the row of 3, oneDNN refuses the call, and torch ignores the error and
+    returns its output buffer unwritten (docs/kernels.md). Such a view already counts as contiguous, so
+    ``.contiguous()`` would return it as it is; a clone gets fresh strides. Only operands with a size-1, broadcast
+    or otherwise non-dense dimension are copied (a row or a column in a BitNet linear), never a normal one."""
+    rows, cols = t.shape
+    row_major = t.stride(1) == 1  # how torch reads it; else as column-major
+    valid = t.stride(0) >= max(cols, 1) if row_major else t.stride(0) == 1 and t.stride(1) >= max(rows, 1)
+    return t if valid else t.clone(memory_format=torch.contiguous_format)
 
 
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:

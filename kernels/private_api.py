@@ -11,6 +11,7 @@ Checked on torch 2.13.0 and Triton 3.9.0 (:data:`CHECKED_ON`).
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Callable
 from typing import Any
@@ -72,10 +73,23 @@ def onednn_int8_linear(a_u8: Tensor, zero_point: int, weight_s8: Tensor) -> Tens
     )
 
 
+def onednn_isa_below_vnni() -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` keeps oneDNN below its int8 dot-product kernels (an AVX2 emulation on an
+    AVX-512 machine). On a VNNI CPU torch 2.13.0 still hands ``torch._int_mm`` to oneDNN's s8 x s8 GEMM, which then
+    runs an AVX2 kernel whose 16-bit pair sums saturate: inexact for full-range operands (docs/kernels.md)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return (
+        bool(isa)
+        and isa != "ALL"
+        and not isa.startswith(("AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10"))
+    )
+
+
 def cpu_has_int8_dot_product() -> bool:
-    """Whether this CPU has int8 dot-product instructions oneDNN uses for ``torch._int_mm`` (torch 2.13.0:
-    ``torch.cpu._is_vnni_supported()`` for AVX-512 VNNI, ``torch.cpu._is_amx_tile_supported()`` for AMX)."""
-    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+    """Whether oneDNN runs ``torch._int_mm`` with int8 dot-product instructions on this CPU (torch 2.13.0:
+    ``torch.cpu._is_vnni_supported()`` for AVX-512 VNNI, ``torch.cpu._is_amx_tile_supported()`` for AMX), not kept
+    below them by :func:`onednn_isa_below_vnni`."""
+    return not onednn_isa_below_vnni() and (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def cpu_has_native_bf16() -> bool:

@@ -194,7 +194,8 @@ def _pack_fields(fields: Tensor, bits: int) -> Tensor:
     pad = (-fields.shape[-1]) % per
     if pad:
         fields = torch.nn.functional.pad(fields, (0, pad))
-    v = fields.reshape(*fields.shape[:-1], -1, per)
+    # Explicit sizes: a -1 is ambiguous for a tensor with no rows (an FSDP2 shard of a 1-row weight has none).
+    v = fields.reshape(*fields.shape[:-1], fields.shape[-1] // per, per)
     packed = v[..., 0]
     for i in range(1, per):
         packed = packed | (v[..., i] << (bits * i))
@@ -205,7 +206,7 @@ def _unpack_fields(packed: Tensor, bits: int) -> Tensor:
     # The int8 codes of every value, in row order; the arithmetic shift's sign bits are masked away.
     mask = (1 << bits) - 1
     fields = torch.stack([(packed >> (bits * i)) & mask for i in range(values_per_byte(bits))], dim=-1)
-    return fields.reshape(*packed.shape[:-1], -1)
+    return fields.reshape(*packed.shape[:-1], packed.shape[-1] * values_per_byte(bits))
 
 
 def pack_i2_in_i8(x: Tensor) -> Tensor:

@@ -132,7 +132,7 @@ def _int_mm_supported(a: Tensor, b: Tensor) -> bool:
     # cuBLASLt int8 GEMM constraints (CUDA fallback until the Triton kernels take over).
     m, k = a.shape
     n = b.shape[1]
-    return m > 16 and k % 8 == 0 and n % 8 == 0
+    return m > 16 and k > 0 and n > 0 and k % 8 == 0 and n % 8 == 0
 
 
 def _int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:

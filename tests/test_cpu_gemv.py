@@ -10,6 +10,8 @@ all 0 (the largest sums, where an int16 pair sum in the dot product could satura
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor
@@ -142,6 +144,29 @@ def test_packed_linear_is_the_spec_forward(bits, norm, dtype):
         out = cpu_gemv.packed_linear(x.float(), rstd, gain, dtype, norm_dtype, 1e-5, packed, k, bits, scale, b, dtype)
         expected = _spec_linear(x, gain, rstd, w, scale, b, norm_dtype, dtype)
         assert out.dtype == dtype and torch.equal(out, expected), (out - expected).abs().max()
+
+
+def test_every_small_shape_is_exact():
+    """The grid of ``tests/test_cpu_matmul.py`` (M, K, N in 0, 1, 2, 3, 15, 16, 17, 33, 64) where the kernels take
+    it: decode-sized M (one partial pass of 4 rows, several passes and a partial one, full passes), at least one
+    value per row. A value head has N = 1, a linear with one input K = 1; the matmul, unpacking and the whole
+    linear against spec §1, for both bit widths."""
+    g = torch.Generator().manual_seed(0)
+    sizes = (1, 2, 3, 15, 16, 17, 33, 64)
+    wrong = []
+    for m, k, n, bits in itertools.product((1, 3, 15, 16), sizes, (0, *sizes), (1, 2)):
+        w = _weight(n, k, bits, g)
+        packed, a, x = _pack(w, bits, g), _activations(m, k, g), torch.randn(m, k, generator=g)
+        scale, bias = torch.tensor(0.37), torch.randn(n, generator=g)
+        y = cpu_gemv.packed_linear(x, None, None, torch.float32, torch.float32, 1e-5, packed, k, bits, scale, bias,
+                                   torch.float32)  # fmt: skip
+        checks = {
+            "matmul": torch.equal(cpu_gemv.packed_gemv(a, packed, k, bits).double(), _exact(a, w)),
+            "unpack": m > 1 or torch.equal(cpu_gemv.unpack(packed, k, bits), w),
+            "linear": torch.equal(y, _spec_linear(x, None, None, w, scale, bias, torch.float32, torch.float32)),
+        }
+        wrong += [(m, k, n, bits, name) for name, exact in checks.items() if not exact]
+    assert not wrong, f"{len(wrong)} wrong results, e.g. {wrong[:8]}"
 
 
 def test_packed_linear_rounds_activations_half_to_even():

@@ -6,18 +6,20 @@ integer float64 holds exactly), independently of the routes under test.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchao.quantization import quantize_
 
-from bitnet_ao import bitnet_training
-from bitnet_ao.kernels import cpu_matmul
+from bitnet_ao import bitnet_training, kernels, pack_i2_in_i8
+from bitnet_ao.kernels import cpu_gemv, cpu_matmul
 from tests.conftest import random_int8
+from tests.spec_reference import act_quant, ternary_weight
 
 FULL_RANGE_ROUTES = ("int_mm", "fp32", "reference")  # exact for any int8 operands on every CPU
 
@@ -237,3 +239,102 @@ def test_backward_inside_autocast_gives_the_same_gradients(cpu_route):
 
     for inside, outside in zip(grads(True), grads(False), strict=True):
         assert torch.equal(inside, outside)
+
+
+# --- every route on every small shape ----------------------------------------------------------------------------
+
+#: M, K and N of the shape grid: empty, one (a linear with one input or output, a one-token batch), and sizes below,
+#: at and past the vector widths and tiles of the kernels.
+GRID_SIZES = (0, 1, 2, 3, 15, 16, 17, 33, 64)
+#: docs/numerics.md#backward: the floor of a gradient scale.
+GRADIENT_EPS = 1e-30
+
+
+def _laid_out(t: Tensor, transposed: bool) -> Tensor:
+    """``t``'s values in a fresh row-major tensor, or (``transposed``) as the ``.t()`` view of a fresh row-major
+    ``t.T``, as the linear passes ``W_q.T`` and ``g'_q.T``. With a size-1 dimension the view's strides are
+    ``(1, 1)`` (``.contiguous()`` would keep such a view: it counts as contiguous, hence the clones)."""
+    if transposed:
+        return t.t().clone(memory_format=torch.contiguous_format).t()
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+@pytest.mark.parametrize("route", cpu_matmul.ROUTES)
+def test_every_route_is_exact_on_every_small_shape_and_layout(force_routes, route):
+    """Every (M, K, N) of the grid, each operand row-major or a transposed view: the forward (NT), grad_input (NN,
+    either layout of the weight) and grad_weight (TN) layouts and the fourth, ternary and (where the route is exact
+    for it) full-range. torch._int_mm returned uninitialised memory for a (1, 1)-stride operand (docs/kernels.md)."""
+    if route not in cpu_matmul.available_routes("ternary"):
+        pytest.skip(f"route {route} is not available on this machine")
+    force_routes(route, _full_route(route))
+    kinds = (True, False) if route in FULL_RANGE_ROUTES else (True,)
+    g = torch.Generator().manual_seed(0)
+    wrong = []
+    for (m, k, n), ternary in itertools.product(itertools.product(GRID_SIZES, repeat=3), kinds):
+        a = random_int8(m, k, generator=g)
+        b = random_int8(k, n, low=-1, high=2, generator=g) if ternary else random_int8(k, n, generator=g)
+        exact = _exact(a, b)
+        for a_t, b_t in itertools.product((False, True), repeat=2):
+            out = cpu_matmul.int8_mm(_laid_out(a, a_t), _laid_out(b, b_t), b_ternary=ternary)
+            if out.shape != (m, n) or not torch.equal(out.double(), exact):
+                wrong.append((m, k, n, "ternary" if ternary else "full", "a.T" if a_t else "a", "b.T" if b_t else "b"))
+    assert not wrong, f"{len(wrong)} wrong products, e.g. {wrong[:8]}"
+
+
+def test_packed_weight_matmuls_are_exact_on_every_small_shape(cpu_route):
+    """A packed BitNet weight ``B`` of N rows and K values, wherever the route computes its product: ``a @ B.T``
+    past the decode kernel's rows (the unpacked ``B.T`` is a ``.t()`` view, with strides ``(1, 1)`` where K = 1)
+    and ``a @ B`` (the input gradient through frozen packed weights). The degenerate sizes of the grid and two past
+    the decode kernel's 16 rows: the routes themselves are tested on the whole grid above, the decode kernel in
+    ``tests/test_cpu_gemv.py``."""
+    g = torch.Generator().manual_seed(0)
+    wrong = []
+    for m, k, n in itertools.product((0, 1, 2, 3, 17, 33), repeat=3):
+        w = random_int8(n, k, low=-1, high=2, generator=g)
+        packed = pack_i2_in_i8(w)
+        for transpose_b in (True, False) if m > cpu_gemv.MAX_M else (False,):
+            a = random_int8(m, k if transpose_b else n, generator=g)
+            out = kernels.scaled_int8_mm_packed(a, packed, k, transpose_b, None, None, None, None, torch.float32)
+            if not torch.equal(out.double(), _exact(a, w.t() if transpose_b else w)):
+                wrong.append((m, k, n, "a @ B.T" if transpose_b else "a @ B"))
+    assert not wrong, f"{len(wrong)} wrong products, e.g. {wrong[:8]}"
+
+
+@pytest.mark.parametrize("features", [(64, 1), (1, 64)], ids=["out_features=1", "in_features=1"])
+def test_a_linear_with_one_input_or_one_output_is_the_spec(cpu_route, features):
+    """A value head (out_features=1) and its transpose (in_features=1): forward and INT8 backward equal spec §1's
+    formulas (docs/numerics.md#backward) computed here in float64 from ``tests/spec_reference.py``. On the
+    ``torch._int_mm`` route the head's weight gradient was garbage (relative error ~1e5), and so was the forward
+    of ``in_features=1``."""
+    torch.manual_seed(0)
+    layer = nn.Linear(*features)
+    w, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    quantize_(layer, bitnet_training())
+    x = torch.randn(40, features[0], requires_grad=True)
+    grad_y = torch.randn(40, features[1])
+    y = layer(x)
+    y.backward(grad_y)
+
+    x_q, s_x = act_quant(x.detach())
+    w_q, s_w = ternary_weight(w)
+    g_q, s_g = act_quant(grad_y, eps=GRADIENT_EPS)  # per token
+    gs_q, s_gs = act_quant((grad_y * s_x[:, None]).t(), eps=GRADIENT_EPS)  # per output, s_x folded in
+    expected_y = (x_q.double() @ w_q.double().t()) * s_x.double()[:, None] * s_w.double() + bias.double()
+    expected_grad_x = (g_q.double() @ w_q.double()) * s_g.double()[:, None] * s_w.double()
+    expected_grad_w = (gs_q.double() @ x_q.double()) * s_gs.double()[:, None]
+    torch.testing.assert_close(y.double(), expected_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), expected_grad_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad.double(), expected_grad_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, grad_y.sum(0))
+
+
+def test_onednn_limited_below_vnni_takes_int_mm_off_the_full_range_matmul(monkeypatch):
+    """docs/kernels.md: with ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU, torch._int_mm runs oneDNN's AVX2 kernel, whose
+    16-bit pair sums saturate on full-range operands; int_mm must then be neither measured nor forceable there."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "int_mm" not in cpu_matmul.available_routes("full") and "int_mm" not in cpu_matmul.candidates("full")
+    assert "int_mm" in cpu_matmul.available_routes("ternary")  # ternary sums stay far below 2**15
+    with pytest.raises(ValueError, match="not available"):
+        cpu_matmul._parse_forced("ternary=int_mm,full=int_mm")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert "int_mm" in cpu_matmul.available_routes("full")

@@ -28,7 +28,8 @@ def test_odd_last_dimension_is_zero_padded():
     assert unpack_i2_in_i8(packed).tolist() == [[1, -1, 1, -1, -1, 0, 0, 0]]
 
 
-@pytest.mark.parametrize("shape", [(7, 33), (3, 4), (2, 5, 6), (1,), (4, 0)])
+# (0, 5): no rows, as an FSDP2 shard of a weight with fewer rows than ranks (out_features=1 on 2 ranks).
+@pytest.mark.parametrize("shape", [(7, 33), (3, 4), (2, 5, 6), (1,), (4, 0), (0, 5), (2, 0, 6)])
 def test_round_trip_is_exact(shape):
     x = random_int8(*shape, low=-2, high=2, generator=torch.Generator().manual_seed(0))
     packed = pack_i2_in_i8(x)
@@ -42,7 +43,7 @@ def test_one_bit_layout_and_round_trip():
     packed = pack_i1_in_i8(x)
     assert packed.view(torch.uint8).tolist() == [[0b0011_1001, 0b0000_0001]]
     assert torch.equal(unpack_i1_in_i8(packed, 10), x)
-    for shape in [(5, 17), (2, 3, 8), (4, 0)]:
+    for shape in [(5, 17), (2, 3, 8), (4, 0), (0, 9)]:
         y = random_int8(*shape, low=0, high=2, generator=torch.Generator().manual_seed(3)) * 2 - 1
         assert pack_i1_in_i8(y).shape == (*shape[:-1], -(-shape[-1] // 8))
         assert torch.equal(unpack_i1_in_i8(pack_i1_in_i8(y), shape[-1]), y)

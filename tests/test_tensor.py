@@ -154,3 +154,11 @@ def test_quantize_rejects_integer_weight_naming_the_module():
     layer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
     with pytest.raises(TypeError, match=r"Linear\(in_features=4, out_features=4.*int8"):
         quantize_(layer, bitnet_training())
+
+
+@pytest.mark.parametrize("shape", [(64, 0), (0, 64)])
+def test_an_empty_linear_is_refused_naming_it(shape):
+    with pytest.raises(
+        ValueError, match=rf"nn.Linear\(in_features={shape[0]}, out_features={shape[1]}\) has no weights"
+    ):
+        quantize_(nn.Linear(*shape), bitnet_training())
