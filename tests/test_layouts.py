@@ -232,7 +232,7 @@ def test_rename_keeps_the_tail_and_refuses_unknown_names() -> None:
     assert HF_LLAMA.rename("model.norm.weight", GGUF) == "output_norm.weight"
     with pytest.raises(KeyError, match="no module of a Llama"):
         META.rename("layers.0.attention.rope.cos", HF_LLAMA)
-    with pytest.raises(KeyError, match="Hugging Face Llama has no module for ATTN_QKV"):
+    with pytest.raises(KeyError, match="Hugging Face Llama/Qwen2 has no module for ATTN_QKV"):
         TORCHTITAN_FUSED_QKV.rename("layers.0.attention.qkv_linear.wqkv.weight", HF_LLAMA)
 
 

@@ -173,6 +173,9 @@ def _run(model: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
 def test_compiled_warmup_equals_eager_at_every_strength_without_a_recompile_per_step(backend, fullgraph):
     """lambda is a graph input: a compiled model blends like the eager one at each lambda (against the spec's
     fake quantization too) and compiles once for the warmup, once more for the INT8 path at lambda = 1."""
+    # Earlier tests compiled other nn.Sequential / nn.Linear forwards (the same code objects): past dynamo's
+    # recompile limit a new variant would run eagerly and never count as a compile.
+    torch._dynamo.reset()
     plain, bitnet = _mlp()
     counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(bitnet, backend=counter, fullgraph=fullgraph)
