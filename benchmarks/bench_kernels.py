@@ -46,7 +46,7 @@ from torchao.quantization import quantize_  # noqa: E402
 from benchmarks import hardware  # noqa: E402
 from benchmarks.timing import measure, synchronize  # noqa: E402
 from bitnet_ao import bitnet_training, kernels  # noqa: E402
-from bitnet_ao.kernels import reference  # noqa: E402
+from bitnet_ao.kernels import reference, torch_backend  # noqa: E402
 
 GPU_M = 8192
 GPU_KN = ["4096,4096", "4096,14336", "14336,4096"]  # attention projections, MLP up, MLP down
@@ -97,6 +97,11 @@ def bench_matmuls(
     return rows
 
 
+def _epilogue(acc: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
+    """The scaled INT8 matmul's epilogue alone, as the torch backend runs it (inductor-compiled)."""
+    return torch_backend.run_fused(reference.scale_output, acc.numel(), acc, row_scale, None, scale, None, dtype)
+
+
 def bench_quantization(
     m: int,
     kns: list[tuple[int, int]],
@@ -106,33 +111,52 @@ def bench_quantization(
     warmup: int,
     iters: int,
 ) -> list[list[str]]:
-    """The quantization kernels on ``dtype`` inputs (what training feeds them), in GB/s of the minimum traffic."""
+    """Every elementwise pass of a BitNet linear on ``dtype`` inputs (what training feeds them), in GB/s of the
+    minimum traffic (each input read once, each output written once), against a plain copy of the same number of
+    bytes (read half, write half, into a new tensor as the passes write theirs) timed in the same process: the
+    fraction of the bandwidth a copy reaches that the pass reaches."""
     rows = []
     seen: set[tuple[str, tuple[int, int]]] = set()
     size = dtype.itemsize  # bytes per input element; each int8 output element is one byte
+    sync = functools.partial(synchronize, device)
     for k, n in kns:
         x = torch.randn(m, k, device=device, dtype=dtype)
         g = torch.randn(m, n, device=device, dtype=dtype)
-        w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
-        s_x = torch.rand(m, device=device)
-        s_w = w.float().abs().mean()
+        w = torch.randn(n, k, device=device) * 0.02  # the float32 master weight
+        gain = torch.ones(k, device=device)
+        s_x, s_g = torch.rand(m, device=device), torch.rand(n, device=device)
+        s_w = w.abs().mean()
+        acc = torch.randint(-(2**20), 2**20, (m, n), device=device, dtype=torch.int32)
+        _, rstd = kernels.rms_norm(x, gain, 1e-6)
         cases = [  # name, shape, call, bytes read + written once
             ("quantize_rowwise", (m, k), functools.partial(kernels.quantize_rowwise, x, reference.ACTIVATION_EPS),
              m * k * (size + 1) + m * 4),
-            ("quantize_colwise_scaled", (m, n),
-             functools.partial(kernels.quantize_colwise_scaled, g, s_x, reference.GRADIENT_EPS),
-             m * n * (size + 1) + m * 4 + n * 4),
-            ("weight_stats", (n, k), functools.partial(kernels.weight_stats, w), n * k * size),
-            ("ternarize (K, N)", (n, k), functools.partial(kernels.ternarize, w, s_w, True), n * k * (size + 1)),
+            ("rms_norm_quantize_rowwise", (m, k), functools.partial(
+                kernels.rms_norm_quantize_rowwise, x, gain, 1e-6, dtype, reference.ACTIVATION_EPS),
+             m * k * (size + 1) + m * 8),
+            ("quantize_grad_output", (m, n),
+             functools.partial(kernels.quantize_grad_output, g, s_x, reference.GRADIENT_EPS),
+             m * n * (size + 2) + m * 8 + n * 4),
+            ("rms_norm_backward", (m, k), functools.partial(kernels.rms_norm_backward, x, x, gain, rstd),
+             m * k * 3 * size + m * 4),
+            ("scale_output (forward epilogue)", (m, n), functools.partial(_epilogue, acc, s_x, s_w, dtype),
+             m * n * (4 + size) + m * 4),
+            ("weight_stats", (n, k), functools.partial(kernels.weight_stats, w), n * k * 4),
+            ("ternarize (K, N)", (n, k), functools.partial(kernels.ternarize, w, s_w, True), n * k * 5),
+            ("ternarize (N, K)", (n, k), functools.partial(kernels.ternarize, w, s_w, False), n * k * 5),
+            ("scale_output (grad_weight)", (n, k),
+             functools.partial(_epilogue, acc.new_ones(n, k), s_g, None, torch.float32), n * k * 8 + n * 4),
         ]  # fmt: skip
         for name, shape, fn, nbytes in cases:
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
                 continue
             seen.add((name, shape))
-            (t,) = measure(fn, warmup=warmup, iters=iters, sync=functools.partial(synchronize, device))
-            gbps = nbytes / t / 1e9
+            src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+            t, t_copy = measure(fn, src.clone, warmup=warmup, iters=iters, sync=sync)
+            gbps, copy_gbps = nbytes / t / 1e9, 2 * src.numel() / t_copy / 1e9
             peak = f"{gbps / peak_gbps:.1%}" if peak_gbps else "n/a"
-            rows.append([name, "x".join(map(str, shape)), f"{t * 1e3:.3f}", f"{gbps:.1f}", peak])
+            row = [name, "x".join(map(str, shape)), f"{t * 1e3:.3f}", f"{gbps:.1f}", f"{copy_gbps:.1f}"]
+            rows.append([*row, f"{gbps / copy_gbps:.0%}", peak])
     return rows
 
 
@@ -200,8 +224,9 @@ def main() -> None:
         bench_matmuls(m, kns, args.device, dtype, args.warmup, args.iters),
     )
     print_table(
-        f"Quantization, {dense.lower()} input (" + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
-        ["kernel", "shape", "ms", "GB/s", "of peak"],
+        f"BitNet's elementwise passes, {dense.lower()} activations, float32 weights, against a copy of the same bytes ("
+        + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
+        ["pass", "shape", "ms", "GB/s", "copy GB/s", "vs copy", "of peak"],
         bench_quantization(m, kns, args.device, dtype, peak, args.warmup, args.iters),
     )
     print_table(

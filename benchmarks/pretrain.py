@@ -39,15 +39,16 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if not __package__:  # run as `python benchmarks/pretrain.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as `python benchmarks/pretrain.py`: make the `benchmarks` package importable,
+    # after site-packages so that the checkout's `kernels/` folder never shadows the Hub `kernels` package
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
 from torchao.quantization import quantize_
 from tqdm import tqdm
 
-from benchmarks import hardware, report
+from benchmarks import hardware, report, step_profile
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.model import ModelConfig, Transformer, to_hf_llama
 from benchmarks.timing import synchronize
@@ -56,7 +57,9 @@ from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 from bitnet_ao.tensor_parallel import quantize_for_tensor_parallel
 
 #: Steps left out of the throughput figure: compilation and allocator warm-up happen here.
-TIMING_WARMUP = 3
+TIMING_WARMUP = 5
+#: Steps run under torch.profiler for the step profile (benchmarks/step_profile.py): warm, and not timed.
+PROFILED_STEPS = range(3, 5)
 #: The reported final training loss is the mean over this many last steps (one batch is noisy).
 FINAL_LOSS_WINDOW = 10
 
@@ -354,6 +357,9 @@ def measurement_notes(device: torch.device) -> dict[str, str]:
         "final_train_loss": f"mean of the last {FINAL_LOSS_WINDOW} steps",
         "tokens_per_s": f"steps after the first {TIMING_WARMUP}, evaluation excluded",
         "peak_memory_mb": memory,
+        "step_profile": f"torch.profiler over steps {PROFILED_STEPS.start + 1}-{PROFILED_STEPS.stop} (warm, not "
+        "timed): int8 GEMMs / BitNet's own passes (quantization, ternarization, fused norms, output scaling, prepacks, "
+        "conversions) / float GEMMs outside BitNet ops / the rest",
     }
 
 
@@ -394,11 +400,14 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
     train_losses: list[float] = []
     val_losses: list[list] = []  # [step, loss] pairs
     eval_time = 0.0
+    profiler, profile = step_profile.StepProfiler(), None
     bar = tqdm(range(args.steps), desc=spec.name, dynamic_ncols=True)
     for step in bar:
         if step == timing_warmup:
             synchronize(device)
             timed_start, eval_time = time.perf_counter(), 0.0
+        if step == PROFILED_STEPS.start and args.steps >= PROFILED_STEPS.stop:  # a shorter run is not profiled
+            profiler.start()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         x, y = data.train_batch(args.batch_size, generator)
@@ -410,6 +419,8 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_losses.append(loss.item())
+        if step == PROFILED_STEPS.stop - 1:
+            profile = profiler.stop(len(PROFILED_STEPS))
         bar.set_postfix(
             loss=f"{train_losses[-1]:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - step_start):.0f}"
         )
@@ -439,6 +450,7 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
         "time_s": time.perf_counter() - start,
         "train_losses": train_losses,
         "val_losses": val_losses,
+        **({"step_profile": profile} if profile is not None else {}),
     }
 
 

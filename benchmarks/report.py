@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import hardware
+from benchmarks import hardware, step_profile
 from benchmarks.model import ModelConfig
 
 
@@ -64,7 +64,11 @@ def table_rows(runs: list[dict]) -> list[tuple[str, ...]]:
 
 def format_table(runs: list[dict]) -> str:
     """A plain-text table that splits into the cells of ``table_rows`` on whitespace (the run names have none)."""
-    rows = [table_columns(runs), *table_rows(runs)]
+    return format_cells([table_columns(runs), *table_rows(runs)])
+
+
+def format_cells(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the header first) as a plain-text table: the first column left-aligned, the rest right."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     # The run name left-aligned, the figures right-aligned.
     lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
@@ -174,6 +178,9 @@ def write(
     print(format_table(runs))
     print(f"train loss: {notes['final_train_loss']}; tokens/s: {notes['tokens_per_s']}; "
           f"peak mem: {notes['peak_memory_mb']}")  # fmt: skip
+    if all("step_profile" in r for r in runs):
+        print(f"where a step's time goes (ms per step, {notes['step_profile']}):")
+        print(format_cells(step_profile.profile_rows(runs)))
     why = speed_note(runs, args.device)
     if why is not None:
         notes = {**notes, "speed": why}

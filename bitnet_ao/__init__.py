@@ -11,10 +11,10 @@ all-gather extension is part of the master-weight class (``tensor.py``, its math
 The modules import one way only; docs/design.md draws the order.
 """
 
+from . import inference  # noqa: F401  (registers bitnet_inference's quantize_ handler)
 from .config import BitNetInferenceConfig, BitNetTrainingConfig, bitnet_inference, bitnet_training
 from .fsdp import precompute_bitnet_scale_for_fsdp
-from .inference import pack_linear_weight
-from .packed import BitNetPackedLinearWeight
+from .packed import BitNetPackedLinearWeight, pack_linear_weight
 from .packing import pack_i1_in_i8, pack_i2_in_i8, unpack_i1_in_i8, unpack_i2_in_i8
 from .tensor import BitNetTrainingLinearWeight, unquantize_
 

@@ -21,7 +21,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .config import BitNetInferenceConfig, BitNetTrainingConfig
 from .kernels import reference
-from .packed import BitNetPackedLinearWeight, bits_per_value
+from .packed import BitNetPackedLinearWeight, pack_linear_weight
 from .tensor import (
     BitNetTrainingLinearWeight,
     checked_linear_weight,
@@ -29,22 +29,9 @@ from .tensor import (
     register_checkpoint_hooks,
     replace_parameter,
 )
-from .weight_quant import quantize_weight, weight_quantization
 
 #: State-dict key suffix of the weight scale next to the packed ``weight`` (the name Hugging Face uses too).
 SCALE_KEY = "weight_scale"
-
-
-def pack_linear_weight(
-    weight: Tensor, config: BitNetTrainingConfig, requires_grad: bool = False
-) -> BitNetPackedLinearWeight:
-    """Quantize the high-precision ``(N, K)`` ``weight`` with ``config``'s rule and pack it."""
-    q = weight_quantization(weight, config)
-    packed = reference.pack_weight(
-        quantize_weight(weight, q, weights=config.weights, transpose=False), bits_per_value(config)
-    )
-    scale = q.scale if config.grouped else q.scale.reshape(())
-    return BitNetPackedLinearWeight(packed, scale, weight.shape[1], weight.dtype, config, requires_grad)
 
 
 def _recipe(weight: Tensor, config: BitNetInferenceConfig, module: nn.Module) -> BitNetTrainingConfig:

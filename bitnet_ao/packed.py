@@ -19,7 +19,7 @@ from .kernels import reference
 from .linear import InputNorm, scaled_mm_groups
 from .private_api import make_wrapper_subclass
 from .weight_base import BitNetWeightTensor
-from .weight_quant import WeightQuantization
+from .weight_quant import WeightQuantization, quantize_weight, weight_quantization
 
 aten = torch.ops.aten
 
@@ -239,3 +239,15 @@ def _is_identity_view(weight: Tensor, size, stride, storage_offset: int | None =
 
 def _same_layout(a: BitNetPackedLinearWeight, b: BitNetPackedLinearWeight) -> bool:
     return a.shape == b.shape and a.packed.shape == b.packed.shape
+
+
+def pack_linear_weight(
+    weight: Tensor, config: BitNetTrainingConfig, requires_grad: bool = False
+) -> BitNetPackedLinearWeight:
+    """Quantize the high-precision ``(N, K)`` ``weight`` with ``config``'s rule and pack it."""
+    q = weight_quantization(weight, config)
+    packed = reference.pack_weight(
+        quantize_weight(weight, q, weights=config.weights, transpose=False), bits_per_value(config)
+    )
+    scale = q.scale if config.grouped else q.scale.reshape(())
+    return BitNetPackedLinearWeight(packed, scale, weight.shape[1], weight.dtype, config, requires_grad)

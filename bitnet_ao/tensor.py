@@ -18,13 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from . import fsdp_gather, kernels
 from .config import BitNetInferenceConfig, BitNetTrainingConfig
 from .fsdp_gather import ScaleState
 from .linear import InputNorm, scaled_mm_groups
-from .packed import BitNetPackedLinearWeight
+from .packed import BitNetPackedLinearWeight, pack_linear_weight
 from .private_api import (
     dtensor_local,
     is_compiling_with_fake_tensors,
@@ -70,6 +71,21 @@ _MATMULS = {
     aten.linear.default,
     aten.mv.default,
 }
+
+
+class _OptimizerSteps:
+    """How many optimizer steps this process has taken (a global post-step hook of ``torch.optim.Optimizer``,
+    which every torch optimizer, fused and foreach ones included, and torchao's low-bit optimizers run)."""
+
+    taken = 0
+
+    @classmethod
+    def count(cls, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        cls.taken += 1
+
+
+_OPTIMIZER_STEPS = _OptimizerSteps
+register_optimizer_step_post_hook(_OPTIMIZER_STEPS.count)
 
 
 def _rebuild_bitnet_weight(
@@ -166,10 +182,12 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
         out_dtype: torch.dtype,
     ) -> Tensor:
         # The right operand b is W_q.T (forward) or W_q (grad_input). Write it straight in the layout the backend's
-        # matmul is fastest with (docs/numerics.md#matmul-layouts): row-major for torch._int_mm on CPU, a
-        # transposed view of a row-major tensor (contiguous along the reduction dim) for oneDNN and Triton.
+        # matmul is fastest with (docs/numerics.md#matmul-layouts): a transposed view of a row-major tensor
+        # (contiguous along the reduction dim) for oneDNN and Triton; for torch._int_mm on CPU, which takes either
+        # at the same speed, whichever needs no transposition (a transposing write costs 4-7x a plain one).
         w = self._data
-        if kernels.right_operand_k_contiguous(w):
+        k_contiguous = transpose if kernels.right_operand_either_layout(w) else kernels.right_operand_k_contiguous(w)
+        if k_contiguous:
             b = quantize_weight(w, q, weights=self.config.weights, transpose=not transpose).t()
         else:
             b = quantize_weight(w, q, weights=self.config.weights, transpose=transpose)
@@ -187,9 +205,25 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
     def bitnet_forward(
         self, x2: Tensor, *, norm: InputNorm | None, bias: Tensor | None, out_dtype: torch.dtype
     ) -> Tensor | None:
-        """No fused forward: the weight is ternarized from the master weight on every call, into the layout the
-        backend's matmul wants, and that is exactly the general path (``None``)."""
-        return None
+        """Without a gradient (evaluation, generation during training) on CPU: the packed forward of
+        :meth:`prepared`, the same numbers as the general path (the packed weight's contract) without quantizing
+        the master weight again for every call: a decode step is one C call per linear. ``None`` (the general
+        path) for group scales, on other devices, and while torch.compile traces (it fuses the quantization)."""
+        if self.config.grouped or self.device.type != "cpu" or is_compiling_with_fake_tensors():
+            return None
+        return self.prepared().bitnet_forward(x2, norm=norm, bias=bias, out_dtype=out_dtype)
+
+    def prepared(self) -> BitNetPackedLinearWeight:
+        """This weight quantized and packed, made once and reused until the weight changes: every optimizer step
+        (any ``torch.optim.Optimizer``: torch 2.13's fused AdamW updates a weight without advancing its version
+        counter), every in-place change of the weight or of its master tensor (``load_state_dict``, ``copy_``,
+        ``mul_``), a new master tensor."""
+        key = (_OPTIMIZER_STEPS.taken, self._version, self._data._version, self._data.data_ptr(), self._data.dtype)
+        cached = self.__dict__.get("_prepared")
+        if cached is None or cached[0] != key:
+            cached = (key, pack_linear_weight(self._data.detach(), self.config))
+            self.__dict__["_prepared"] = cached
+        return cached[1]
 
     # --- FSDP2 all-gather extension (the math: bitnet_ao/fsdp_gather.py) ----------------------------------
 
@@ -236,6 +270,10 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
                 "(unquantize_ or weight._data)."
             )
         out = func(*tree_map_only(cls, _unwrap, args), **tree_map_only(cls, _unwrap, kwargs))
+        if is_mutable_op(func) and not is_compiling_with_fake_tensors():
+            # Below autograd nothing advances the master tensor's version counter, and a weight changed through
+            # ``.data`` (whose own counter is a fresh one) would leave a prepared weight stale: advance it here.
+            tree_map_only(cls, lambda w: torch.autograd.graph.increment_version(w._data), (args, kwargs))
         if is_mutable_op(func) and isinstance(args[0], cls):
             # In-place update (optimizer step, copy_ from load_state_dict): the wrapper, with its own recipe,
             # is the result; a checkpoint carries weights, not the recipe.

@@ -76,8 +76,9 @@ def load(source: Path) -> ctypes.CDLL | None:
     # -ffp-contract=off: no fused multiply-adds, every float operation rounds where torch's does.
     flags = ["-O3", march(), "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
     # -march=native builds for the machine that compiles: the key names the machine too.
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources #include
     key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), cc.encode(), " ".join(flags).encode(), cpu_signature().encode()])
+        b"\0".join([source.read_bytes(), *headers, cc.encode(), " ".join(flags).encode(), cpu_signature().encode()])
     ).hexdigest()[:16]
     path = cache_dir() / f"{source.stem}-{key}.so"
     if not path.exists():

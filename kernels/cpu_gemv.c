@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_rows.h"
+
 /* The decoding loops shift by constants: x86 has no byte shifts, and with a variable shift the compiler widens
  * every byte to 32 bits (2x slower overall on AVX-512). */
 static void decode_ternary(const uint8_t* row, uint8_t* u, int64_t kp) {
@@ -241,30 +243,6 @@ void bitnet_unpack(const uint8_t* packed, int8_t* out, int64_t N, int64_t K, int
  * -ffp-contract=off), so the outputs equal the training forward's bit for bit. Dtype codes: 0 float32,
  * 1 bfloat16, 2 float16. */
 
-static float round_to(float v, int64_t code) {
-    if (code == 1) { /* round to nearest even, as c10::BFloat16 */
-        uint32_t u;
-        memcpy(&u, &v, 4);
-        u = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-        memcpy(&v, &u, 4);
-        return v;
-    }
-    if (code == 2) return (float)(_Float16)v;
-    return v;
-}
-
-static void store(void* out, int64_t i, float v, int64_t code) {
-    if (code == 1) {
-        uint32_t u;
-        memcpy(&u, &v, 4);
-        ((uint16_t*)out)[i] = (uint16_t)(u >> 16);
-    } else if (code == 2) {
-        ((_Float16*)out)[i] = (_Float16)v;
-    } else {
-        ((float*)out)[i] = v;
-    }
-}
-
 int bitnet_packed_linear(const float* x, const float* rstd, const float* norm_weight, int64_t x_code,
                          int64_t norm_code, double eps, const uint8_t* packed, float w_scale, const float* bias,
                          int64_t out_code, void* out, int64_t M, int64_t N, int64_t K, int64_t kp, int64_t bits,
@@ -276,22 +254,13 @@ int bitnet_packed_linear(const float* x, const float* rstd, const float* norm_we
     int failed = x_q == NULL || s_x == NULL || y == NULL || acc == NULL;
     const float eps_f = (float)eps;
     for (int64_t m = 0; m < M && !failed; ++m) {
-        const float* row = x + m * K;
-        float absmax = 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-            float v = row[k];
-            if (rstd != NULL) v = round_to(round_to(v * rstd[m] * norm_weight[k], x_code), norm_code);
-            y[k] = v;
-            const float a = fabsf(v);
-            absmax = a > absmax ? a : absmax;
+        memcpy(y, x + m * K, (size_t)K * sizeof(float));
+        if (rstd != NULL) {
+            for (int64_t k = 0; k < K; ++k) y[k] = y[k] * rstd[m] * norm_weight[k];
+            round_row(y, K, x_code);
+            round_row(y, K, norm_code);
         }
-        const float s = (absmax < eps_f ? eps_f : absmax) / 127.0f;
-        s_x[m] = s;
-        for (int64_t k = 0; k < K; ++k) {
-            float q = nearbyintf(y[k] / s);
-            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-            x_q[m * K + k] = (int8_t)q;
-        }
+        s_x[m] = quantize_row(y, K, eps_f, x_q + m * K);
     }
     if (!failed) failed = bitnet_packed_gemv(x_q, packed, acc, M, N, K, kp, bits, threads);
     for (int64_t m = 0; m < M && !failed; ++m) {

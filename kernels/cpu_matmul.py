@@ -58,6 +58,8 @@ ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
 EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "fp32", "reference")}
 #: The routes whose right operand is best contiguous along the reduction (a ``.t()`` view of ``(N, K)``).
 K_CONTIGUOUS_ROUTES = ("onednn", "signadd", "fp32", "reference")
+#: The routes as fast with either layout of the right operand.
+EITHER_LAYOUT_ROUTES = ("int_mm",)
 
 #: Largest reduction an FP32 GEMM of full-range int8 values sums exactly: 1024 products of at most 2**14.
 FP32_EXACT_BLOCK = 1 << 10
@@ -66,12 +68,15 @@ FP32_EXACT_TERNARY = 1 << 17
 
 ENV_VAR = "BITNET_AO_CPU_INT8_ROUTE"
 
-#: ``(M, K, N)`` of the matmuls each kind is measured on: a 1024-token forward and grad_input of a 1024 x 2816
-#: linear (an MLP of the main job's model), and its grad_weight. At 512 tokens the order of two routes within 10%
-#: of each other could differ from the order at training sizes (Zen 3: signadd ahead at 512, oneDNN at 1024+).
+#: ``(M, K, N)`` of the matmuls each kind is measured on: the forward and grad_input of a 1024 x 2816 linear (an MLP
+#: of the main job's model) at 2048 tokens, a training step's worth of tokens for a micro-batch, and its grad_weight.
+#: Each route is timed the way training calls it, with its conversions and oneDNN's per-call prepack included.
+#: At 1024 tokens oneDNN and torch._int_mm were within a few percent on a Zen 4 and the order flipped between runs,
+#: while at 2048-4096 tokens torch._int_mm is 1.25-1.3x faster there; at 512 tokens the order of two AVX2 routes
+#: could differ from the order at training sizes (Zen 3: signadd ahead at 512, oneDNN at 1024+).
 PROBE_SHAPES = {
-    "ternary": ((1024, 1024, 2816), (1024, 2816, 1024)),
-    "full": ((2816, 1024, 1024),),
+    "ternary": ((2048, 1024, 2816), (2048, 2816, 1024)),
+    "full": ((2816, 2048, 1024),),
 }
 #: Timed runs of each candidate on each probe shape (after one warm-up); the median counts.
 PROBE_REPEATS = 3
@@ -241,9 +246,18 @@ def ternary_layout(b: Tensor, route: str) -> Tensor:
 
 
 @torch.compiler.assume_constant_result
+def right_operand_either_layout() -> bool:
+    """Whether the ternary-operand route runs as fast with ``b`` contiguous along the reduction as row-major:
+    ``torch._int_mm`` (13.6 ms either way for 2048 x 1024 x 2816 on a Zen 4, torch 2.13.0), so the weight is
+    ternarized without a transposition for both the forward and grad_input. A constant of compiled graphs, as
+    :func:`right_operand_k_contiguous`."""
+    return routes()["ternary"] in EITHER_LAYOUT_ROUTES
+
+
+@torch.compiler.assume_constant_result
 def right_operand_k_contiguous() -> bool:
     """Whether the ternary-operand route wants ``b`` contiguous along the reduction (a transposed view of a
-    row-major ``(N, K)``) rather than row-major ``(K, N)`` (``torch._int_mm``, ~1.7x faster that way).
+    row-major ``(N, K)``) rather than row-major ``(K, N)``.
 
     torch.compile traces the weight's layout choice and may be the first to ask: the route is then measured
     eagerly, outside the graph, and the answer is a constant of the compiled graph (it is one per process)."""
@@ -267,7 +281,10 @@ def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
         if route == "signadd":
-            return cpu_sign_gemm.ternary_mm(a, b)
+            # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
+            # profile of benchmarks/step_profile.py).
+            with torch.profiler.record_function("bitnet_ao.gemm:signadd"):
+                return cpu_sign_gemm.ternary_mm(a, b)
         if route == "reference":
             return reference.int8_mm(a, b)
         return _fp32_mm(a, b, FP32_EXACT_TERNARY if b_ternary else FP32_EXACT_BLOCK)

@@ -57,6 +57,12 @@ def right_operand_k_contiguous(t: Tensor) -> bool:
     return backend_for(t).right_operand_k_contiguous(t)
 
 
+def right_operand_either_layout(t: Tensor) -> bool:
+    """Whether the backend for ``t`` multiplies as fast with ``b`` row-major as contiguous along the reduction:
+    then the weight's int8 values are written without a transposition for both matmuls."""
+    return backend_for(t).right_operand_either_layout(t)
+
+
 def _check_2d(name: str, t: Tensor, what: str) -> None:
     check(t.dim() == 2, lambda: f"bitnet_ao.{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
 

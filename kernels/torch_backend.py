@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import cpu_gemv, cpu_matmul, reference
+from . import cpu_gemv, cpu_matmul, cpu_passes, reference
 from .private_api import int_mm, with_own_code_object
 from .reference import ACTIVATION_EPS
 
@@ -30,9 +30,14 @@ COMPILE_MIN_NUMEL = int(os.environ.get("BITNET_AO_COMPILE_MIN_NUMEL", 1 << 16))
 
 
 def right_operand_k_contiguous(t: Tensor) -> bool:
-    """Layout of the right operand ``b`` (``(K, N)``) the matmul for ``t``'s device is fastest with:
-    ``torch._int_mm`` ~1.7x faster with ``b`` row-major (N contiguous), oneDNN wants it contiguous along K."""
+    """Layout of the right operand ``b`` (``(K, N)``) the matmul for ``t``'s device is fastest with: oneDNN, the
+    signadd kernel and FP32 GEMMs want it contiguous along K."""
     return t.device.type == "cpu" and cpu_matmul.right_operand_k_contiguous()
+
+
+def right_operand_either_layout(t: Tensor) -> bool:
+    """Whether the matmul for ``t``'s device is as fast with either layout of ``b`` (``torch._int_mm`` on CPU)."""
+    return t.device.type == "cpu" and cpu_matmul.right_operand_either_layout()
 
 
 @functools.cache
@@ -79,7 +84,7 @@ def run_fused(fn: Callable, numel: int, *args, keep_narrowing_casts: bool = Fals
 
 
 def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return run_fused(reference.quantize_rowwise, x.numel(), x, eps)
+    return cpu_passes.quantize_rows(x, eps) or run_fused(reference.quantize_rowwise, x.numel(), x, eps)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -91,6 +96,12 @@ def rms_norm_quantize_rowwise(
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The norm's output is rounded to x.dtype and then to norm_dtype; either may be narrower than float32.
     narrowing = min(x.dtype.itemsize, norm_dtype.itemsize) < torch.float32.itemsize
+    if x.device.type == "cpu":
+        # The C pass reads each row once; the rstd reduction, whose summation order fixes its last bit, is torch's.
+        rstd = run_fused(_rms_norm_rstd, x.numel(), x, norm_eps)
+        done = cpu_passes.quantize_rows(x, eps, norm=(rstd, weight, norm_dtype))
+        if done is not None:
+            return (*done, rstd)
     return run_fused(
         reference.rms_norm_quantize_rowwise,
         x.numel(),
@@ -103,6 +114,11 @@ def rms_norm_quantize_rowwise(
     )
 
 
+def _rms_norm_rstd(x: Tensor, eps: float) -> Tensor:
+    """``reference.rms_norm_rstd`` of ``x`` in any dtype: the one reduction of the fused norm."""
+    return reference.rms_norm_rstd(x.float(), eps)
+
+
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     return run_fused(reference.rms_norm_backward, x.numel(), dy, x, weight, rstd)
 
@@ -112,8 +128,10 @@ def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[T
 
 
 def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    # One compiled body: inductor reads g once for both (about 25% less time than the two ops at 1024 x 2816).
-    return run_fused(reference.quantize_grad_output, g.numel(), g, row_scale, eps)
+    # Both from one C pass (two reads of each row), else one compiled body (inductor reads g once for both).
+    return cpu_passes.quantize_grad_output(g, row_scale, eps) or run_fused(
+        reference.quantize_grad_output, g.numel(), g, row_scale, eps
+    )
 
 
 def weight_stats(w: Tensor) -> Tensor:
@@ -121,7 +139,8 @@ def weight_stats(w: Tensor) -> Tensor:
 
 
 def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
-    return run_fused(reference.ternarize, w.numel(), w, scale, transpose)
+    q = cpu_passes.ternarize(w, scale, transpose)
+    return q if q is not None else run_fused(reference.ternarize, w.numel(), w, scale, transpose)
 
 
 def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
@@ -151,7 +170,20 @@ def scaled_int8_mm(
     out_dtype: torch.dtype,
     b_ternary: bool = False,
 ) -> Tensor:
-    acc = _int8_mm(a, b, b_ternary)
+    return _scale_output(_int8_mm(a, b, b_ternary), row_scale, col_scale, scale, bias, out_dtype)
+
+
+def _scale_output(
+    acc: Tensor,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    out = cpu_passes.scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
+    if out is not None:
+        return out
     return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
 
 
@@ -172,7 +204,7 @@ def scaled_int8_mm_packed(
     if cpu_gemv.applies(a, k, transpose_b):
         acc = cpu_gemv.packed_gemv(a, b_packed, k, bits)
         if acc is not None:
-            return run_fused(reference.scale_output, acc.numel(), acc, row_scale, col_scale, scale, bias, out_dtype)
+            return _scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
     # Unpacked B is row-major (N, K). The forward's B.T is then a column-major view, which torch._int_mm takes
     # about as fast as a row-major copy (docs/kernels.md) and oneDNN wants anyway; grad_input's B is row-major
     # as torch._int_mm wants, and copied to column-major for oneDNN.
@@ -181,7 +213,7 @@ def scaled_int8_mm_packed(
         b = run_fused(reference.unpack_weight, b_packed.numel(), b_packed, k, bits)
     if transpose_b:
         b = b.t()
-    elif right_operand_k_contiguous(a):
+    elif right_operand_k_contiguous(a) and not right_operand_either_layout(a):
         b = b.t().contiguous().t()
     return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=True)
 

@@ -27,6 +27,11 @@ def right_operand_k_contiguous(t: Tensor) -> bool:
     return True
 
 
+def right_operand_either_layout(t: Tensor) -> bool:
+    """Never: see :func:`right_operand_k_contiguous`."""
+    return False
+
+
 __all__ = [
     "binarize",
     "quantize_colwise_scaled",

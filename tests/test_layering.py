@@ -26,6 +26,7 @@ ORDER = [
     "bitnet_ao.kernels.cpu_sign_gemm",
     "bitnet_ao.kernels.cpu_matmul",
     "bitnet_ao.kernels.cpu_gemv",
+    "bitnet_ao.kernels.cpu_passes",
     "bitnet_ao.kernels.torch_backend",
     "bitnet_ao.kernels.triton_common",
     "bitnet_ao.kernels.triton_quant",

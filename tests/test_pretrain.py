@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmarks import hardware, pretrain, report
+from benchmarks import hardware, pretrain, report, step_profile
 from benchmarks.data import ByteDataset, load_corpus
 from bitnet_ao import BitNetTrainingConfig, BitNetTrainingLinearWeight
 from bitnet_ao.surgery import NormedLinear
@@ -37,7 +37,7 @@ def _check_report_names_baseline(tmp_path: Path, out: str, dtype: str) -> dict:
     assert results["runs"][0]["label"] == label and results["runs"][0]["spec"]["dtype"] == dtype
     lines = out.splitlines()
     assert hardware.summary(CPU) in lines[0], "the output starts with the hardware"
-    (header,) = [line for line in lines if line.startswith("run ")]
+    header = next(line for line in lines if line.startswith("run "))  # the results table; the step profiles follow
     assert f" vs {label} " in header
     title = Image.open(tmp_path / "loss_curves.png").text["Title"]
     first, *hardware_lines = title.splitlines()
@@ -58,13 +58,19 @@ def test_comparison_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     results = _check_report_names_baseline(tmp_path, out, str(hardware.baseline_dtype(CPU)).removeprefix("torch."))
     assert results["runs"] == runs
-    # Every row the table printed is in the output, built from the JSON's figures.
-    table = [line.split() for line in out.splitlines() if line.split()[:1] in ([BASELINE], ["bitnet"])]
+    # Every row the two tables printed (results, then the step profiles) is in the output, built from the JSON.
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in ([BASELINE], ["bitnet"])]
+    table, profiles = rows[:2], rows[2:]
     assert [tuple(row) for row in table] == report.table_rows(results["runs"])
+    assert [tuple(row) for row in profiles] == step_profile.profile_rows(results["runs"])[1:]
     base, bitnet = results["runs"]
     assert table[1][2] == f"{bitnet['final_val_loss']:.4f}"
     assert table[1][4] == f"{bitnet['tokens_per_s'] / base['tokens_per_s']:.2f}x"
 
+    for r in runs:  # the profiled steps' time, split: nothing counted twice, the baseline has no int8 matmul
+        p = r["step_profile"]
+        assert sum(p[c] for c in step_profile.CATEGORIES) == pytest.approx(p["step_s"], rel=1e-6), r["name"]
+        assert (p["int8_matmul"] > 0) == r["spec"]["quantize"] and (p["bitnet_passes"] > 0) == r["spec"]["quantize"]
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 

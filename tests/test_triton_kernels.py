@@ -62,7 +62,8 @@ def test_triton_is_the_cuda_backend():
     with kernels.use_backend("triton"):
         assert kernels.backend_for(cpu_tensor) is triton_backend
     for name in ("quantize_rowwise", "quantize_colwise_scaled", "quantize_grad_output", "weight_stats", "ternarize",
-                 "binarize", "scaled_int8_mm", "scaled_int8_mm_packed", "right_operand_k_contiguous", "rms_norm",
+                 "binarize", "scaled_int8_mm", "scaled_int8_mm_packed", "right_operand_k_contiguous",
+                 "right_operand_either_layout", "rms_norm",
                  "rms_norm_quantize_rowwise", "rms_norm_backward"):  # fmt: skip
         assert callable(getattr(triton_backend, name)), name
 

@@ -1,0 +1,158 @@
+/* Float helpers shared by the CPU kernels that quantize rows (cpu_gemv.c, cpu_passes.c): every float operation is
+ * the one bitnet_ao.kernels.reference performs, in the same order and rounding (the kernels are built with
+ * -ffp-contract=off), so the results equal torch's bit for bit. Dtype codes: 0 float32, 1 bfloat16, 2 float16. */
+#ifndef BITNET_AO_CPU_ROWS_H
+#define BITNET_AO_CPU_ROWS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* v rounded to the dtype of code and back to float: round to nearest even, as c10::BFloat16 and _Float16. */
+static inline float round_to(float v, int64_t code) {
+    if (code == 1) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        u = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        memcpy(&v, &u, 4);
+        return v;
+    }
+    if (code == 2) return (float)(_Float16)v;
+    return v;
+}
+
+/* Element i of a tensor of dtype code, as float (exact: every such value is a float). */
+static inline float load_value(const void* p, int64_t i, int64_t code) {
+    if (code == 1) {
+        const uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+        float v;
+        memcpy(&v, &u, 4);
+        return v;
+    }
+    if (code == 2) return (float)((const _Float16*)p)[i];
+    return ((const float*)p)[i];
+}
+
+/* Store v, already rounded to the dtype of code (round_to), as element i. */
+static inline void store(void* out, int64_t i, float v, int64_t code) {
+    if (code == 1) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        ((uint16_t*)out)[i] = (uint16_t)(u >> 16);
+    } else if (code == 2) {
+        ((_Float16*)out)[i] = (_Float16)v;
+    } else {
+        ((float*)out)[i] = v;
+    }
+}
+
+/* Elements off .. off + K of a tensor of dtype code, as floats in y; the dtype dispatch outside the loops, so that
+ * the compiler vectorizes each. */
+static inline void load_row(const void* p, int64_t off, int64_t K, int64_t code, float* y) {
+    if (code == 1) {
+        const uint16_t* h = (const uint16_t*)p + off;
+        for (int64_t k = 0; k < K; ++k) {
+            const uint32_t u = (uint32_t)h[k] << 16;
+            memcpy(y + k, &u, 4);
+        }
+    } else if (code == 2) {
+        const _Float16* h = (const _Float16*)p + off;
+        for (int64_t k = 0; k < K; ++k) y[k] = (float)h[k];
+    } else {
+        memcpy(y, (const float*)p + off, (size_t)K * sizeof(float));
+    }
+}
+
+/* round_to over a row. */
+static inline void round_row(float* y, int64_t K, int64_t code) {
+    if (code == 1) {
+        for (int64_t k = 0; k < K; ++k) y[k] = round_to(y[k], 1);
+    } else if (code == 2) {
+        for (int64_t k = 0; k < K; ++k) y[k] = (float)(_Float16)y[k];
+    }
+}
+
+/* A row of floats already rounded to the dtype of code (round_row), stored as elements off .. off + K. */
+static inline void store_row(const float* y, int64_t K, int64_t code, void* out, int64_t off) {
+    if (code == 1) {
+        uint16_t* h = (uint16_t*)out + off;
+        for (int64_t k = 0; k < K; ++k) {
+            uint32_t u;
+            memcpy(&u, y + k, 4);
+            h[k] = (uint16_t)(u >> 16);
+        }
+    } else if (code == 2) {
+        _Float16* h = (_Float16*)out + off;
+        for (int64_t k = 0; k < K; ++k) h[k] = (_Float16)y[k];
+    } else {
+        memcpy((float*)out + off, y, (size_t)K * sizeof(float));
+    }
+}
+
+/* max |y[k]|, NaN propagating like torch's amax: non-negative floats order as their bit patterns, and a NaN's
+ * (sign cleared) is above every number's, so an integer max (which the compiler vectorizes) is exact. */
+static inline float absmax(const float* y, int64_t K) {
+    uint32_t m = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        uint32_t u;
+        memcpy(&u, y + k, 4);
+        u &= 0x7fffffffu;
+        m = u > m ? u : m;
+    }
+    float v;
+    memcpy(&v, &m, 4);
+    return v;
+}
+
+/* clamp(round(v / s), lo, hi) as int8: torch.round is round half to even, as nearbyintf. */
+static inline int8_t quantize_value(float v, float s, float lo, float hi) {
+    float q = nearbyintf(v / s);
+    q = q < lo ? lo : q;
+    q = q > hi ? hi : q;
+    return (int8_t)q;
+}
+
+/* quantize_value(y[k] * r, s[k] (or s0 when s is NULL), lo, hi) for k < K: the hot loop of every quantization,
+ * written with intrinsics because the compiler's own vector code for the clamp and the narrowing spends more time
+ * on mask registers than on the arithmetic (2-3x slower on a Zen 4). The same IEEE division, rounding and clamp:
+ * the same values (a NaN, whose int8 value torch leaves undefined, may differ). */
+static inline void quantize_span(const float* y, float r, const float* s, float s0, int64_t K, float lo, float hi,
+                                 int8_t* q) {
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    const __m512 vr = _mm512_set1_ps(r), vs0 = _mm512_set1_ps(s0), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    for (; k + 16 <= K; k += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(y + k), vr);
+        __m512 t = _mm512_div_ps(v, s != NULL ? _mm512_loadu_ps(s + k) : vs0);
+        t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+        _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
+    }
+#elif defined(__AVX2__)
+    const __m256 vr = _mm256_set1_ps(r), vs0 = _mm256_set1_ps(s0), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(y + k), vr);
+        __m256 t = _mm256_div_ps(v, s != NULL ? _mm256_loadu_ps(s + k) : vs0);
+        t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm256_min_ps(_mm256_max_ps(t, vlo), vhi);
+        const __m256i i = _mm256_cvttps_epi32(t);
+        const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(h, h));
+    }
+#endif
+    for (; k < K; ++k) q[k] = quantize_value(y[k] * r, s != NULL ? s[k] : s0, lo, hi);
+}
+
+/* reference.quantize_rowwise of one float row y: writes its int8 values to q and returns its scale
+ * max(absmax, eps) / 127 (clamp(min=eps) keeps a NaN, as torch's). */
+static inline float quantize_row(const float* y, int64_t K, float eps, int8_t* q) {
+    const float m = absmax(y, K);
+    const float s = (m < eps ? eps : m) / 127.0f;
+    quantize_span(y, 1.0f, NULL, s, K, -128.0f, 127.0f, q);
+    return s;
+}
+
+#endif

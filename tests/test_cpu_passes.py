@@ -1,0 +1,125 @@
+"""The C elementwise passes (``kernels/cpu_passes.c``) give the numbers of the contract bit for bit, against the
+spec's formulas written out in torch (``tests/spec_reference.py`` and below), for every dtype, odd and large shapes
+(several threads), zero rows and rounding ties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitnet_ao.kernels import cpu_passes
+from tests.spec_reference import act_quant
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (3, 17), (33, 100), (257, 1031)]  # the last one is past COMPILE_MIN_NUMEL: both threads
+
+
+def _input(shape: tuple[int, int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Normal values, a zero row, and a row whose scale makes exact halves (round half to even decides them)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if shape[0] > 2:
+        x[1] = 0
+        x[2] = torch.arange(shape[1]).remainder(5).to(dtype) * 0.5  # max 2 -> scale 2/127: k/2 * 127/2 has halves
+        x[2, 0] = 2
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_kernels():
+    if cpu_passes._library() is None:
+        pytest.skip("no C compiler: the compiled reference runs instead")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_rows_is_act_quant(shape, dtype):
+    x = _input(shape, dtype, 0)
+    q, s = cpu_passes.quantize_rows(x, 1e-5)
+    q_ref, s_ref = act_quant(x)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref.to(torch.int8))
+
+
+@pytest.mark.parametrize("norm_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_rows_through_the_norm(shape, dtype, norm_dtype):
+    x = _input(shape, dtype, 1)
+    gain = torch.rand(shape[1]) + 0.5
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    q, s = cpu_passes.quantize_rows(x, 1e-5, norm=(rstd, gain, norm_dtype))
+    normed = (x.float() * rstd * gain).to(dtype).to(norm_dtype)  # the norm, rounded as the linear receives it
+    q_ref, s_ref = act_quant(normed)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref.to(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_grad_output_is_both_quantizations(shape, dtype):
+    g = _input(shape, dtype, 2) * 1e-3
+    row_scale = torch.rand(shape[0]) + 0.1
+    g_q, s_g, g_qc, s_gc = cpu_passes.quantize_grad_output(g, row_scale, 1e-30)
+    q_ref, s_ref = act_quant(g, eps=1e-30)
+    assert torch.equal(s_g, s_ref) and torch.equal(g_q, q_ref.to(torch.int8))
+    folded = g.float() * row_scale[:, None]
+    s_col = folded.abs().amax(dim=0).clamp(min=1e-30) / 127
+    assert torch.equal(s_gc, s_col)
+    assert torch.equal(g_qc, (folded / s_col).round().clamp(-128, 127).to(torch.int8))
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("factors", ["row+scale+bias", "row+col", "row", "float acc"])
+def test_scale_output_is_the_epilogue(shape, out_dtype, factors):
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.randint(-(2**20), 2**20, shape, generator=gen, dtype=torch.int32)
+    row, col, scale = torch.rand(shape[0], generator=gen), torch.rand(shape[1], generator=gen), torch.tensor(0.37)
+    bias = torch.randn(shape[1], generator=gen) if "bias" in factors else None
+    if factors == "float acc":
+        acc = acc.float()
+    col = col if "col" in factors else None
+    scale = scale if "scale" in factors else None
+    out = cpu_passes.scale_output(acc, row, col, scale, bias, out_dtype)
+    expected = acc.float() * row[:, None]
+    if col is not None:
+        expected = expected * col[None, :]
+    if scale is not None:
+        expected = expected * scale
+    expected = expected.to(out_dtype)
+    if bias is not None:
+        expected = expected + bias.to(out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (130, 67)])
+def test_ternarize_is_round_clamp(shape, dtype, transpose):
+    w = _input(shape, dtype, 4)
+    scale = w.float().abs().mean() if shape != (1, 1) else torch.tensor(0.0)  # 0: the 1e-5 floor
+    q = cpu_passes.ternarize(w, scale, transpose)
+    expected = (w.float() / scale.clamp(min=1e-5)).round().clamp(-1, 1).to(torch.int8)
+    assert torch.equal(q, expected.t().contiguous() if transpose else expected)
+
+
+def test_what_the_kernels_do_not_take_falls_back():
+    assert cpu_passes.quantize_rows(torch.zeros(0, 4), 1e-5) is None
+    assert cpu_passes.quantize_rows(torch.zeros(2, 4, dtype=torch.float64), 1e-5) is None
+    assert cpu_passes.ternarize(torch.ones(4, 4), torch.ones(4, 1), False) is None  # group scales
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_the_avx2_and_portable_builds_are_exact_too(capability, tmp_path):
+    """The same checks on the kernels built for AVX2 (``x86-64-v3``, what an AVX2 CPU runs) and for baseline
+    x86-64, in a subprocess: ``ATEN_CPU_CAPABILITY`` picks the build (``kernels/cpu_build.py``)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 builds")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "BITNET_AO_CACHE_DIR": str(tmp_path)}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not builds"]
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "passed" in run.stdout and any(tmp_path.glob("cpu_passes-*.so")), run.stdout[-3000:]
