@@ -10,6 +10,16 @@
 
 #include "cpu_rows.h"
 
+/* A thread's row buffer of n floats; sets *failed (for the whole team) when there is no memory for it. */
+static float* row_buffer(int64_t n, int* failed) {
+    float* y = (float*)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (y == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return y;
+}
+
 /* reference.quantize_rowwise of x (M, K) of dtype code x_code; with rstd and gain, of the RMSNorm of x first
  * (reference.rms_norm_quantize_rowwise: x * rstd[m] * gain[k] rounded to x's dtype, then to norm_code's). */
 int bitnet_quantize_rows(const void* x, int64_t x_code, const float* rstd, const float* gain, int64_t norm_code,
@@ -18,11 +28,7 @@ int bitnet_quantize_rows(const void* x, int64_t x_code, const float* rstd, const
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
-        if (y == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float* y = row_buffer(K, &failed);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
@@ -52,12 +58,8 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
     int failed = 0;
 #pragma omp parallel num_threads((int)nt)
     {
-        float* y = (float*)malloc((size_t)(N > 0 ? N : 1) * sizeof(float));
+        float* y = row_buffer(N, &failed);
         uint32_t* mine = col_max + (int64_t)omp_get_thread_num() * N;
-        if (y == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
@@ -109,11 +111,7 @@ int bitnet_scale_output(const void* acc, int64_t acc_float, const float* row_sca
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = (float*)malloc((size_t)(N > 0 ? N : 1) * sizeof(float));
-        if (y == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float* y = row_buffer(N, &failed);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
@@ -146,12 +144,12 @@ int bitnet_scale_output(const void* acc, int64_t acc_float, const float* row_sca
     return failed;
 }
 
-/* reference.ternarize of w (N, K) of dtype code w_code: clamp(round(w / max(scale, 1e-5)), -1, 1) as int8, (N, K),
+/* reference.ternarize of w (N, K) of dtype code w_code: clamp(round(w / max(scale, eps)), -1, 1) as int8, (N, K),
  * or (K, N) when transpose, written tile by tile so that both sides stay in cache. */
-int bitnet_ternarize(const void* w, int64_t w_code, float scale, int64_t transpose, int8_t* q, int64_t N, int64_t K,
-                     int64_t threads) {
+int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int64_t transpose, int8_t* q, int64_t N,
+                     int64_t K, int64_t threads) {
     enum { TILE = 64 };
-    const float s = scale < 1e-5f ? 1e-5f : scale;
+    const float s = scale < (float)eps ? (float)eps : scale;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_build
+from .reference import WEIGHT_EPS
 
 SOURCE = Path(__file__).with_name("cpu_passes.c")
 #: The dtype codes of cpu_rows.h.
@@ -36,7 +37,7 @@ def _library() -> ctypes.CDLL | None:
         "bitnet_quantize_rows": [p, i, p, p, i, i, i, d, p, p, i],
         "bitnet_quantize_grad_output": [p, i, p, i, i, d, p, p, p, p, i],
         "bitnet_scale_output": [p, i, p, p, p, p, i, p, i, i, i],
-        "bitnet_ternarize": [p, i, ctypes.c_float, i, p, i, i, i],
+        "bitnet_ternarize": [p, i, ctypes.c_float, d, i, p, i, i, i],
     }
     for name, argtypes in signatures.items():
         getattr(library, name).argtypes = argtypes
@@ -145,7 +146,15 @@ def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor | None:
     n, k = w.shape
     q = torch.empty((k, n) if transpose else (n, k), dtype=torch.int8)
     failed = library.bitnet_ternarize(
-        w.data_ptr(), _CODES[w.dtype], float(scale), int(transpose), q.data_ptr(), n, k, torch.get_num_threads()
+        w.data_ptr(),
+        _CODES[w.dtype],
+        float(scale),
+        WEIGHT_EPS,
+        int(transpose),
+        q.data_ptr(),
+        n,
+        k,
+        torch.get_num_threads(),
     )
     _check(failed, "ternarize")
     return q

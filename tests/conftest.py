@@ -33,14 +33,19 @@ DEPENDENCIES = (
 )  # fmt: skip
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Print the version each dependency resolved to, first thing, also under ``-q`` (which hides pytest's header):
+    CI installs into a new venv each run, so a failure can be read against the releases it met."""
+
     def version(name: str) -> str:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    return "dependencies: " + ", ".join(f"{name} {version(name)}" for name in DEPENDENCIES)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("dependencies: " + ", ".join(f"{name} {version(name)}" for name in DEPENDENCIES))
 
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when bitnet_ao.kernels is first imported, so it

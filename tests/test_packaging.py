@@ -21,9 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 # The benchmark scripts (the others in benchmarks/ are their modules).
 BENCHMARKS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 
+# torch.ops.bitnet_ao must call bitnet_ao.kernels' implementations: a backend registered through bitnet_ao.kernels
+# has to see the call (a second copy of the ops, registered from another import of the folder, would not).
+_OPS_RUN_BITNET_AO = """
+calls = []
+def probe(x, eps):
+    calls.append(eps)
+    return bitnet_ao.kernels.reference.quantize_rowwise(x, eps)
+
+bitnet_ao.kernels.register_backend("probe", types.SimpleNamespace(quantize_rowwise=probe))
+with bitnet_ao.kernels.use_backend("probe"):
+    torch.ops.bitnet_ao.quantize_rowwise(torch.ones(2, 3), 0.5)
+assert calls == [0.5], "torch.ops.bitnet_ao does not run bitnet_ao.kernels' implementation"
+"""
+
 # Runs after the launch's own start-up: transformers and a Llama forward, bitnet_ao on it, then where each name
 # came from. The Hub package's distribution says where it lives; transformers must have imported that one.
-_CHECK = """
+_CHECK = (
+    """
 import importlib.metadata, importlib.util, sys, types
 from pathlib import Path
 
@@ -48,17 +63,12 @@ assert transformers.utils.import_utils.is_kernels_available()
 checkout = Path(sys.argv[1]).resolve()
 assert Path(bitnet_ao.kernels.__file__).resolve() == checkout / "kernels" / "__init__.py", bitnet_ao.kernels.__file__
 
-calls = []
-def probe(x, eps):
-    calls.append(eps)
-    return bitnet_ao.kernels.reference.quantize_rowwise(x, eps)
-
-bitnet_ao.kernels.register_backend("probe", types.SimpleNamespace(quantize_rowwise=probe))
-with bitnet_ao.kernels.use_backend("probe"):
-    torch.ops.bitnet_ao.quantize_rowwise(torch.ones(2, 3), 0.5)
-assert calls == [0.5], "torch.ops.bitnet_ao does not run bitnet_ao.kernels' implementation"
+"""
+    + _OPS_RUN_BITNET_AO
+    + """
 print("hub kernels ok")
 """
+)
 
 
 def _launch_as_script(script: Path) -> list[str]:
@@ -118,7 +128,8 @@ def test_this_test_process_imports_the_installed_packages():
 # The folder imported under its own name, with no Hub package to hand over to (find_spec hides it): it must define
 # and register nothing. torch.library would silently replace each op's implementation with a second copy's, whose
 # backends the real package's register_backend / use_backend miss.
-_FOLDER_ALONE = """
+_FOLDER_ALONE = (
+    """
 import importlib.machinery, sys, types
 
 sys.path.insert(0, sys.argv[1])
@@ -135,20 +146,12 @@ import kernels
 assert kernels is not bitnet_ao.kernels and kernels.__file__.startswith(sys.argv[1]), kernels.__file__
 assert not [name for name in vars(kernels) if not name.startswith("__")], sorted(vars(kernels))
 assert not [name for name in sys.modules if name.startswith("kernels.")], sorted(sys.modules)
-calls = []
-
-
-def probe(x, eps):
-    calls.append(eps)
-    return bitnet_ao.kernels.reference.quantize_rowwise(x, eps)
-
-
-bitnet_ao.kernels.register_backend("probe", types.SimpleNamespace(quantize_rowwise=probe))
-with bitnet_ao.kernels.use_backend("probe"):
-    torch.ops.bitnet_ao.quantize_rowwise(torch.ones(2, 3), 0.5)
-assert calls == [0.5], "torch.ops.bitnet_ao no longer runs bitnet_ao.kernels' implementation"
+"""
+    + _OPS_RUN_BITNET_AO
+    + """
 print("registered once")
 """
+)
 
 
 def test_top_level_kernels_name_registers_nothing():
