@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +72,15 @@ _MATMULS = {
     aten.linear.default,
     aten.mv.default,
 }
+
+
+class _StepValues(NamedTuple):
+    """A master weight's quantization and int8 values while its :meth:`~BitNetTrainingLinearWeight._version_key`
+    is ``key``."""
+
+    key: tuple
+    q: WeightQuantization
+    values: Tensor
 
 
 class _OptimizerSteps:
@@ -166,7 +176,8 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
     # --- the BitNetWeight interface of the autograd function (bitnet_ao/linear.py) ---------------------------
 
     def bitnet_quantization(self) -> WeightQuantization:
-        return weight_quantization(self._data, self.config)
+        step = self._step_values()
+        return step.q if step is not None else weight_quantization(self._data, self.config)
 
     def bitnet_int8(self, q: WeightQuantization) -> Tensor:
         return quantize_weight(self._data, q, weights=self.config.weights, transpose=False)
@@ -186,6 +197,12 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
         # (contiguous along the reduction dim) for oneDNN and Triton; for torch._int_mm on CPU, which takes either
         # at the same speed, whichever needs no transposition (a transposing write costs 4-7x a plain one).
         w = self._data
+        step = self._step_values()
+        if step is not None and step.q.scale is q.scale:  # the forward's quantization: its values, no new pass
+            b = step.values.t() if transpose else step.values
+            return scaled_mm_groups(
+                a, b, row_scale=row_scale, q=q, config=self.config, transpose=transpose, bias=bias, out_dtype=out_dtype
+            )
         k_contiguous = transpose if kernels.right_operand_either_layout(w) else kernels.right_operand_k_contiguous(w)
         if k_contiguous:
             b = quantize_weight(w, q, weights=self.config.weights, transpose=not transpose).t()
@@ -213,12 +230,38 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
             return None
         return self.prepared().bitnet_forward(x2, norm=norm, bias=bias, out_dtype=out_dtype)
 
+    def _step_values(self) -> _StepValues | None:
+        """The quantization and ``(N, K)`` int8 values of this weight as it is now, made once and shared by the
+        forward and ``grad_input`` of every micro-step until the weight changes (:meth:`_version_key`), where one
+        tensor serves both matmuls: a backend that takes either layout of the right operand (``torch._int_mm``).
+        ``None`` elsewhere, for group scales, while torch.compile traces (it fuses the ternarization), and in
+        inference mode (its tensors could not be saved for a later training step's backward)."""
+        w = self._data
+        if (
+            self.config.grouped
+            or is_compiling_with_fake_tensors()
+            or torch.is_inference_mode_enabled()
+            or not kernels.right_operand_either_layout(w)
+        ):
+            return None
+        key = self._version_key()
+        cached = self.__dict__.get("_step")
+        if cached is None or cached.key != key:
+            q = weight_quantization(w, self.config)
+            cached = _StepValues(key, q, quantize_weight(w, q, weights=self.config.weights, transpose=False))
+            self.__dict__["_step"] = cached
+        return cached
+
+    def _version_key(self) -> tuple:
+        """What changes whenever this weight's values may have: every optimizer step (any ``torch.optim.Optimizer``:
+        torch 2.13's fused AdamW updates a weight without advancing its version counter), every in-place change of
+        the weight or of its master tensor (``__torch_dispatch__`` advances the master's: ``load_state_dict``,
+        ``copy_``, ``mul_``, ``.data`` edits), a new master tensor."""
+        return (_OPTIMIZER_STEPS.taken, self._version, self._data._version, self._data.data_ptr(), self._data.dtype)
+
     def prepared(self) -> BitNetPackedLinearWeight:
-        """This weight quantized and packed, made once and reused until the weight changes: every optimizer step
-        (any ``torch.optim.Optimizer``: torch 2.13's fused AdamW updates a weight without advancing its version
-        counter), every in-place change of the weight or of its master tensor (``load_state_dict``, ``copy_``,
-        ``mul_``), a new master tensor."""
-        key = (_OPTIMIZER_STEPS.taken, self._version, self._data._version, self._data.data_ptr(), self._data.dtype)
+        """This weight quantized and packed, made once and reused until the weight changes (:meth:`_version_key`)."""
+        key = self._version_key()
         cached = self.__dict__.get("_prepared")
         if cached is None or cached[0] != key:
             cached = (key, pack_linear_weight(self._data.detach(), self.config))

@@ -88,3 +88,39 @@ def test_the_weight_is_packed_once_while_it_does_not_change(monkeypatch):
         layer(x)
         layer(x)
     assert len(packs) == 2, "one new packing after the optimizer step, reused after that"
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_training_step_sees_every_change_of_the_weight(change, force_routes):
+    """Training forwards and grad_input share one ternarization per weight version on a route that takes either
+    layout (torch._int_mm): after every kind of change the next training forward is the spec's again."""
+    force_routes("int_mm", "int_mm")
+    layer = _layer()
+    x = torch.randn(5, 96)
+    layer(x).sum().backward()
+    CHANGES[change](layer)
+    layer.zero_grad()
+    y = layer(x)
+    torch.testing.assert_close(y.detach().double(), _spec_forward(x, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_and_grad_input_share_one_ternarization_per_step(monkeypatch, force_routes):
+    force_routes("int_mm", "int_mm")
+    layer = _layer()
+    calls = []
+    original = tensor.quantize_weight
+    monkeypatch.setattr(tensor, "quantize_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(4, 96, requires_grad=True)
+    for _ in range(2):  # gradient accumulation: two forwards and backwards on one weight version
+        y = layer(x)
+        y.square().sum().backward()
+    assert len(calls) == 1, "one ternarization for two forwards and two grad_inputs"
+    # Each grad_input is the spec's INT8 one: the per-row int8 output gradient times the ternary weight, both scaled.
+    g_q, s_g = act_quant(2 * y.detach(), eps=1e-30)
+    w_q, s_w = ternary_weight(layer.weight._data)
+    expected = 2 * (g_q.double() * s_g.double()[:, None]) @ (w_q.double() * s_w.double())
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-6)
+    optimizer.step()
+    layer(x).square().sum().backward()
+    assert len(calls) == 2, "a new one after the optimizer step"
