@@ -36,7 +36,7 @@ from torchao.quantization import quantize_
 from benchmarks import hardware
 from benchmarks.data import VOCAB_SIZE
 from benchmarks.model import KVCache, ModelConfig, Transformer
-from benchmarks.pretrain import PRESETS
+from benchmarks.presets import TRAINING_PRESETS as PRESETS
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter

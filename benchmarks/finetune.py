@@ -55,6 +55,7 @@ from tqdm import tqdm
 from benchmarks import hardware, pretrain, report
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.model import ModelConfig
+from benchmarks.presets import TRAINING_PRESETS
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_training, unquantize_
 from bitnet_ao.distill import logits_distillation_loss
@@ -87,7 +88,7 @@ LORA_TARGETS = [META.path(role).rpartition(".")[2] for role in META.block_linear
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags; training settings not given come from ``FINETUNE_SETTINGS`` over pretrain.py's preset."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(pretrain.PRESETS), default="tiny", help="pretrain.py's model preset")
+    p.add_argument("--preset", choices=sorted(TRAINING_PRESETS), default="tiny", help="pretrain.py's model preset")
     p.add_argument("--dtype", choices=hardware.DTYPE_CHOICES, default="auto", help="as in pretrain.py")
     p.add_argument("--steps", type=int, help="pretraining steps of the full-precision model")
     p.add_argument("--batch-size", type=int, help="sequences per step, every run")
@@ -566,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Pretrain (or load), convert four ways, LoRA on the packed result, report; returns the JSON's content."""
     args = parse_args(argv)
     model_config = ModelConfig(
-        vocab_size=VOCAB_SIZE, max_seq_len=args.seq_len, **pretrain.PRESETS[args.preset]["model"]
+        vocab_size=VOCAB_SIZE, max_seq_len=args.seq_len, **TRAINING_PRESETS[args.preset]["model"]
     )
     corpus, source = load_corpus(args.data, args.max_bytes)
     data = ByteDataset(corpus, args.seq_len)

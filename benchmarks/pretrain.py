@@ -51,6 +51,7 @@ from tqdm import tqdm
 from benchmarks import hardware, report, step_profile
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.model import ModelConfig, Transformer, to_hf_llama
+from benchmarks.presets import TRAINING_PRESETS as PRESETS
 from benchmarks.timing import synchronize
 from bitnet_ao import BitNetTrainingConfig, bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
@@ -62,30 +63,6 @@ TIMING_WARMUP = 5
 PROFILED_STEPS = range(3, 5)
 #: The reported final training loss is the mean over this many last steps (one batch is noisy).
 FINAL_LOSS_WINDOW = 10
-
-# Model shape and training length. A dict named after a dtype (``hardware.short_name``) replaces some training
-# settings for runs in that dtype. Command-line flags override the training settings.
-PRESETS: dict[str, dict] = {
-    # Matmul-dominated so that the INT8 speed shows on CPU: M = batch * seq = 2048 tokens per step and 1024-wide
-    # layers (attention and norms cost ~T and ~1 per token and channel, the matmuls ~dim). Sized so that the
-    # BF16 + BitNet comparison takes about 3 minutes on a 2-core machine with native BF16. FP32 (AVX2 CPUs)
-    # trains 0.24x the tokens: 2.5 minutes on Zen 3, about 4.5 on Zen 1 (30 steps took 5 min 50 s there).
-    "cpu-default": dict(
-        model=dict(dim=1024, n_layers=3, n_heads=8, hidden_dim=2816),
-        steps=50, batch_size=16, seq_len=128, lr=1.5e-3, eval_every=25, eval_batches=4, compile=False,
-        fp32=dict(steps=24, batch_size=8, eval_every=12),
-    ),
-    # For tests: seconds on a CPU.
-    "tiny": dict(
-        model=dict(dim=64, n_layers=2, n_heads=4, hidden_dim=192),
-        steps=40, batch_size=4, seq_len=64, lr=3e-3, eval_every=20, eval_batches=2, compile=False,
-    ),
-    # Llama-2-1B-sized (TinyLlama's 1.1B shapes, byte vocabulary, full multi-head attention), one GPU.
-    "llama2-1b": dict(
-        model=dict(dim=2048, n_layers=22, n_heads=32, hidden_dim=5632),
-        steps=1000, batch_size=4, seq_len=2048, lr=3e-4, eval_every=250, eval_batches=8, compile=True,
-    ),
-}  # fmt: skip
 
 
 # --- config: the command line and the runs it asks for -------------------------------------------------------
@@ -217,7 +194,7 @@ def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> Non
     except ImportError:
         print("llama-cpp-python is not installed (pip install llama-cpp-python): the GGUF file was not run")
         return
-    from benchmarks.bench_gguf import llama_cpp_agreement
+    from benchmarks.llama_cpp import llama_cpp_agreement
 
     half = min(64, model.config.max_seq_len // 2)  # prompt and generated tokens within the trained positions
     r = llama_cpp_agreement(model.eval(), path, data.val[:half].tolist(), new_tokens=half)

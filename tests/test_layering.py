@@ -67,6 +67,47 @@ ORDER = [
 ]
 
 
+#: The benchmarks, lowest first: shared modules, then the scripts. A script may import a shared module or a script
+#: listed before it, never one after it (no circles: bench_gguf -> bench_inference -> pretrain -> bench_gguf was one).
+BENCHMARK_ORDER = [
+    "benchmarks.hardware",
+    "benchmarks.timing",
+    "benchmarks.data",
+    "benchmarks.model",
+    "benchmarks.presets",
+    "benchmarks.step_profile",
+    "benchmarks.report",
+    "benchmarks.bench_inference",
+    "benchmarks.llama_cpp",
+    "benchmarks.pretrain",
+    "benchmarks.finetune",
+    "benchmarks.bench_gguf",
+    "benchmarks.bench_cpu_routes",
+    "benchmarks.bench_fsdp",
+    "benchmarks.bench_kernels",
+    "benchmarks.bench_linear",
+    "benchmarks",
+]
+
+
+def _benchmark_files() -> dict[str, Path]:
+    files = {f"benchmarks.{p.stem}": p for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"}
+    return {**files, "benchmarks": ROOT / "benchmarks" / "__init__.py"}
+
+
+def test_benchmarks_import_one_way():
+    files = _benchmark_files()
+    assert sorted(files) == sorted(BENCHMARK_ORDER), "add new benchmark modules to BENCHMARK_ORDER"
+    rank = {name: i for i, name in enumerate(BENCHMARK_ORDER)}
+    upward = [
+        f"{name} imports {target}"
+        for name, path in files.items()
+        for target in sorted(_imports(name, path, set(files)))
+        if rank[target] > rank[name]
+    ]
+    assert not upward, "benchmark modules importing upward (or in a circle):\n" + "\n".join(upward)
+
+
 def _module_files() -> dict[str, Path]:
     """Module name -> file, for the installed layout (``kernels/`` is ``bitnet_ao.kernels``)."""
     files = {}
