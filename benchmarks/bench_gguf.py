@@ -71,8 +71,6 @@ QUICK = dict(preset="quick", prompt=64, new_tokens=16, iters=1)
 #: The llama.cpp files compared: the two ternary types of the exporter, and F16 (rewritten from TQ2_0).
 GGUF_TYPES = ("TQ2_0", "TQ1_0", "F16")
 
-#: llama.cpp's block of the TQ types (``QK_K``): the in_features of a linear must be a multiple of it.
-QK_K = 256
 
 #: Untimed pause after each timed call: OpenMP workers (torch's and llama.cpp's runtimes are two) spin for a few ms
 #: after a parallel region; the next variant should not start on cores they are still spinning on.
@@ -97,12 +95,16 @@ def block_parameter_count(config: ModelConfig) -> int:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
+    from bitnet_ao.integrations.gguf import BLOCK  # the exporter's block, llama.cpp's QK_K (needs the gguf package)
+
     shape = {**PRESETS[args.preset]}
     for flag, field in (("dim", "dim"), ("layers", "n_layers"), ("heads", "n_heads"), ("hidden", "hidden_dim")):
         if getattr(args, flag) is not None:
             shape[field] = getattr(args, flag)
-    if shape["dim"] % QK_K or shape["hidden_dim"] % QK_K:
-        raise SystemExit(f"bench_gguf: --dim and --hidden must be multiples of {QK_K} (llama.cpp's TQ blocks): {shape}")
+    if shape["dim"] % BLOCK or shape["hidden_dim"] % BLOCK:
+        raise SystemExit(
+            f"bench_gguf: --dim and --hidden must be multiples of {BLOCK} (llama.cpp's TQ blocks): {shape}"
+        )
     # Rounded up to llama.cpp's context padding (256), which otherwise warns that n_ctx exceeds the trained length.
     max_seq_len = -(-(args.prompt + args.new_tokens) // 256) * 256
     return ModelConfig(vocab_size=VOCAB_SIZE, max_seq_len=max_seq_len, **shape)

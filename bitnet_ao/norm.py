@@ -32,6 +32,12 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx.view(dy.shape), dweight, None
 
 
+def effective_eps(eps: float | None, dtype: torch.dtype) -> float:
+    """The eps an RMS norm adds: its own, or for ``None`` (``torch.nn.RMSNorm``'s default) the machine eps of the
+    dtype it computes in."""
+    return eps if eps is not None else torch.finfo(dtype).eps
+
+
 class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward on CPU.
 
@@ -43,5 +49,4 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or self.weight is None or torch.compiler.is_compiling():
             return super().forward(x)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return _RMSNormFunction.apply(x, self.weight, eps)
+        return _RMSNormFunction.apply(x, self.weight, effective_eps(self.eps, x.dtype))

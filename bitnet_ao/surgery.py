@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .layouts import LAYOUTS, BlockLayout, quantize_filter
 from .linear import InputNorm, bitnet_linear, is_bitnet_weight
-from .norm import RMSNorm
+from .norm import RMSNorm, effective_eps
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ class NormedLinear(nn.Linear):
         )
         if not fusable:
             return super().forward(self.norm(x))
-        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(x.dtype).eps
-        return bitnet_linear(x, weight, self.bias, InputNorm(self.norm.weight, eps))
+        return bitnet_linear(x, weight, self.bias, InputNorm(self.norm.weight, effective_eps(self.norm.eps, x.dtype)))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         for leaf in ("weight", "bias"):  # the earlier NormedLinear(norm, linear) wrapper's keys

@@ -6,7 +6,7 @@ The int8 matmuls on CPU take the route ``cpu_matmul.py`` chose for the CPU (``to
 linear, or exact FP32 GEMMs); on other devices ``torch._int_mm`` where it applies, else the float64 reference.
 
 On CPU an eager chain of elementwise ops is as slow as the matmul it feeds (a 4096x2048 row-wise
-quantization: ~70 ms eager, ~2.5 ms fused), so tensors of ``COMPILE_MIN_NUMEL`` elements or more run the
+quantization: 20x the compiled time, docs/benchmarks.md), so tensors of ``COMPILE_MIN_NUMEL`` elements or more run the
 reference bodies compiled by inductor (``dynamic=True``: one compile per dtype and op variant, not per
 shape). Smaller tensors run the same bodies eagerly, where compiling would cost more than it saves.
 """

@@ -15,7 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import WEIGHT_EPS
 from .triton_common import check_tensors
+
+#: ``reference.WEIGHT_EPS`` as a compile-time constant of the kernels (a global a Triton kernel reads must be one).
+_WEIGHT_EPS = tl.constexpr(WEIGHT_EPS)
 
 #: Rows up to this many elements are quantized in one pass (the row stays in registers between the absmax and
 #: the rounding); longer rows are read twice.
@@ -264,7 +268,7 @@ def _weight_to_int8_kernel(
     w_ptr, p_ptr, out_ptr, R, C, stride_wr, stride_wc, stride_or, stride_oc,
     BINARY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Ternary ``clamp(round(w / max(p, 1e-5)), -1, 1)`` or binary ``w - p >= 0 ? 1 : -1``, elementwise.
+    """Ternary ``clamp(round(w / max(p, WEIGHT_EPS)), -1, 1)`` or binary ``w - p >= 0 ? 1 : -1``, elementwise.
 
     ``p`` (the scale or the centre) is read from device memory: no host sync. The output strides decide whether
     ``(R, C)`` or its transpose is written."""
@@ -274,7 +278,7 @@ def _weight_to_int8_kernel(
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wr + cols[None, :] * stride_wc
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr).to(tl.float32)
-    q = tl.where(w - p >= 0.0, 1, -1).to(tl.int8) if BINARY else _to_int8(w / tl.maximum(p, 1e-5), -1.0, 1.0)
+    q = tl.where(w - p >= 0.0, 1, -1).to(tl.int8) if BINARY else _to_int8(w / tl.maximum(p, _WEIGHT_EPS), -1.0, 1.0)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_or + cols[None, :] * stride_oc, q, mask=mask)
 
 

@@ -15,6 +15,7 @@ import torch
 from benchmarks import bench_gguf
 from benchmarks.bench_inference import generate
 from benchmarks.model import KVCache, ModelConfig, Transformer
+from bitnet_ao.integrations.gguf import BLOCK
 
 
 @pytest.mark.parametrize(
@@ -29,7 +30,7 @@ def test_parameter_count(shape: dict[str, int]) -> None:
     assert bench_gguf.parameter_count(config) == sum(p.numel() for p in model.parameters())
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "output"]
     assert bench_gguf.block_parameter_count(config) == sum(m.weight.numel() for m in linears)
-    assert all(m.in_features % bench_gguf.QK_K == 0 for m in linears), "llama.cpp's TQ blocks are 256 wide"
+    assert all(m.in_features % BLOCK == 0 for m in linears), "llama.cpp's TQ blocks are 256 wide"
 
 
 def test_default_preset_is_realistic() -> None:

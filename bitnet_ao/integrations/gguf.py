@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..layouts import GGUF, HF_LLAMA, META, BlockLayout, Role
 from ..linear import is_bitnet_weight
+from ..norm import effective_eps
 from ..surgery import NormedLinear, find_blocks, rms_norm_eps
 
 TernaryType = Literal["TQ2_0", "TQ1_0"]
@@ -296,10 +297,8 @@ def _rms_eps(norm: nn.Module, name: str) -> float:
         eps = rms_norm_eps(norm)
     except TypeError:
         raise _fail(f"{name} is a {type(norm).__name__}; llama.cpp's norms here are RMSNorms") from None
-    if eps is None:  # the machine eps of the dtype the norm computes in
-        weight = getattr(norm, "weight", None)
-        eps = torch.finfo(weight.dtype if weight is not None else torch.float32).eps
-    return eps
+    weight = getattr(norm, "weight", None)
+    return effective_eps(eps, weight.dtype if weight is not None else torch.float32)
 
 
 def _common_eps(layout: BlockLayout, blocks: list[_Block], final_norm: nn.Module) -> float:
