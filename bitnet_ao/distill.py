@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layouts import Role
-from .surgery import find_blocks
+from .layouts import Role, find_blocks
 
 
 def _kl_per_row(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

@@ -210,8 +210,58 @@ HF_BITNET = BlockLayout(
 #: llama.cpp's GGUF tensor names (without the ``.weight`` suffix): the target of a GGUF export.
 GGUF = BlockLayout("llama.cpp GGUF", blocks="blk", modules={role: role.gguf for role in Role})
 
-#: The layouts models are recognized by (``bitnet_ao.surgery.find_blocks`` takes the first that matches).
+#: The layouts models are recognized by (:func:`find_blocks` takes the first that matches).
 LAYOUTS: tuple[BlockLayout, ...] = (META, TORCHTITAN_FUSED_QKV, TORCHTITAN, HF_LLAMA, HF_BITNET)
+
+# --- finding a model's blocks ------------------------------------------------------------------------------------
+
+
+def module_at(module: nn.Module | None, path: str) -> nn.Module | None:
+    """The submodule of ``module`` at the dotted ``path``, or ``None`` where there is none."""
+    for name in path.split("."):
+        module = module._modules.get(name) if module is not None else None
+    return module
+
+
+def base_linear(module: nn.Module | None) -> nn.Linear | None:
+    """The ``nn.Linear`` (a ``bitnet_ao.surgery.NormedLinear`` too) that does a block linear's matmul, through
+    peft's tuner layers (LoRA & co., duck-typed by their public ``get_base_layer()``, so that bitnet_ao does not
+    import peft) around it, in any nesting; ``None`` for anything else. Code that needs a layer's q/k/v projections
+    on an adapted model goes through this."""
+    for _ in range(8):  # a handful of nested wrappers at most; no cycle can hang it
+        if isinstance(module, nn.Linear):
+            return module
+        if callable(getattr(module, "get_base_layer", None)) and module.get_base_layer() is not module:
+            module = module.get_base_layer()
+        else:
+            return None
+    return None
+
+
+def _matches(block: nn.Module, layout: BlockLayout) -> bool:
+    return all(module_at(block, p) is not None for p in layout.paths()) and all(
+        base_linear(module_at(block, layout.path(r))) is not None for r in layout.block_linears
+    )
+
+
+def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Module]]]:
+    """The transformer blocks of ``model`` (fully qualified name, module) and the layout they follow.
+
+    A block's linears may be ``nn.Linear`` (a ``NormedLinear`` after ``bitnet_ao.surgery.apply_bitnet_norms``) or a peft
+    tuner layer around one (:func:`base_linear`), so the blocks of a normed and/or adapted model are found too."""
+    for layout in LAYOUTS:
+        blocks = [(name, m) for name, m in model.named_modules() if _matches(m, layout)]
+        if blocks:
+            return layout, blocks
+    known = "\n".join(f"  {layout.name}: {', '.join(layout.paths())}" for layout in LAYOUTS)
+    children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children())
+    raise ValueError(
+        f"bitnet_ao: no transformer block of {type(model).__name__} matches a known layout. "
+        "A block must hold these submodules (the linears as nn.Linear, or a peft layer around one):"
+        f"\n{known}\n"
+        f"The model's top-level modules: {children}. Add a BlockLayout to bitnet_ao.layouts.LAYOUTS for it."
+    )
+
 
 #: Names of output heads, which stay in high precision (:func:`quantize_filter`).
 HEAD_NAMES = tuple(dict.fromkeys(layout.path(Role.OUTPUT) for layout in LAYOUTS))
@@ -224,6 +274,9 @@ def quantize_filter(module: nn.Module, fqn: str) -> bool:
 
 
 __all__ = [
+    "base_linear",
+    "find_blocks",
+    "module_at",
     "GGUF",
     "HEAD_NAMES",
     "HF_BITNET",

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .layouts import LAYOUTS, BlockLayout, quantize_filter
+from .layouts import BlockLayout, base_linear, find_blocks, module_at, quantize_filter
 from .linear import InputNorm, bitnet_linear, is_bitnet_weight
 from .norm import RMSNorm, effective_eps
 
@@ -155,55 +155,9 @@ class SurgeryReport:
         return "\n".join(lines)
 
 
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for name in path.split("."):
-        module = module._modules.get(name) if module is not None else None
-    return module
-
-
-def base_linear(module: nn.Module | None) -> nn.Linear | None:
-    """The ``nn.Linear`` (a :class:`NormedLinear` too) that does a block linear's matmul, through peft's tuner layers
-    (LoRA & co., duck-typed by their public ``get_base_layer()``, so that bitnet_ao does not import peft) around it,
-    in any nesting; ``None`` for anything else. Code that needs a layer's q/k/v projections on an adapted model
-    goes through this."""
-    for _ in range(8):  # a handful of nested wrappers at most; no cycle can hang it
-        if isinstance(module, nn.Linear):
-            return module
-        if callable(getattr(module, "get_base_layer", None)) and module.get_base_layer() is not module:
-            module = module.get_base_layer()
-        else:
-            return None
-    return None
-
-
-def _matches(block: nn.Module, layout: BlockLayout) -> bool:
-    return all(_get(block, p) is not None for p in layout.paths()) and all(
-        base_linear(_get(block, layout.path(r))) is not None for r in layout.block_linears
-    )
-
-
-def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Module]]]:
-    """The transformer blocks of ``model`` (fully qualified name, module) and the layout they follow.
-
-    A block's linears may be ``nn.Linear`` (a :class:`NormedLinear` after :func:`apply_bitnet_norms`) or a peft
-    tuner layer around one (:func:`base_linear`), so the blocks of a normed and/or adapted model are found too."""
-    for layout in LAYOUTS:
-        blocks = [(name, m) for name, m in model.named_modules() if _matches(m, layout)]
-        if blocks:
-            return layout, blocks
-    known = "\n".join(f"  {layout.name}: {', '.join(layout.paths())}" for layout in LAYOUTS)
-    children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children())
-    raise ValueError(
-        f"apply_bitnet_norms: no transformer block of {type(model).__name__} matches a known layout. "
-        "A block must hold these submodules (the linears as nn.Linear, or a peft layer around one):"
-        f"\n{known}\n"
-        f"The model's top-level modules: {children}. Add a BlockLayout to bitnet_ao.layouts.LAYOUTS for it."
-    )
-
-
 def _replace(block: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    parent = _get(block, parent_path) if parent_path else block
+    parent = module_at(block, parent_path) if parent_path else block
     setattr(parent, name, new)
 
 
@@ -263,7 +217,9 @@ def apply_bitnet_norms(
         prefix = f"{block_name}." if block_name else ""
         # The pre-norm of each part (attention, MLP), read before anything changes.
         pre = {
-            role.norm: _rms_norm_gain_and_eps(_get(block, layout.path(role.norm)), _get(block, path).in_features)
+            role.norm: _rms_norm_gain_and_eps(
+                module_at(block, layout.path(role.norm)), module_at(block, path).in_features
+            )
             for path, role in roles.items()
             if role.kind == "input" and role.norm in layout.modules
         }
@@ -273,7 +229,7 @@ def apply_bitnet_norms(
             role = roles[path]
             source = pre.get(role.norm) if role.kind == "input" else None
             norm_eps = eps if eps is not None else source[1] if source is not None else default_eps
-            normed = NormedLinear.from_linear(_get(block, path), norm_eps)
+            normed = NormedLinear.from_linear(module_at(block, path), norm_eps)
             if source is not None and source[0] is not None:
                 with torch.no_grad():
                     normed.norm.weight.copy_(source[0])
@@ -286,7 +242,7 @@ def apply_bitnet_norms(
         elif placement == "faq":
             for role in moved:  # the gain now sits in the new norms
                 with torch.no_grad():
-                    _get(block, layout.path(role)).weight.fill_(1.0)
+                    module_at(block, layout.path(role)).weight.fill_(1.0)
     logger.info("%s", report)
     return report
 
@@ -299,7 +255,7 @@ def _unpreserved_norms(model: nn.Module) -> dict[str, NormedLinear]:
     for block_name, block in blocks:
         prefix = f"{block_name}." if block_name else ""
         for role in layout.block_linears:
-            module = base_linear(_get(block, layout.path(role)))
+            module = base_linear(module_at(block, layout.path(role)))
             if role.kind == "output" and isinstance(module, NormedLinear):
                 found[prefix + layout.path(role)] = module
     return found
@@ -372,7 +328,6 @@ def calibrate_bitnet_norms(model: nn.Module, batches: Iterable[Any]) -> dict[str
 
 
 __all__ = [
-    "LAYOUTS",
     "BlockLayout",
     "NormedLinear",
     "SurgeryReport",

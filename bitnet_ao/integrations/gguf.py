@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..layouts import GGUF, HF_LLAMA, META, BlockLayout, Role
+from ..layouts import GGUF, HF_LLAMA, META, BlockLayout, Role, find_blocks
 from ..linear import is_bitnet_weight
 from ..norm import effective_eps
-from ..surgery import NormedLinear, find_blocks, rms_norm_eps
+from ..surgery import NormedLinear, rms_norm_eps
 
 TernaryType = Literal["TQ2_0", "TQ1_0"]
 EmbeddingType = Literal["F16", "Q8_0", "Q6_K"]
