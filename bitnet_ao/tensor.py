@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -74,11 +74,12 @@ _MATMULS = {
 }
 
 
-class _StepValues(NamedTuple):
-    """A master weight's quantization and int8 values while its :meth:`~BitNetTrainingLinearWeight._version_key`
-    is ``key``."""
+T = TypeVar("T")
 
-    key: tuple
+
+class _StepValues(NamedTuple):
+    """A master weight's quantization and its ``(N, K)`` int8 values."""
+
     q: WeightQuantization
     values: Tensor
 
@@ -244,13 +245,12 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
             or not kernels.right_operand_either_layout(w)
         ):
             return None
-        key = self._version_key()
-        cached = self.__dict__.get("_step")
-        if cached is None or cached.key != key:
+
+        def build() -> _StepValues:
             q = weight_quantization(w, self.config)
-            cached = _StepValues(key, q, quantize_weight(w, q, weights=self.config.weights, transpose=False))
-            self.__dict__["_step"] = cached
-        return cached
+            return _StepValues(q, quantize_weight(w, q, weights=self.config.weights, transpose=False))
+
+        return self._per_version("_step", build)
 
     def _version_key(self) -> tuple:
         """What changes whenever this weight's values may have: every optimizer step (any ``torch.optim.Optimizer``:
@@ -259,14 +259,18 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
         ``copy_``, ``mul_``, ``.data`` edits), a new master tensor."""
         return (_OPTIMIZER_STEPS.taken, self._version, self._data._version, self._data.data_ptr(), self._data.dtype)
 
+    def _per_version(self, name: str, build: Callable[[], T]) -> T:
+        """``build()``, made once and kept in the attribute ``name`` until :meth:`_version_key` changes."""
+        key = self._version_key()
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self.__dict__[name] = cached
+        return cached[1]
+
     def prepared(self) -> BitNetPackedLinearWeight:
         """This weight quantized and packed, made once and reused until the weight changes (:meth:`_version_key`)."""
-        key = self._version_key()
-        cached = self.__dict__.get("_prepared")
-        if cached is None or cached[0] != key:
-            cached = (key, pack_linear_weight(self._data.detach(), self.config))
-            self.__dict__["_prepared"] = cached
-        return cached[1]
+        return self._per_version("_prepared", lambda: pack_linear_weight(self._data.detach(), self.config))
 
     # --- FSDP2 all-gather extension (the math: bitnet_ao/fsdp_gather.py) ----------------------------------
 
