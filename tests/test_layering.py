@@ -98,13 +98,7 @@ def _benchmark_files() -> dict[str, Path]:
 def test_benchmarks_import_one_way():
     files = _benchmark_files()
     assert sorted(files) == sorted(BENCHMARK_ORDER), "add new benchmark modules to BENCHMARK_ORDER"
-    rank = {name: i for i, name in enumerate(BENCHMARK_ORDER)}
-    upward = [
-        f"{name} imports {target}"
-        for name, path in files.items()
-        for target in sorted(_imports(name, path, set(files)))
-        if rank[target] > rank[name]
-    ]
+    upward = _upward_imports(files, BENCHMARK_ORDER)
     assert not upward, "benchmark modules importing upward (or in a circle):\n" + "\n".join(upward)
 
 
@@ -163,15 +157,19 @@ def test_every_module_is_placed_in_the_order():
     assert sorted(_module_files()) == sorted(ORDER), "add new modules to ORDER (and to docs/design.md)"
 
 
-def test_imports_flow_one_way():
-    files = _module_files()
-    rank = {name: i for i, name in enumerate(ORDER)}
-    upward = [
+def _upward_imports(files: dict[str, Path], order: list[str]) -> list[str]:
+    """ "A imports B" for every module of ``files`` that imports one placed after it in ``order``."""
+    rank = {name: i for i, name in enumerate(order)}
+    return [
         f"{name} imports {target}"
         for name, path in files.items()
         for target in sorted(_imports(name, path, set(files)))
         if rank[target] > rank[name]
     ]
+
+
+def test_imports_flow_one_way():
+    upward = _upward_imports(_module_files(), ORDER)
     assert not upward, "modules importing upward:\n" + "\n".join(upward)
 
 
