@@ -97,11 +97,6 @@ def bench_matmuls(
     return rows
 
 
-def _epilogue(acc: torch.Tensor, row_scale: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
-    """The scaled INT8 matmul's epilogue alone, as the torch backend runs it (inductor-compiled)."""
-    return torch_backend.run_fused(reference.scale_output, acc.numel(), acc, row_scale, None, scale, None, dtype)
-
-
 def bench_quantization(
     m: int,
     kns: list[tuple[int, int]],
@@ -139,13 +134,15 @@ def bench_quantization(
              m * n * (size + 2) + m * 8 + n * 4),
             ("rms_norm_backward", (m, k), functools.partial(kernels.rms_norm_backward, x, x, gain, rstd),
              m * k * 3 * size + m * 4),
-            ("scale_output (forward epilogue)", (m, n), functools.partial(_epilogue, acc, s_x, s_w, dtype),
+            ("scale_output (forward epilogue)", (m, n),
+             functools.partial(torch_backend.scale_output, acc, s_x, None, s_w, None, dtype),
              m * n * (4 + size) + m * 4),
             ("weight_stats", (n, k), functools.partial(kernels.weight_stats, w), n * k * 4),
             ("ternarize (K, N)", (n, k), functools.partial(kernels.ternarize, w, s_w, True), n * k * 5),
             ("ternarize (N, K)", (n, k), functools.partial(kernels.ternarize, w, s_w, False), n * k * 5),
             ("scale_output (grad_weight)", (n, k),
-             functools.partial(_epilogue, acc.new_ones(n, k), s_g, None, torch.float32), n * k * 8 + n * 4),
+             functools.partial(torch_backend.scale_output, acc.new_ones(n, k), s_g, None, None, None, torch.float32),
+             n * k * 8 + n * 4),
         ]  # fmt: skip
         for name, shape, fn, nbytes in cases:
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only

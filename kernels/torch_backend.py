@@ -170,10 +170,10 @@ def scaled_int8_mm(
     out_dtype: torch.dtype,
     b_ternary: bool = False,
 ) -> Tensor:
-    return _scale_output(_int8_mm(a, b, b_ternary), row_scale, col_scale, scale, bias, out_dtype)
+    return scale_output(_int8_mm(a, b, b_ternary), row_scale, col_scale, scale, bias, out_dtype)
 
 
-def _scale_output(
+def scale_output(
     acc: Tensor,
     row_scale: Tensor | None,
     col_scale: Tensor | None,
@@ -181,6 +181,8 @@ def _scale_output(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
+    """``reference.scale_output``, the epilogue of every scaled int8 matmul, as this backend runs it: the C pass on
+    CPU, else the compiled reference body."""
     out = cpu_passes.scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
     if out is not None:
         return out
@@ -204,7 +206,7 @@ def scaled_int8_mm_packed(
     if cpu_gemv.applies(a, k, transpose_b):
         acc = cpu_gemv.packed_gemv(a, b_packed, k, bits)
         if acc is not None:
-            return _scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
+            return scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
     # Unpacked B is row-major (N, K). The forward's B.T is then a column-major view, which torch._int_mm takes
     # about as fast as a row-major copy (docs/kernels.md) and oneDNN wants anyway; grad_input's B is row-major
     # as torch._int_mm wants, and copied to column-major for oneDNN.
