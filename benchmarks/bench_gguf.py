@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from benchmarks import hardware, report
 from benchmarks.bench_inference import block_weight_bytes, build_variants, generate
 from benchmarks.data import VOCAB_SIZE
-from benchmarks.llama_cpp import llama_generate, llama_prefill, llama_timer, load_llama, logits_error
+from benchmarks.llama_cpp_runs import llama_generate, llama_prefill, llama_timer, load_llama, logits_error
 from benchmarks.model import KVCache, ModelConfig
 from benchmarks.presets import GGUF_PRESETS as PRESETS
 from benchmarks.timing import measure

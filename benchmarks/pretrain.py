@@ -194,7 +194,7 @@ def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> Non
     except ImportError:
         print("llama-cpp-python is not installed (pip install llama-cpp-python): the GGUF file was not run")
         return
-    from benchmarks.llama_cpp import llama_cpp_agreement
+    from benchmarks.llama_cpp_runs import llama_cpp_agreement
 
     half = min(64, model.config.max_seq_len // 2)  # prompt and generated tokens within the trained positions
     r = llama_cpp_agreement(model.eval(), path, data.val[:half].tolist(), new_tokens=half)

@@ -78,7 +78,7 @@ BENCHMARK_ORDER = [
     "benchmarks.step_profile",
     "benchmarks.report",
     "benchmarks.bench_inference",
-    "benchmarks.llama_cpp",
+    "benchmarks.llama_cpp_runs",
     "benchmarks.pretrain",
     "benchmarks.finetune",
     "benchmarks.bench_gguf",

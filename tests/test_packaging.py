@@ -164,3 +164,18 @@ def test_benchmarks_never_put_the_checkout_ahead_of_site_packages():
     for script in BENCHMARKS:
         source = script.read_text()
         assert "sys.path.insert" not in source and "sys.path[0]" not in source, script.name
+
+
+def test_no_benchmark_module_shadows_an_installed_package():
+    """``python benchmarks/<script>.py`` puts benchmarks/ first on sys.path, so a module there named like an installed
+    package (``llama_cpp``, ``gguf``, ``transformers``) replaces it for every script: ``pretrain.py --save-gguf``
+    once got ``benchmarks/llama_cpp.py`` for llama-cpp-python."""
+    installed = {
+        Path(file.parts[0]).stem
+        for dist in importlib.metadata.distributions()
+        for file in dist.files or ()
+        if not file.parts[0].endswith((".dist-info", ".egg-info", ".data", ".pth"))
+    }
+    installed |= set(sys.stdlib_module_names)
+    ours = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__"}
+    assert not ours & installed, f"benchmarks/ modules named like installed packages: {sorted(ours & installed)}"
