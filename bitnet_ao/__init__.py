@@ -6,7 +6,7 @@ quantize_(model, bitnet_training())
 
 For inference, ``quantize_(model, bitnet_inference())`` freezes the weights packed (2 bits per value).
 
-Importing the package registers the ``quantize_`` handlers (``tensor.py``, ``inference.py``); the FSDP2
+Importing the package registers the ``quantize_`` handlers (``training.py``, ``inference.py``); the FSDP2
 all-gather extension is part of the master-weight class (``tensor.py``, its math in ``fsdp_gather.py``).
 The modules import one way only; docs/design.md draws the order.
 """
@@ -16,7 +16,8 @@ from .config import BitNetInferenceConfig, BitNetTrainingConfig, bitnet_inferenc
 from .fsdp import precompute_bitnet_scale_for_fsdp
 from .packed import BitNetPackedLinearWeight, pack_linear_weight
 from .packing import pack_i1_in_i8, pack_i2_in_i8, unpack_i1_in_i8, unpack_i2_in_i8
-from .tensor import BitNetTrainingLinearWeight, unquantize_
+from .tensor import BitNetTrainingLinearWeight
+from .training import unquantize_
 
 __all__ = [
     "BitNetInferenceConfig",

@@ -2,7 +2,7 @@
 ``BitNetInferenceConfig`` (run frozen, packed weights).
 
 Only the dataclasses live here, below everything else; the handler ``quantize_`` calls for each is registered
-beside the weight class it builds (``bitnet_ao/tensor.py``, ``bitnet_ao/inference.py``).
+in ``bitnet_ao/training.py`` and ``bitnet_ao/inference.py``.
 """
 
 from __future__ import annotations

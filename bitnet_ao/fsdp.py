@@ -1,36 +1,12 @@
-"""FSDP2 for BitNet weights: a 2-bit packed all-gather with exact global scales (docs/numerics.md, "Weight scales
-under FSDP2"), and :func:`precompute_bitnet_scale_for_fsdp`.
+"""``precompute_bitnet_scale_for_fsdp``: the global scales of every FSDP2-sharded BitNet weight of a model in ONE
+all-reduce, ahead of the next forward's all-gathers.
 
-``fully_shard`` shards each ``BitNetTrainingLinearWeight`` (the high-precision master weight) along dim 0. Before
-each all-gather, every rank ternarizes (or binarizes) its shard with the scale of the WHOLE weight and packs it
-four values per byte (eight for binary weights; :mod:`bitnet_ao.packing` layout), so the wire carries ``ceil(K / 4)``
-bytes per row instead of ``2 K`` (BF16): 1/8 of the bytes (1/16 for binary weights). The scale itself is not
-gathered: every rank derives it from the same all-reduced sums. After the all-gather, a
-:class:`BitNetPackedLinearWeight` stands in for the weight; ``F.linear`` on it runs the BitNet autograd function of
-``linear.py`` on the packed values directly (no BF16 weight is ever rebuilt), and its ``grad_weight`` is a plain
-tensor in the parameter dtype that FSDP2 reduce-scatters as usual. FSDP2 finds the two hooks as methods of the
-sharded local tensor, ``BitNetTrainingLinearWeight.fsdp_pre_all_gather`` / ``fsdp_post_all_gather``
-(``bitnet_ao/tensor.py``); their math is ``bitnet_ao/fsdp_gather.py``, below the class.
-
-Scales: ``s_w = sum|W| / numel(W)`` (and ``mean(W)`` for binary weights) from float64 sums all-reduced with the
-element counts over the FSDP shard group only (HSDP replicas hold identical shards and are left out), so a sharded
-run gets the single-device scale for any shape, uneven shards included.
-
-When the scale is computed: the all-reduced sums are kept on the shard (its ``_fsdp_scale_state``, a
-``fsdp_gather.ScaleState``). An all-gather in the forward pass uses the state left by
-:func:`precompute_bitnet_scale_for_fsdp` (one all-reduce for every BitNet weight of the model, called after
-``optimizer.step()``) while it is fresh, i.e. while the version counter of the sharded parameter is unchanged since
-(an update after the precompute, such as a misplaced call, a second optimizer step or loading a checkpoint, is never
-quantized with the stale scale); otherwise it all-reduces this weight's three float64 values itself. An all-gather
-inside the backward pass (the re-gather of ``reshard_after_forward=True``, activation-checkpointing recomputes)
-always reuses the state of the forward, so the backward quantizes with exactly the forward's scale and runs no
-collective.
-
-Every rank must take the same decision, or the all-reduces no longer match. FSDP2 replaces the local shard
-object of an unevenly sharded weight on the short ranks only (re-padding in its lazy init, after
-``load_state_dict``, in ``module._apply``), which drops the state kept on it there; so precomputed states are
-also registered by sharded parameter, the object FSDP2 keeps, and a new shard adopts its parameter's state
-(``fsdp_gather.remember_precomputed``).
+The all-gather itself, a 2-bit packed all-gather with exact global scales, is the master weight's FSDP2 extension
+(``BitNetTrainingLinearWeight.fsdp_pre_all_gather`` / ``fsdp_post_all_gather``, ``bitnet_ao/tensor.py``) with its
+math and its scale state in ``bitnet_ao/fsdp_gather.py``, which also says when an all-gather uses a precomputed
+state and when it all-reduces itself (docs/fsdp2.md, docs/numerics.md#weight-scales-under-fsdp2). This module adds
+only the precompute: the float64 sums of every weight of one shard group stacked into one tensor, all-reduced once,
+and handed to ``fsdp_gather.remember_precomputed`` with the parameter's version.
 """
 
 from __future__ import annotations

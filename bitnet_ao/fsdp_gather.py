@@ -1,15 +1,31 @@
 """FSDP2's all-gather of a master-weight shard: the math behind ``BitNetTrainingLinearWeight.fsdp_pre_all_gather``
 and ``fsdp_post_all_gather`` (docs/numerics.md#weight-scales-under-fsdp2, docs/fsdp2.md).
 
-Before the all-gather, the shard is quantized with the scale of the WHOLE weight, derived from float64 sums
-all-reduced over the FSDP shard group, and packed (:func:`pre_all_gather`); after it, the gathered bytes become a
-:class:`~bitnet_ao.packed.BitNetPackedLinearWeight` without a copy (:func:`post_all_gather`).
+``fully_shard`` shards each ``BitNetTrainingLinearWeight`` (the high-precision master weight) along dim 0. Before
+each all-gather, every rank ternarizes (or binarizes) its shard with the scale of the WHOLE weight and packs it
+four values per byte (eight for binary weights; :mod:`bitnet_ao.packing` layout), so the wire carries
+``ceil(K / 4)`` bytes per row instead of ``2 K`` (BF16): 1/8 of the bytes (1/16 for binary weights)
+(:func:`pre_all_gather`). The scale itself is not gathered: every rank derives it from the same all-reduced sums.
+After the all-gather, the gathered bytes become a :class:`~bitnet_ao.packed.BitNetPackedLinearWeight` without a
+copy (:func:`post_all_gather`); ``F.linear`` on it runs the BitNet autograd function on the packed values directly
+(no BF16 weight is ever rebuilt), and its ``grad_weight`` is a plain tensor in the parameter dtype that FSDP2
+reduce-scatters as usual.
+
+Scales: ``s_w = sum|W| / numel(W)`` (and ``mean(W)`` for binary weights) from float64 sums all-reduced with the
+element counts over the FSDP shard group only (HSDP replicas hold identical shards and are left out), so a sharded
+run gets the single-device scale for any shape, uneven shards included.
 
 The scale state, in one place: each shard keeps the all-reduced sums it was last quantized with in its
 ``_fsdp_scale_state`` (a :class:`ScaleState`, declared on the master-weight class), written here only, by the
-all-gather and by :func:`remember_precomputed` (``precompute_bitnet_scale_for_fsdp``, ``bitnet_ao/fsdp.py``,
-whose docstring gives the rules for when a state is reused). Precomputed states are also registered by sharded
-parameter, for the shards FSDP2 replaces (see :func:`remember_precomputed`).
+all-gather and by :func:`remember_precomputed` (for ``precompute_bitnet_scale_for_fsdp``, ``bitnet_ao/fsdp.py``).
+When it is reused (:func:`_scale_state`): an all-gather in the forward pass uses the state left by the precompute
+(one all-reduce for every BitNet weight of the model, called after ``optimizer.step()``) while it is fresh, i.e.
+while the version counter of the sharded parameter is unchanged since (an update after the precompute, such as a
+misplaced call, a second optimizer step or loading a checkpoint, is never quantized with the stale scale);
+otherwise it all-reduces this weight's three float64 values itself. An all-gather inside the backward pass (the
+re-gather of ``reshard_after_forward=True``, activation-checkpointing recomputes) always reuses the state of the
+forward, so the backward quantizes with exactly the forward's scale and runs no collective. Precomputed states
+are also registered by sharded parameter, for the shards FSDP2 replaces (see :func:`remember_precomputed`).
 
 The master-weight class (``bitnet_ao/tensor.py``) imports this module for its hooks, so it cannot be imported
 here: the shard is described by what the all-gather uses of it (:class:`MasterWeightShard`).
@@ -119,7 +135,7 @@ def _group_stats(shard: MasterWeightShard, rows: int, mesh: DeviceMesh) -> Tenso
 
 
 def _scale_state(shard: MasterWeightShard, mesh: DeviceMesh) -> ScaleState:
-    """The state this all-gather quantizes with (rules: ``bitnet_ao/fsdp.py``); all-reduces only when needed."""
+    """The state this all-gather quantizes with (rules: the module docstring); all-reduces only when needed."""
     group = mesh.get_group()
     state = shard._fsdp_scale_state or _adopt_precomputed(shard)
     if state is not None and state.group is not group:

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from . import kernels
 from .config import BitNetTrainingConfig
+from .group_scales import scaled_mm_groups
 from .kernels import reference
-from .linear import InputNorm, scaled_mm_groups
+from .linear import InputNorm
 from .private_api import make_wrapper_subclass
 from .weight_base import BitNetWeightTensor
 from .weight_quant import WeightQuantization, quantize_weight, weight_quantization

@@ -1,41 +1,33 @@
-"""``BitNetTrainingLinearWeight``: the high-precision master weight that makes ``F.linear`` a BitNet linear, and
-the ``quantize_`` handler that builds it.
+"""``BitNetTrainingLinearWeight``: the high-precision master weight that makes ``F.linear`` a BitNet linear.
 
 The optimizer, ``.to()``, ``deepcopy`` and in-place updates see the master weight: every aten op is run on it,
 and in-place ops write into it. Only ``F.linear`` is different: it runs the BitNet autograd function of
-``linear.py``, which reaches the weight through the :class:`~bitnet_ao.linear.BitNetWeight` methods below.
-State dicts hold the master weight as a plain tensor (see "checkpoints" below). FSDP2 finds its all-gather
-extension as the methods ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` of the sharded local tensor; their
-math is ``bitnet_ao/fsdp_gather.py``.
+``linear.py``, which reaches the weight through the :class:`~bitnet_ao.linear.BitNetWeight` methods below (their
+per-version caches: :meth:`BitNetTrainingLinearWeight._per_version`). FSDP2 finds its all-gather extension as the
+methods ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` of the sharded local tensor; their math is
+``bitnet_ao/fsdp_gather.py``. A merge into the weight (peft's LoRA merge) warns: ``merge_watch.py``.
+
+Built by ``quantize_(model, bitnet_training())`` (``training.py``); state dicts hold it as a plain tensor
+(``checkpoint_hooks.py``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torchao.quantization.transform_module import register_quantize_module_handler
 
-from . import fsdp_gather, kernels
-from .config import BitNetInferenceConfig, BitNetTrainingConfig
+from . import fsdp_gather, kernels, merge_watch
+from .config import BitNetTrainingConfig
 from .fsdp_gather import ScaleState
-from .linear import InputNorm, scaled_mm_groups
+from .group_scales import scaled_mm_groups
+from .linear import InputNorm
 from .packed import BitNetPackedLinearWeight, pack_linear_weight
-from .private_api import (
-    dtensor_local,
-    is_compiling_with_fake_tensors,
-    is_mutable_op,
-    make_wrapper_subclass,
-    module_hook_wrapper,
-    observe_quantize_,
-    tree_map_only,
-)
+from .private_api import is_compiling_with_fake_tensors, is_mutable_op, make_wrapper_subclass, tree_map_only
 from .weight_base import BitNetWeightTensor
 from .weight_quant import WeightQuantization, quantize_weight, weight_quantization
 
@@ -300,8 +292,8 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
             # shared tensors, and the storage that matters is the master weight's. torch.compile, which builds
             # fake tensors from the wrapper's own (empty) storage, keeps seeing that one.
             return args[0]._data.untyped_storage()
-        if func in (_DATA_GET, _DATA_SET) or func in _IN_PLACE_SUMS or func is Tensor.clone:
-            return _merge_watch(cls, func, types, args, kwargs or {})
+        if func in merge_watch.WATCHED:  # a merge into the master weight (peft's LoRA merge) warns
+            return merge_watch.torch_function(cls, func, types, args, kwargs or {})
         return super().__torch_function__(func, types, args, kwargs)
 
     @classmethod
@@ -333,249 +325,3 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
 
 def _unwrap(t: BitNetTrainingLinearWeight) -> Tensor:
     return t._data
-
-
-# --- merging into a master weight (peft's LoRA merge) -----------------------------------------------------
-# peft merges an adapter with ``base.weight.data += delta`` (unmerge: ``-=``; safe_merge: ``w = base.weight.data
-# .clone(); w += delta; base.weight.data = w``). Into a BitNet master weight the sum is re-ternarized at every
-# forward: the layer computes ternary(W + dW), not ternary(W) + dW, and the merged model is not the adapted one.
-# That is worth a warning with the measured change, but only there: an optimizer step (``param.add_``,
-# ``addcdiv_``, ``_foreach_*``, torchao's ``copy_``) and ``load_state_dict`` (``copy_``) never assign ``.data``,
-# and old-style optimizers that do ``p.data.add_`` never assign it back. So: a sum into a ``.data`` alias (or a
-# clone of one) is measured, and the warning is given when such a tensor is assigned to ``.data``.
-
-_DATA_GET, _DATA_SET = Tensor.data.__get__, Tensor.data.__set__
-_IN_PLACE_SUMS = {Tensor.add_: 1.0, Tensor.sub_: -1.0}
-
-
-def _effective_weight(data: Tensor, config: BitNetTrainingConfig) -> tuple[Tensor, Tensor]:
-    """The weight a BitNet linear computes with, as float32 ``W_q * s_w``, and its int8 values ``W_q``."""
-    q = weight_quantization(data, config)
-    values = quantize_weight(data, q, weights=config.weights, transpose=False)
-    return values.float() * q.scale, values
-
-
-def _merge_note(weight: BitNetTrainingLinearWeight, delta: Tensor) -> str:
-    """What adding ``delta`` to the master weight does to the weight the layer computes with, in words."""
-    data = weight._data.detach()
-    delta = delta.detach().float()
-    before, values_before = _effective_weight(data, weight.config)
-    after, values_after = _effective_weight((data.float() + delta).to(data.dtype), weight.config)
-    error = (after - (before + delta)).abs().max().item() if delta.numel() else 0.0
-    changed = int((values_before != values_after).sum())
-    return (
-        f"bitnet_ao: a sum into the master weight of a BitNet linear (shape {tuple(data.shape)}), as peft's LoRA "
-        "merge/unmerge does: the sum is re-ternarized at every forward, so the layer computes ternary(W + dW), not "
-        f"ternary(W) + dW. Merging into a ternary weight is lossy: here the effective weight ends up to {error:.3g} "
-        f"away from the exact sum (|dW| up to {delta.abs().max().item():.3g}) and {changed} of {data.numel()} "
-        "ternary values changed. On a linear with a BitNet norm (apply_bitnet_norms) the change is larger: the "
-        "adapter read the input before the norm, the merged weight reads it after. Keep the adapter unmerged to "
-        "keep its exact function, or fine-tune after merging"
-    )
-
-
-def _merge_watch(cls: type, func: Callable, types: tuple, args: tuple, kwargs: dict) -> object:
-    """``__torch_function__`` for ``.data`` (get and set), ``add_``/``sub_`` and ``clone``: see above."""
-    target = args[0]
-    if func in _IN_PLACE_SUMS and target.__dict__.get("_bitnet_data_alias") and isinstance(args[1], Tensor):
-        delta = args[1] * (_IN_PLACE_SUMS[func] * kwargs.get("alpha", 1))
-        target._bitnet_merge_note = _merge_note(target, delta)
-    if func == _DATA_SET and isinstance(target, cls) and isinstance(args[1], cls):
-        note = args[1].__dict__.pop("_bitnet_merge_note", None)
-        if note is not None:
-            warnings.warn(note, stacklevel=3)
-    out = super(cls, cls).__torch_function__(func, types, args, kwargs)
-    if func == _DATA_SET and isinstance(target, cls) and isinstance(args[1], cls):
-        # The wrapper's own (empty) tensor was replaced; the master weight is ours to replace (safe_merge).
-        target._data = args[1]._data
-    if isinstance(out, cls) and out is not target and (func == _DATA_GET or target.__dict__.get("_bitnet_data_alias")):
-        out._bitnet_data_alias = True  # .data, or a clone of it (safe_merge)
-    return out
-
-
-# --- checkpoints: plain master weights in, plain master weights out ----------------------------------------
-# A checkpoint carries weights, not the recipe: every state dict of a quantized module holds the master weight
-# as a plain tensor (same key, dtype and shape as the unquantized model), so safetensors, save_pretrained, the
-# HF Trainer and any other tool that serializes plain tensors work unchanged, and a plain model loads it. The
-# recipe stays on the model: loading writes into the master weight, and a load that assigns the tensor
-# (load_state_dict(assign=True), the meta-device loaders) gets it re-wrapped with the module's config first.
-
-
-def _checkpoint_value(value: Tensor) -> Tensor:
-    """What a checkpoint holds for a state-dict value: the master weight of a BitNet weight, also as the local
-    tensor of an FSDP2-sharded DTensor (whose placements and global shape stay). Other values pass through."""
-    if isinstance(value, BitNetTrainingLinearWeight):
-        return value._data
-    if isinstance(value, DTensor) and isinstance(dtensor_local(value), BitNetTrainingLinearWeight):
-        return DTensor.from_local(
-            dtensor_local(value)._data,
-            value.device_mesh,
-            value.placements,
-            run_check=False,
-            shape=value.shape,
-            stride=value.stride(),
-        )
-    return value
-
-
-def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for name, param in module._parameters.items():
-        value = state_dict.get(prefix + name)
-        # state_dict(keep_vars=True) hands out the parameter itself, for code that wants the live object.
-        if value is not None and value is not param:
-            state_dict[prefix + name] = _checkpoint_value(value)
-    # A weight tied to a module that is not quantized (an output head tied to the input embedding) appears under
-    # that module's key too, and that module has no hook: its entries already written are fixed here.
-    for key, value in state_dict.items():
-        if isinstance(value, BitNetTrainingLinearWeight) and not isinstance(value, nn.Parameter):
-            state_dict[key] = value._data
-
-
-def _load_state_dict_pre_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    # load_state_dict works on its own copy of the dict, so replacing entries does not touch the caller's.
-    for name, param in module._parameters.items():
-        value = state_dict.get(prefix + name)
-        if isinstance(param, BitNetTrainingLinearWeight) and type(value) in (Tensor, nn.Parameter):
-            state_dict[prefix + name] = param._rewrap(value.detach())
-
-
-def register_checkpoint_hooks(
-    module: nn.Module,
-    state_dict_post_hook: Callable = _state_dict_post_hook,
-    load_pre_hook: Callable = _load_state_dict_pre_hook,
-) -> None:
-    """Register a state-dict post-hook and a load pre-hook on ``module``, once per pair of hooks. The defaults make
-    its state dicts hold plain master weights and its loads keep the recipe; ``inference.py`` passes its own."""
-    registered = module.__dict__.setdefault("_bitnet_checkpoint_hooks", set())
-    if (state_dict_post_hook, load_pre_hook) in registered:
-        return
-    module.register_state_dict_post_hook(state_dict_post_hook)
-    module.register_load_state_dict_pre_hook(load_pre_hook)
-    registered.add((state_dict_post_hook, load_pre_hook))
-
-
-# A pickled model holds its modules' hooks (torch keeps a load pre-hook in its own wrapper class), so that
-# torch.load(weights_only=True) of a whole model needs them allowlisted: the user allowlists their own module
-# classes, bitnet_ao everything of its own (docs/usage.md#saving-and-loading).
-torch.serialization.add_safe_globals([module_hook_wrapper, _state_dict_post_hook, _load_state_dict_pre_hook])
-
-
-# --- quantize_ and its inverse ----------------------------------------------------------------------------
-
-
-def describe_module(module: nn.Module) -> str:
-    """A module in a few words for an error message: a linear's own repr, else its class and weight shape (the
-    repr of a model or block is the whole model)."""
-    if isinstance(module, nn.Linear) and not module._modules:
-        return repr(module)
-    weight = getattr(module, "weight", None)
-    shape = f" with a weight of shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else ""
-    return f"{type(module).__name__}{shape}"
-
-
-def checked_linear_weight(module: nn.Module, recipe: str) -> Tensor:
-    """The weight of the ``nn.Linear`` ``module`` that ``recipe`` (a config's name, for the message) quantizes;
-    a clear error for anything else, before anything changes."""
-    if not isinstance(module, nn.Linear):
-        raise TypeError(
-            f"{recipe}: {describe_module(module)} is not an nn.Linear. BitNet quantizes linear layers (it replaces "
-            "F.linear; an embedding lookup or a convolution would keep using the high-precision weight). Select "
-            "linears only, e.g. quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) "
-            "and 'lm_head' not in fqn), or bitnet_ao.surgery.quantize_filter"
-        )
-    return module.weight
-
-
-def replace_parameter(module: nn.Module, name: str, new: nn.Parameter) -> None:
-    """Make the parameter ``module.<name>`` become ``new`` in place (``torch.utils.swap_tensors``) rather than
-    registering a new object on one module: every module sharing it (an output head tied to the input embedding)
-    keeps sharing one parameter, optimized once, and an optimizer built before ``quantize_`` steps it. A parameter
-    still referenced by a live autograd graph cannot be swapped: it is replaced on ``module`` alone, with a warning,
-    since a module tied to it would keep the old object."""
-    old = getattr(module, name)
-    try:
-        torch.utils.swap_tensors(old, new)
-    except RuntimeError as e:
-        warnings.warn(
-            f"bitnet_ao: {describe_module(module)}.{name} could not be replaced in place ({e}); a new parameter is "
-            "registered on this module only, so a module sharing the old one (tied weights) no longer shares it. "
-            "Quantize before running the model, or drop the tensors computed from it first",
-            stacklevel=3,
-        )
-        setattr(module, name, new)
-
-
-@register_quantize_module_handler(BitNetTrainingConfig)
-def _bitnet_training_transform(module: nn.Module, config: BitNetTrainingConfig) -> nn.Module:
-    weight = checked_linear_weight(module, "bitnet_training")
-    if isinstance(weight, BitNetPackedLinearWeight):
-        raise TypeError(
-            f"bitnet_training: {describe_module(module)} holds a packed inference weight (bitnet_inference): its "
-            "high-precision values are gone and cannot be trained. Quantize for training before packing, or load "
-            "a training checkpoint (plain master weights) into a fresh model"
-        )
-    if isinstance(weight, BitNetTrainingLinearWeight):
-        if weight.config != config:
-            raise ValueError(
-                f"bitnet_training: {describe_module(module)} already trains as BitNet with {weight.config}; "
-                f"quantize_ with {config} would silently replace its recipe. To change it, call "
-                "bitnet_ao.unquantize_(model) first, then quantize_ with the new config"
-            )
-        return module  # the same recipe again: nothing to do, the parameter (and its optimizer state) stays
-    data = weight.detach()
-    if not data.dtype.is_floating_point:
-        raise TypeError(
-            f"bitnet_training: {describe_module(module)} has a {data.dtype} weight; BitNet training needs a "
-            "floating-point master weight (float32, bfloat16 or float16)"
-        )
-    config.check_shape(tuple(data.shape), f"bitnet_training: {describe_module(module)}")
-    if not weight.requires_grad:
-        # transformers' TorchAoConfig loads every weight it quantizes with requires_grad=False: kept, that would
-        # train only the embeddings, norms and head, without a word.
-        warnings.warn(
-            "bitnet_training: weights loaded with requires_grad=False (as transformers' TorchAoConfig loads them) "
-            "become trainable BitNet master weights; to freeze some, call requires_grad_(False) after quantize_",
-            stacklevel=2,
-        )
-    new = nn.Parameter(BitNetTrainingLinearWeight(data, config), requires_grad=True)
-    if isinstance(weight, nn.Parameter):
-        replace_parameter(module, "weight", new)
-    else:
-        module.weight = new
-    register_checkpoint_hooks(module)
-    return module
-
-
-def _warn_if_nothing_converted(model: nn.Module, config: BitNetTrainingConfig | BitNetInferenceConfig, n: int) -> None:
-    """A ``filter_fn`` that selects nothing (a typo in a module name) would leave a plain model to train without
-    a word: say so, with how many linears the model has."""
-    if n:
-        return
-    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
-    recipe = "bitnet_training" if isinstance(config, BitNetTrainingConfig) else "bitnet_inference"
-    warnings.warn(
-        f"quantize_(model, {recipe}(...)) converted no module of {type(model).__name__}: its filter_fn selected "
-        f"none of its {linears} nn.Linear modules, so nothing runs as BitNet. Check the names the filter looks for "
-        "(bitnet_ao.surgery.quantize_filter selects every linear but the output head)",
-        stacklevel=4,  # the caller of quantize_
-    )
-
-
-observe_quantize_((BitNetTrainingConfig, BitNetInferenceConfig), _warn_if_nothing_converted)
-
-
-def unquantize_(model: nn.Module) -> nn.Module:
-    """Replace every ``BitNetTrainingLinearWeight`` in ``model`` by a plain ``nn.Parameter`` holding its master
-    weight (in place, the same parameter objects; returns ``model``). The inverse of ``quantize_(model,
-    bitnet_training())``. Packed inference weights have no master weight left: a clear error."""
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if isinstance(param, BitNetTrainingLinearWeight):
-                replace_parameter(module, name, nn.Parameter(param._data, requires_grad=param.requires_grad))
-            elif isinstance(param, BitNetPackedLinearWeight):
-                raise TypeError(
-                    f"unquantize_: {describe_module(module)} holds a packed inference weight (bitnet_inference); "
-                    "its high-precision values were freed when it was packed. Load the training checkpoint "
-                    "(master weights) into a fresh model instead"
-                )
-    return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -147,6 +148,47 @@ def test_whole_model_loads_weights_only_with_only_the_users_classes_allowlisted(
         torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
     )
     loaded.load_state_dict(model.state_dict())  # the hooks came along and still work
+
+
+def _with_global_renamed(saved: bytes, old: str, new: str) -> bytes:
+    """A ``torch.save`` archive whose pickle names the global ``old`` (``module.name``) as ``new``."""
+    src, out = zipfile.ZipFile(io.BytesIO(saved)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data.pkl"):  # protocol 2: GLOBAL "module\nname\n"
+                old_line, new_line = ("\n".join(p.rsplit(".", 1)).encode() + b"\n" for p in (old, new))
+                assert old_line in data, old
+                data = data.replace(old_line, new_line)
+            dst.writestr(info.filename, data)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_whole_models_pickled_with_the_hooks_former_paths_still_load(weights_only):
+    """Models pickled before the checkpoint hooks moved to bitnet_ao/checkpoint_hooks.py name them by their former
+    paths (in bitnet_ao/tensor.py and bitnet_ao/inference.py); they load, with or without weights_only, and their
+    hooks work."""
+    model = _quantized()
+    quantize_(model, bitnet_inference())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    saved = buf.getvalue()
+    for new, old in (
+        ("_master_weight_state_dict_hook", "bitnet_ao.tensor._state_dict_post_hook"),
+        ("_master_weight_load_hook", "bitnet_ao.tensor._load_state_dict_pre_hook"),
+        ("_packed_weight_state_dict_hook", "bitnet_ao.inference._state_dict_post_hook"),
+        ("_packed_weight_load_hook", "bitnet_ao.inference._load_state_dict_pre_hook"),
+    ):
+        saved = _with_global_renamed(saved, f"bitnet_ao.checkpoint_hooks.{new}", old)
+    with torch.serialization.safe_globals([nn.Sequential, nn.Linear, nn.ReLU]):
+        loaded = torch.load(io.BytesIO(saved), weights_only=weights_only)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    sd = loaded.state_dict()
+    assert all(type(v) is torch.Tensor for v in sd.values()) and "0.weight_scale" in sd
+    loaded.load_state_dict(model.state_dict())
 
 
 def test_quantize_rejects_integer_weight_naming_the_module():
