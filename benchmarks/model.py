@@ -14,6 +14,7 @@ quantized, and a tied head would make the embedding table a quantization target 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,23 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"ModelConfig: dim={self.dim} must split into n_heads={self.n_heads} heads of even size")
+
+    # The hyperparameters the weights do not show, by Hugging Face LlamaConfig's names: what exporters read from a
+    # model's config (bitnet_ao.integrations.gguf) and what to_hf_llama writes.
+    model_type: ClassVar[str] = "llama"
+    hidden_act: ClassVar[str] = "silu"
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.max_seq_len
+
+    @property
+    def rope_parameters(self) -> dict[str, object]:
+        return {"rope_type": "default", "rope_theta": self.rope_theta}
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -166,7 +184,7 @@ def to_hf_llama(model: Transformer) -> nn.Module:
     import transformers
     from torchao.quantization import quantize_
 
-    from bitnet_ao.surgery import NormedLinear, apply_bitnet_norms, quantize_filter
+    from bitnet_ao.surgery import apply_bitnet_norms, detect_placement, quantize_filter
 
     c = model.config
     hf = transformers.LlamaForCausalLM(
@@ -175,23 +193,19 @@ def to_hf_llama(model: Transformer) -> nn.Module:
             hidden_size=c.dim,
             intermediate_size=c.hidden_dim,
             num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads,
+            num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.n_heads,
-            max_position_embeddings=c.max_seq_len,
+            max_position_embeddings=c.max_position_embeddings,
             rms_norm_eps=c.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            rope_parameters=c.rope_parameters,
+            hidden_act=c.hidden_act,
             tie_word_embeddings=False,
         )
     )
-    block = model.layers[0]
-    # The surgery normalizes either every linear (FAQ) or only the attention and MLP outputs (subln).
-    wq, wo = (block.get_submodule(META.path(role)) for role in (Role.ATTN_Q, Role.ATTN_OUTPUT))
-    normed = [isinstance(m, NormedLinear) for m in (wq, wo)]
-    if any(normed):
-        eps = next(m.norm.eps for m in model.modules() if isinstance(m, NormedLinear))
-        keep = not isinstance(block.get_submodule(META.path(Role.ATTN_NORM)), nn.Identity)
-        apply_bitnet_norms(hf, "faq" if all(normed) else "subln", eps=eps, keep_block_norms=keep)
-    recipe = getattr(wq.weight, "config", None)
+    applied = detect_placement(model, "to_hf_llama")
+    if applied is not None:  # the same surgery on the copy
+        apply_bitnet_norms(hf, applied.placement, eps=applied.eps, keep_block_norms=applied.keep_block_norms)
+    recipe = getattr(model.layers[0].get_submodule(META.path(Role.ATTN_Q)).weight, "config", None)
     if recipe is not None:
         quantize_(hf, recipe, filter_fn=quantize_filter)  # the master-weight recipe: state dicts hold master weights
     hf.load_state_dict({META.rename(k, HF_LLAMA): v for k, v in model.state_dict().items()})

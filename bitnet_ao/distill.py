@@ -160,7 +160,7 @@ def attention_projections(model: nn.Module, layer: int) -> list[nn.Module]:
     model whose layout :mod:`bitnet_ao.layouts` knows, normed by the surgery or wrapped by peft; one fused
     projection for torchtitan's fused QKV layout. What :class:`ProjectionCapture` records for
     :func:`attention_relation_loss`."""
-    layout, blocks = find_blocks(model)
+    layout, blocks = find_blocks(model, "attention_projections")
     if not -len(blocks) <= layer < len(blocks):
         raise IndexError(f"attention_projections: layer {layer} of a model with {len(blocks)} blocks")
     block = blocks[layer][1]

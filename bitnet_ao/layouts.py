@@ -22,6 +22,8 @@ from typing import Literal
 from torch import nn
 
 Part = Literal["model", "attention", "mlp"]
+#: Where ``bitnet_ao.surgery.apply_bitnet_norms`` puts BitNet's RMSNorms (:meth:`BlockLayout.normed_roles`).
+Placement = Literal["faq", "subln"]
 #: ``norm``: a norm whose output the part's input linears read (the final norm for the head); ``sub_norm``: BitNet's
 #: norm inside the attention or MLP, before its output linear; ``input`` / ``output``: the linears that read the
 #: part's input (column-parallel under tensor parallelism) / write its result into the residual stream
@@ -111,6 +113,11 @@ class BlockLayout:
     def block_linears(self) -> tuple[Role, ...]:
         """The roles of a block's linears, in forward order."""
         return tuple(r for r in self.block_roles if r.is_block_linear)
+
+    def normed_roles(self, placement: Placement) -> tuple[Role, ...]:
+        """The block linears ``placement`` puts an RMSNorm in front of, in forward order: every one (``"faq"``), or
+        those whose norm is a sub-norm, the attention output and the MLP's down projection (``"subln"``)."""
+        return tuple(r for r in self.block_linears if placement == "faq" or r.norm.kind == "sub_norm")
 
     @property
     def pre_norms(self) -> tuple[str, ...]:
@@ -244,11 +251,12 @@ def _matches(block: nn.Module, layout: BlockLayout) -> bool:
     )
 
 
-def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Module]]]:
+def find_blocks(model: nn.Module, caller: str = "find_blocks") -> tuple[BlockLayout, list[tuple[str, nn.Module]]]:
     """The transformer blocks of ``model`` (fully qualified name, module) and the layout they follow.
 
     A block's linears may be ``nn.Linear`` (a ``NormedLinear`` after ``bitnet_ao.surgery.apply_bitnet_norms``) or a peft
-    tuner layer around one (:func:`base_linear`), so the blocks of a normed and/or adapted model are found too."""
+    tuner layer around one (:func:`base_linear`), so the blocks of a normed and/or adapted model are found too.
+    ``caller``: the public function whose name the ``ValueError`` for an unknown model starts with."""
     for layout in LAYOUTS:
         blocks = [(name, m) for name, m in model.named_modules() if _matches(m, layout)]
         if blocks:
@@ -256,7 +264,7 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, list[tuple[str, nn.Modul
     known = "\n".join(f"  {layout.name}: {', '.join(layout.paths())}" for layout in LAYOUTS)
     children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children())
     raise ValueError(
-        f"bitnet_ao: no transformer block of {type(model).__name__} matches a known layout. "
+        f"{caller}: no transformer block of {type(model).__name__} matches a known layout. "
         "A block must hold these submodules (the linears as nn.Linear, or a peft layer around one):"
         f"\n{known}\n"
         f"The model's top-level modules: {children}. Add a BlockLayout to bitnet_ao.layouts.LAYOUTS for it."
@@ -284,6 +292,7 @@ __all__ = [
     "LAYOUTS",
     "META",
     "TORCHTITAN",
+    "Placement",
     "TORCHTITAN_FUSED_QKV",
     "BlockLayout",
     "Role",

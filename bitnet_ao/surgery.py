@@ -30,7 +30,7 @@ Placements:
 Models are recognized by the module names of their transformer blocks, from the table of layouts in
 ``bitnet_ao.layouts`` (:data:`LAYOUTS`): a Llama with Meta's reference names, torchtitan's Llama 3 and Hugging
 Face's ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``. The roles there say which linears get a norm and which norms
-go away.
+go away. :func:`detect_placement` reads the placement back from a model, for the exporters.
 """
 
 from __future__ import annotations
@@ -38,25 +38,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layouts import BlockLayout, base_linear, find_blocks, module_at, quantize_filter
+from .layouts import BlockLayout, Placement, base_linear, find_blocks, module_at, quantize_filter
 from .linear import InputNorm, bitnet_linear, is_bitnet_weight
 from .norm import RMSNorm, effective_eps
 
 logger = logging.getLogger(__name__)
 
-Placement = Literal["faq", "subln"]
-
 
 def normed_linears(layout: BlockLayout, placement: Placement) -> tuple[str, ...]:
-    """The linears of a block that get a norm in front of them, in forward order: all of them (FAQ), or the
-    attention and MLP outputs, where BitNet's sub-norms sit (subln)."""
-    roles = layout.block_linears if placement == "faq" else [r for r in layout.block_linears if r.kind == "output"]
-    return tuple(layout.path(r) for r in roles)
+    """The paths of a block's linears that get a norm in front of them, in forward order
+    (:meth:`BlockLayout.normed_roles`)."""
+    return tuple(layout.path(r) for r in layout.normed_roles(placement))
 
 
 class NormedLinear(nn.Linear):
@@ -210,7 +207,7 @@ def apply_bitnet_norms(
     done = next((name for name, m in model.named_modules() if isinstance(m, NormedLinear)), None)
     if done is not None:
         raise ValueError(f"apply_bitnet_norms: the model already has BitNet norms (at {done}); apply it once")
-    layout, blocks = find_blocks(model)
+    layout, blocks = find_blocks(model, "apply_bitnet_norms")
     report = SurgeryReport(layout.name, placement, type(model).__name__)
     roles = {layout.path(r): r for r in layout.block_linears}
     for block_name, block in blocks:
@@ -247,16 +244,70 @@ def apply_bitnet_norms(
     return report
 
 
+@dataclass(frozen=True)
+class AppliedPlacement:
+    """The BitNet norms a model has, as the arguments of the :func:`apply_bitnet_norms` call that gives them."""
+
+    placement: Placement
+    #: The eps of every inserted norm (``None``: the machine eps of the input's dtype).
+    eps: float | None
+    #: Whether the blocks' pre-norms are still there: FAQ with ``keep_block_norms``, and always with subln.
+    keep_block_norms: bool
+
+
+def detect_placement(model: nn.Module, caller: str = "detect_placement") -> AppliedPlacement | None:
+    """Which BitNet norms ``model`` has, read back from its blocks (:func:`find_blocks`, through peft layers):
+    the inverse of :func:`apply_bitnet_norms`, ``None`` for a model without them. The exporters map the placement
+    to their target's graph from it, and ``benchmarks/model.py`` repeats the surgery on the Hugging Face copy.
+
+    Raises ``ValueError`` starting with ``caller`` for norms no call of :func:`apply_bitnet_norms` gives: other
+    linears normed, some pre-norms removed and not others, blocks that differ, inserted norms of different eps."""
+    layout, blocks = find_blocks(model, caller)
+    pre_norms = tuple(r for r in layout.block_roles if r.kind == "norm")
+    found: dict[tuple[Placement | None, bool], str] = {}
+    eps = set()
+    for name, block in blocks:
+        linears = {r: base_linear(module_at(block, layout.path(r))) for r in layout.block_linears}
+        normed = tuple(r for r, m in linears.items() if isinstance(m, NormedLinear))
+        removed = tuple(r for r in pre_norms if isinstance(module_at(block, layout.path(r)), nn.Identity))
+        eps.update(linears[r].norm.eps for r in normed)
+        if not normed and not removed:
+            found.setdefault((None, True), name)
+        elif normed == layout.normed_roles("faq") and removed in ((), pre_norms):
+            found.setdefault(("faq", not removed), name)
+        elif normed == layout.normed_roles("subln") and not removed:
+            found.setdefault(("subln", True), name)
+        else:
+            raise ValueError(
+                f"{caller}: {name or 'the model'} has RMSNorms before "
+                f"{[layout.path(r) for r in normed] or 'no linear'} and "
+                f"{[layout.path(r) for r in removed] or 'no pre-norm'} removed, which apply_bitnet_norms does not "
+                f"give: the FAQ placement normalizes {list(normed_linears(layout, 'faq'))} (the pre-norms removed, or "
+                f"kept with keep_block_norms), subln {list(normed_linears(layout, 'subln'))} (the pre-norms kept)"
+            )
+    if len(found) > 1:
+        kinds = {(None, True): "no BitNet norms", ("faq", True): "FAQ, pre-norms kept", ("faq", False): "FAQ"}
+        mixed = ", ".join(f"{name or 'the model'}: {kinds.get(key, key[0])}" for key, name in found.items())
+        raise ValueError(f"{caller}: the blocks mix norm placements ({mixed}); apply_bitnet_norms gives all the same")
+    if len(eps) > 1:
+        values = sorted(eps, key=lambda e: -1.0 if e is None else e)  # None: the dtype's machine eps
+        raise ValueError(
+            f"{caller}: the inserted norms have different eps {values}; apply_bitnet_norms(eps=...) gives them one"
+        )
+    (placement, keep), _ = found.popitem()
+    return AppliedPlacement(placement, eps.pop(), keep) if placement is not None else None
+
+
 def _unpreserved_norms(model: nn.Module) -> dict[str, NormedLinear]:
     """The inserted norms that cannot reproduce the pretrained function: those before the attention output and
     the MLP's down projection (both placements), by the linear's fully qualified name."""
-    layout, blocks = find_blocks(model)
+    layout, blocks = find_blocks(model, "calibrate_bitnet_norms")
     found = {}
     for block_name, block in blocks:
         prefix = f"{block_name}." if block_name else ""
-        for role in layout.block_linears:
+        for role in layout.normed_roles("subln"):
             module = base_linear(module_at(block, layout.path(role)))
-            if role.kind == "output" and isinstance(module, NormedLinear):
+            if isinstance(module, NormedLinear):
                 found[prefix + layout.path(role)] = module
     return found
 
@@ -328,12 +379,14 @@ def calibrate_bitnet_norms(model: nn.Module, batches: Iterable[Any]) -> dict[str
 
 
 __all__ = [
+    "AppliedPlacement",
     "BlockLayout",
     "NormedLinear",
     "SurgeryReport",
     "apply_bitnet_norms",
     "base_linear",
     "calibrate_bitnet_norms",
+    "detect_placement",
     "find_blocks",
     "normed_linears",
     "quantize_filter",

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_ao.distill import ProjectionCapture, attention_relation_loss, logits_distillation_loss
+from benchmarks.model import ModelConfig, Transformer
+from bitnet_ao.distill import (
+    ProjectionCapture,
+    attention_projections,
+    attention_relation_loss,
+    logits_distillation_loss,
+)
+from bitnet_ao.surgery import apply_bitnet_norms
 
 
 def _kl_div(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -88,3 +95,14 @@ def test_projection_capture_records_outputs_and_removes_its_hooks():
     assert not q._forward_hooks and not k._forward_hooks
     with pytest.raises(RuntimeError, match=r"modules \[1\] did not run"), ProjectionCapture([q, k]):
         q(x)
+
+
+def test_attention_projections_are_the_layers_q_k_v_and_errors_name_it():
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, hidden_dim=64, max_seq_len=16))
+    apply_bitnet_norms(model)  # NormedLinears are still the projections
+    attention = model.layers[2].attention
+    assert attention_projections(model, -1) == [attention.wq, attention.wk, attention.wv]
+    with pytest.raises(IndexError, match="layer 3 of a model with 3 blocks"):
+        attention_projections(model, 3)
+    with pytest.raises(ValueError, match="^attention_projections: no transformer block of Sequential"):
+        attention_projections(nn.Sequential(nn.Linear(4, 4)), 0)

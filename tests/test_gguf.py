@@ -8,6 +8,7 @@ import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -365,6 +366,12 @@ def _plain_wo() -> nn.Module:
     return bench_model(n_layers=1, filter_fn=lambda m, fqn: quantize_filter(m, fqn) and not fqn.endswith("wo"))
 
 
+def _other_config() -> nn.Module:
+    model = bench_model(n_layers=1)
+    model.config = SimpleNamespace(n_heads=4, max_seq_len=128, rope_theta=10000.0)
+    return model
+
+
 def _bias() -> nn.Module:
     model = tiny_llama(0, vocab_size=256, hidden_size=256, intermediate_size=512, attention_bias=True)
     quantize_(model, bitnet_training(), filter_fn=quantize_filter)
@@ -372,18 +379,19 @@ def _bias() -> nn.Module:
 
 
 REFUSALS = {
-    "faq": (_faq, r"layers\.0 has the FAQ placement .*no llama\.cpp architecture.*no norm surgery.*'subln'"),
+    "faq": (_faq, r"Transformer has the FAQ placement .*no llama\.cpp architecture.*no norm surgery.*'subln'"),
     "untied head": (_untied_subln, r"bitnet graph has no output tensor.*lm_head is not tied to model\.embed_tokens"),
     "relu2": (_relu2, r"mlp\.gate_proj\) uses 'relu2'; llama\.cpp's llama and bitnet graphs both compute silu"),
     "binary": (lambda: bench_model(n_layers=1, recipe=bitnet_training(weights="binary")),
-               r"layers\.0\.attention\.wq has binary weights"),
+               r"layers\.0\.attention\.wq \(in_features=256, out_features=256\) has binary weights"),
     "groups": (lambda: bench_model(n_layers=1, recipe=bitnet_training(scale_groups=2)),
-               r"layers\.0\.attention\.wq has 2 group scales"),
-    "bias": (_bias, r"model\.layers\.0\.self_attn\.q_proj has a bias"),
+               r"layers\.0\.attention\.wq \(in_features=256, out_features=256\) has 2 group scales"),
+    "bias": (_bias, r"model\.layers\.0\.self_attn\.q_proj \(in_features=256, out_features=256\) has a bias"),
     "in_features": (lambda: bench_model(n_layers=1, dim=128, hidden_dim=256),
                     r"layers\.0\.attention\.wq \(in_features=128, out_features=128\).*multiple of 256"),
     "plain linear": (_plain_wo, r"layers\.0\.attention\.wo \(in_features=256.*plain high-precision linear"),
     "layout": (lambda: nn.Sequential(nn.Linear(256, 256)), r"Sequential is no transformer bitnet_ao knows"),
+    "config": (_other_config, r"by Hugging Face LlamaConfig's names .*Transformer\.config has model_type None"),
 }  # fmt: skip
 
 
@@ -412,7 +420,7 @@ def test_refused_types(tmp_path: Path) -> None:
 def test_pretrain_refuses_an_unexportable_run_before_training(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--preset", "tiny", "--save-gguf", "m.gguf"])
-    assert "--save-gguf: layers.0 has the FAQ placement" in capsys.readouterr().err
+    assert "--save-gguf: Transformer has the FAQ placement" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--preset", "tiny", "--no-surgery", "--save-gguf", "m.gguf"])
     assert "in_features=64" in capsys.readouterr().err

@@ -186,8 +186,12 @@ def test_what_transformers_cannot_load_is_refused(tmp_path):
         save_pretrained_bitnet(binary, tmp_path)
     with pytest.raises(ValueError, match="has a bias"):
         save_pretrained_bitnet(_bitnet_llama(None, attention_bias=True), tmp_path)
+    grouped = tiny_llama()
+    quantize_(grouped, bitnet_training(scale_groups=2), filter_fn=not_lm_head)
+    with pytest.raises(ValueError, match=r"q_proj \(in_features=32, out_features=32\) has 2 group scales"):
+        save_pretrained_bitnet(grouped, tmp_path)
     odd = _bitnet_llama(None, hidden_size=36, num_attention_heads=6, num_key_value_heads=1)  # k_proj: 6 rows
-    with pytest.raises(ValueError, match=r"k_proj \(nn.Linear\(in_features=36, out_features=6\)\).*multiple of 4"):
+    with pytest.raises(ValueError, match=r"k_proj \(in_features=36, out_features=6\).*multiple of 4"):
         save_pretrained_bitnet(odd, tmp_path)
     save_pretrained_bitnet(odd, tmp_path / "online", quantization_mode="online")  # online has no such limit
     with pytest.raises(ValueError, match="only load packed"):
@@ -213,7 +217,7 @@ def test_a_packed_weight_without_its_scale_is_an_error(tmp_path):
         from_pretrained_bitnet(tmp_path)
 
 
-@pytest.mark.parametrize("placement", ["faq", "subln"])
+@pytest.mark.parametrize("placement", ["faq", "faq, block norms kept", "subln"])
 def test_benchmark_model_exports_through_its_hf_llama_twin(tmp_path, placement):
     """benchmarks/model.py (Meta names) -> to_hf_llama -> save_pretrained_bitnet -> stock from_pretrained."""
     from benchmarks.model import ModelConfig, Transformer, to_hf_llama
@@ -222,7 +226,7 @@ def test_benchmark_model_exports_through_its_hf_llama_twin(tmp_path, placement):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=32))
     torch.nn.init.normal_(model.tok_embeddings.weight)
-    apply_bitnet_norms(model, placement)
+    apply_bitnet_norms(model, placement.partition(",")[0], keep_block_norms=placement.endswith("kept"))
     quantize_(model, bitnet_training(), filter_fn=quantize_filter)
     twin = to_hf_llama(model)
     with torch.no_grad():

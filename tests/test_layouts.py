@@ -239,3 +239,25 @@ def test_rename_keeps_the_tail_and_refuses_unknown_names() -> None:
 def test_the_table_is_read_only() -> None:
     with pytest.raises(TypeError):
         META.modules[Role.ATTN_Q] = "attention.q"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_placements_normalize_every_linear_or_the_two_output_projections(layout: BlockLayout) -> None:
+    """The FAQ's BitLinear normalizes the input of every linear; subln (BitNet b1.58 2B4T) only those of the
+    attention output and the MLP's down projection."""
+    assert layout.normed_roles("faq") == layout.block_linears
+    assert layout.normed_roles("subln") == (Role.ATTN_OUTPUT, Role.FFN_DOWN)
+
+
+def test_subln_normalizes_the_linears_that_read_transformers_bitnet_sub_norms() -> None:
+    """In transformers' BitNet model, the linear called right after each sub-norm is one subln normalizes."""
+    model = _hf_model("BitNetForCausalLM")
+    block = model.get_submodule(f"{HF_BITNET.blocks}.0")
+    calls: list[str] = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear) or _is_norm(module):
+            module.register_forward_pre_hook(lambda m, args, name=name: calls.append(name))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 8)))
+    after_sub_norms = [calls[i + 1] for i, name in enumerate(calls[:-1]) if name.endswith("sub_norm")]
+    assert after_sub_norms == [HF_BITNET.path(r) for r in HF_BITNET.normed_roles("subln")]

@@ -14,10 +14,12 @@ from benchmarks.model import ModelConfig, Transformer
 from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
 from bitnet_ao.norm import RMSNorm
 from bitnet_ao.surgery import (
+    AppliedPlacement,
     NormedLinear,
     apply_bitnet_norms,
     base_linear,
     calibrate_bitnet_norms,
+    detect_placement,
     find_blocks,
     quantize_filter,
 )
@@ -306,6 +308,61 @@ def test_find_blocks_through_normed_and_peft_layers() -> None:
     assert base_linear(block.self_attn.o_proj) is block.self_attn.o_proj.base_layer  # peft around a NormedLinear
     assert base_linear(block.mlp.down_proj) is block.mlp.down_proj
     assert base_linear(block.mlp) is None
+
+
+#: apply_bitnet_norms' arguments, and what detect_placement must read back from the model they leave.
+CALLS = {
+    "faq": (dict(placement="faq", eps=3e-6), AppliedPlacement("faq", 3e-6, keep_block_norms=False)),
+    "faq, block norms kept": (
+        dict(placement="faq", eps=1e-5, keep_block_norms=True),
+        AppliedPlacement("faq", 1e-5, keep_block_norms=True),
+    ),
+    "subln": (dict(placement="subln", eps=2e-6), AppliedPlacement("subln", 2e-6, keep_block_norms=True)),
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detect_placement_reads_back_the_surgery(family: str, call: str) -> None:
+    model = FAMILIES[family][0]()
+    assert detect_placement(model) is None, "a stock model has no BitNet norms"
+    kwargs, expected = CALLS[call]
+    apply_bitnet_norms(model, **kwargs)
+    assert detect_placement(model) == expected
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    assert detect_placement(model) == expected
+
+
+def test_detect_placement_through_peft_and_with_the_pre_norms_eps() -> None:
+    peft = pytest.importorskip("peft")
+    model = hf_model()
+    apply_bitnet_norms(model, placement="subln")  # eps=None: the pre-norms'
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    assert detect_placement(adapted) == AppliedPlacement("subln", model.config.rms_norm_eps, keep_block_norms=True)
+
+
+def test_detect_placement_refuses_what_apply_bitnet_norms_does_not_give() -> None:
+    one_linear = own_model()
+    NormedLinear.from_linear(one_linear.layers[0].attention.wq, 1e-5)
+    with pytest.raises(
+        ValueError, match=r"^save_gguf: layers\.0 has RMSNorms before \['attention\.wq'\] and no pre-norm"
+    ):
+        detect_placement(one_linear, "save_gguf")
+    half_removed = own_model()
+    apply_bitnet_norms(half_removed)
+    half_removed.layers[1].ffn_norm = RMSNorm(32)
+    with pytest.raises(ValueError, match=r"layers\.1 has RMSNorms before .* and \['attention_norm'\] removed"):
+        detect_placement(half_removed)
+    mixed = own_model()
+    apply_bitnet_norms(mixed, "subln")
+    mixed.layers[1] = own_model().layers[1]
+    with pytest.raises(ValueError, match=r"mix norm placements \(layers\.0: subln, layers\.1: no BitNet norms\)"):
+        detect_placement(mixed)
+    two_eps = own_model()
+    apply_bitnet_norms(two_eps, eps=1e-5)
+    two_eps.layers[1].feed_forward.w2.norm.eps = 1e-6
+    with pytest.raises(ValueError, match=r"different eps \[1e-06, 1e-05\]"):
+        detect_placement(two_eps)
 
 
 def test_state_dict_keeps_the_stock_keys_and_loads_the_wrapper_layout() -> None:

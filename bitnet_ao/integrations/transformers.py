@@ -37,16 +37,17 @@ from torchao.quantization import quantize_
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import BitNetTrainingConfig, bitnet_training
-from ..layouts import HF_BITNET, HF_LLAMA, Role
+from ..layouts import HF_BITNET, HF_LLAMA, Placement, Role
 from ..linear import is_bitnet_weight
-from ..surgery import NormedLinear, Placement, apply_bitnet_norms, normed_linears
+from ..surgery import AppliedPlacement, NormedLinear, apply_bitnet_norms, detect_placement
 from ..weight_quant import master_weight_for
+from .export_checks import check_per_tensor_ternary
 
 LinearClass = Literal["autobitlinear", "bitlinear"]
 QuantizationMode = Literal["offline", "online"]
 
 #: Where transformers' BitNet model keeps the norms the subln placement puts before these linears: its sub-norms.
-_SUBLN_NORMS = {HF_BITNET.path(r): HF_BITNET.path(r.norm) for r in HF_BITNET.block_linears if r.kind == "output"}
+_SUBLN_NORMS = {HF_BITNET.path(r): HF_BITNET.path(r.norm) for r in HF_BITNET.normed_roles("subln")}
 #: The state-dict keys of the output head and of the embedding it may be tied to.
 _HEAD, _EMBEDDING = (f"{HF_LLAMA.path(role)}.weight" for role in (Role.OUTPUT, Role.TOKEN_EMBD))
 #: LlamaConfig fields that BitNetConfig shares.
@@ -111,8 +112,9 @@ def save_pretrained_bitnet(
         )
     dtype = dtype or model.dtype
     linears = _bitnet_linears(model)
-    placement, eps = _placement(model)
-    _check_exportable(model, linears, placement, eps, quantization_mode)
+    applied = detect_placement(model, "save_pretrained_bitnet")
+    placement = applied.placement if applied is not None else None
+    _check_exportable(model, linears, applied, quantization_mode)
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
 
@@ -125,7 +127,7 @@ def save_pretrained_bitnet(
         linear_class=linear_class,
         quantization_mode=quantization_mode,
         use_rms_norm=placement == "faq",
-        rms_norm_eps=eps if placement == "faq" else 1e-6,
+        rms_norm_eps=applied.eps if placement == "faq" else 1e-6,
     )
     config = _hf_config(model, placement)
     config.quantization_config = quantization_config.to_dict()
@@ -156,48 +158,14 @@ def _hf_norm_name(linear: str, placement: Placement | None) -> str:
     return linear[: -len(tail)] + _SUBLN_NORMS[tail]
 
 
-def _placement(model: nn.Module) -> tuple[Placement | None, float]:
-    """Which BitNet norm placement the model's layers follow, and the eps of its inserted norms."""
-    placements = set()
-    eps = {m.norm.eps for m in model.modules() if isinstance(m, NormedLinear)}
-    for i, layer in enumerate(model.model.layers):
-        normed = {p for p in normed_linears(HF_LLAMA, "faq") if isinstance(layer.get_submodule(p), NormedLinear)}
-        block_norms = [isinstance(layer.get_submodule(p), nn.Identity) for p in HF_LLAMA.pre_norms]
-        if not normed and not any(block_norms):
-            placements.add(None)
-        elif normed == set(normed_linears(HF_LLAMA, "faq")) and (all(block_norms) or not any(block_norms)):
-            placements.add("faq")  # the block norms removed, or kept (apply_bitnet_norms(keep_block_norms=True))
-        elif normed == set(normed_linears(HF_LLAMA, "subln")) and not any(block_norms):
-            placements.add("subln")
-        else:
-            raise ValueError(
-                f"save_pretrained_bitnet: layer {i} has RMSNorms before {sorted(normed) or 'no linear'} and "
-                f"{'removed' if any(block_norms) else 'kept'} block norms, which is neither the FAQ placement "
-                "(all seven, block norms removed or kept) nor subln (o_proj and down_proj, block norms kept)"
-            )
-    if len(placements) != 1 or len(eps) > 1:
-        raise ValueError(
-            f"save_pretrained_bitnet: the layers mix norm placements {sorted(map(str, placements))} or norm eps "
-            f"{sorted(eps)}; transformers' BitNet config has one of each"
-        )
-    return placements.pop(), eps.pop() if eps else 0.0
-
-
 def _check_exportable(
-    model: nn.Module, linears: dict[str, nn.Linear], placement: Placement | None, eps: float, mode: QuantizationMode
+    model: nn.Module, linears: dict[str, nn.Linear], applied: AppliedPlacement | None, mode: QuantizationMode
 ) -> None:
+    placement = applied.placement if applied is not None else None
     for name, linear in linears.items():
+        check_per_tensor_ternary(linear, name, caller="save_pretrained_bitnet", target="transformers' BitNet layers")
         n, k = linear.weight.shape
-        where = f"save_pretrained_bitnet: {name} (nn.Linear(in_features={k}, out_features={n}))"
-        if linear.weight.config.weights != "ternary":
-            raise ValueError(f"{where} has binary weights; transformers' BitNet layers are ternary")
-        if linear.weight.config.grouped:
-            raise ValueError(
-                f"{where} has {linear.weight.config.scale_groups} group scales; transformers' BitNet checkpoints hold "
-                "one scale per weight"
-            )
-        if linear.bias is not None:
-            raise ValueError(f"{where} has a bias; transformers' BitNet checkpoints carry none")
+        where = f"save_pretrained_bitnet: {name} (in_features={k}, out_features={n})"
         if mode == "offline" and n % 4:
             raise ValueError(
                 f"{where}: transformers packs offline weights 4 output rows per byte, so out_features must be a "
@@ -212,12 +180,14 @@ def _check_exportable(
         "hidden_act": "relu2",
         "attention_bias": False,
         "mlp_bias": False,
-        "rms_norm_eps": eps,
+        "rms_norm_eps": applied.eps,
         "head_dim": config.hidden_size // config.num_attention_heads,
     }
     wrong = {key: getattr(config, key, None) for key, value in expected.items() if getattr(config, key, None) != value}
     missing = [
-        f"{HF_LLAMA.blocks}.*.{p}" for p in normed_linears(HF_LLAMA, "faq") if not any(n.endswith(p) for n in linears)
+        f"{HF_LLAMA.blocks}.*.{HF_LLAMA.path(r)}"
+        for r in HF_LLAMA.block_linears
+        if not any(n.endswith(HF_LLAMA.path(r)) for n in linears)
     ]
     if wrong or missing:
         raise ValueError(
