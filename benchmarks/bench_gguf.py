@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import hardware, report
-from benchmarks.bench_inference import block_weight_bytes, build_variants, generate
+from benchmarks.bench_inference import block_linears, block_weight_bytes, build_variants, generate
 from benchmarks.data import VOCAB_SIZE
 from benchmarks.llama_cpp_runs import llama_generate, llama_prefill, llama_timer, load_llama, logits_error
 from benchmarks.model import KVCache, ModelConfig
@@ -82,16 +82,10 @@ BITNET = "bitnet_ao packed"
 # --- the model --------------------------------------------------------------------------------------------------
 
 
-def parameter_count(config: ModelConfig) -> int:
-    """Parameters of ``benchmarks.model.Transformer``: embedding and untied head (vocab x dim each), per block four
-    attention projections (dim x dim), three SwiGLU projections (dim x hidden) and two norm gains, a final norm."""
-    d, h = config.dim, config.hidden_dim
-    return 2 * config.vocab_size * d + config.n_layers * (4 * d * d + 3 * d * h + 2 * d) + d
-
-
-def block_parameter_count(config: ModelConfig) -> int:
-    """The block linears' weights: what is ternary on both sides."""
-    return config.n_layers * (4 * config.dim**2 + 3 * config.dim * config.hidden_dim)
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """All parameters of ``model`` and those of its block linears' weights (``bench_inference.block_linears``: what
+    is ternary on both sides), counted as logical shapes: packed, master or dense weights count alike."""
+    return sum(p.numel() for p in model.parameters()), sum(m.weight.numel() for m in block_linears(model))
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -232,8 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = model_config(args)
     dtype = getattr(torch, args.dtype)
     training, packed = build_bitnet(config, dtype)
-    n_params = sum(p.numel() for p in training.parameters())
-    assert n_params == parameter_count(config), (n_params, parameter_count(config))
+    n_params, n_block = parameter_counts(training)
     torch.manual_seed(1)
     prompt = torch.randint(0, VOCAB_SIZE, (1, args.prompt))
     tokens = prompt[0].tolist()
@@ -241,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(hardware.summary(args.device))
     print(
         f"model: dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads, hidden {config.hidden_dim}, "
-        f"vocab {config.vocab_size}: {n_params / 1e6:.1f}M parameters ({block_parameter_count(config) / 1e6:.1f}M "
+        f"vocab {config.vocab_size}: {n_params / 1e6:.1f}M parameters ({n_block / 1e6:.1f}M "
         f"in block linears); threads {args.threads}; prompt {args.prompt}; new tokens {args.new_tokens}; "
         f"bitnet_ao in {args.dtype}"
     )
@@ -303,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {
         "threads": args.threads,
         "parameters": n_params,
-        "block_parameters": block_parameter_count(config),
+        "block_parameters": n_block,
         "llama_cpp_python": llama_cpp.__version__,
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
     }

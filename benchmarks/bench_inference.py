@@ -39,6 +39,7 @@ from benchmarks.model import KVCache, ModelConfig, Transformer
 from benchmarks.presets import TRAINING_PRESETS as PRESETS
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_training
+from bitnet_ao.layouts import base_linear, find_blocks, module_at
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 
 
@@ -58,16 +59,23 @@ def build_variants(config: ModelConfig, dtype: torch.dtype, device: str, surgery
     return {f"{name} dense": dense, "bitnet training weights": training, "bitnet packed": packed}
 
 
+def block_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linears of the model's transformer blocks (``bitnet_ao.layouts.find_blocks``), the ones ``quantize_``
+    makes BitNet: the embedding and the output head are not among them. Under a peft adapter, the adapted linear
+    itself (``layouts.base_linear``), not the adapter's own small linears."""
+    layout, blocks = find_blocks(model)
+    return [base_linear(module_at(block, layout.path(role))) for _, block in blocks for role in layout.block_linears]
+
+
 def block_weight_bytes(model: nn.Module) -> int:
     """Bytes of the block linears' weights as stored: packed values + scale, or the dense tensor."""
     total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and quantize_filter(module, name):
-            w = module.weight
-            if isinstance(w, BitNetPackedLinearWeight):
-                total += w.packed.nbytes + w.scale.nbytes
-            else:
-                total += w.numel() * w.element_size()
+    for module in block_linears(model):
+        w = module.weight
+        if isinstance(w, BitNetPackedLinearWeight):
+            total += w.packed.nbytes + w.scale.nbytes
+        else:
+            total += w.numel() * w.element_size()
     return total
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -116,6 +117,16 @@ class ByteDataset:
     def train_batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         starts = torch.randint(len(self.train) - self.seq_len - 1, (batch_size,), generator=generator)
         return self._windows(self.train, starts)
+
+    def train_batches(self, batch_size: int, segments: list[tuple[int, int]]) -> Iterator[tuple[Tensor, Tensor]]:
+        """Training batches: ``steps`` batches from a generator seeded with ``seed``, for each ``(steps, seed)``.
+
+        One segment ``[(steps, seed)]`` gives every run of the same seed the same batches; several chain them
+        (finetune.py's BitNet from scratch sees exactly the pretraining batches, then the conversion batches)."""
+        for steps, seed in segments:
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(steps):
+                yield self.train_batch(batch_size, generator)
 
     def val_batches(self, batch_size: int, n_batches: int) -> list[tuple[Tensor, Tensor]]:
         """``n_batches`` batches of windows spread evenly over the validation split, the same every call."""

@@ -5,10 +5,11 @@
     python benchmarks/finetune.py --teacher results/teacher.pt      # ... and skip pretraining on reruns
     python benchmarks/finetune.py --preset cpu-default --steps 200  # the main job's 1024-wide model (slow on CPU)
 
-The same small Llama as ``benchmarks/pretrain.py`` (its presets, corpus, optimizer, LR schedule and evaluation,
-imported from there) is first pretrained in the hardware's baseline precision (``--dtype auto``: FP32 on an
-AVX2-only CPU, BF16 autocast where BF16 is native). Then a conversion budget of ``--budget`` (20%) of its
-pretraining tokens is spent four ways, each from a deep copy of the same pretrained weights:
+The same small Llama as ``benchmarks/pretrain.py`` (its presets, corpus and models), trained in the same loop
+(``benchmarks/training_loop.py``: optimizer, LR schedule, evaluation, measurements), is first pretrained in the
+hardware's baseline precision (``--dtype auto``: FP32 on an AVX2-only CPU, BF16 autocast where BF16 is native).
+Then a conversion budget of ``--budget`` (20%) of its pretraining tokens is spent four ways, each from a deep copy
+of the same pretrained weights:
 
 a. ``naive``: ``quantize_`` then train with the plain LM loss;
 b. ``warmup``: ``quantize_`` + ``QuantizationWarmup`` over the first ``--warmup-fraction`` (50%) of the budget;
@@ -36,10 +37,8 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 if not __package__:  # run as `python benchmarks/finetune.py`: make the `benchmarks` package importable,
@@ -50,13 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchao.quantization import quantize_
-from tqdm import tqdm
 
-from benchmarks import hardware, pretrain, report
+from benchmarks import hardware, pretrain, report, training_loop
+from benchmarks.bench_inference import block_linears, block_weight_bytes
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
+from benchmarks.memory import rss_mb
 from benchmarks.model import ModelConfig
 from benchmarks.presets import TRAINING_PRESETS
 from benchmarks.timing import measure, synchronize
+from benchmarks.training_loop import lm_loss
 from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_training, unquantize_
 from bitnet_ao.distill import logits_distillation_loss
 from bitnet_ao.layouts import META
@@ -140,27 +141,47 @@ def budget_steps(args: argparse.Namespace) -> int:
 # --- training -------------------------------------------------------------------------------------------------
 
 
-def batch_stream(data: ByteDataset, batch_size: int, segments: list[tuple[int, int]]) -> Iterator[tuple[Tensor, ...]]:
-    """Training batches: ``steps`` batches from a generator seeded with ``seed``, for each ``(steps, seed)``.
+def train(
+    name: str,
+    model: nn.Module,
+    args: argparse.Namespace,
+    data: ByteDataset,
+    *,
+    steps: int,
+    lr: float,
+    segments: list[tuple[int, int]],
+    loss_fn: training_loop.LossFn = lm_loss,
+    after_step: training_loop.AfterStep | None = None,
+    eval_at_start: bool = False,
+) -> dict:
+    """Train ``model`` in place in the benchmarks' one loop, on the batches of ``segments``
+    (``ByteDataset.train_batches``); returns its figures with the run's name, steps, tokens, peak LR and validation
+    loss before training (``start_val_loss``, with ``eval_at_start``)."""
+    figures = training_loop.train(
+        model,
+        data.train_batches(args.batch_size, segments),
+        data.val_batches(args.batch_size, args.eval_batches),
+        steps=steps,
+        lr=lr,
+        eval_every=args.eval_every,
+        device=torch.device(args.device),
+        dtype=getattr(torch, args.dtype),
+        loss_fn=loss_fn,
+        after_step=after_step,
+        eval_at_start=eval_at_start,
+        name=name,
+    )
+    return {
+        "name": name,
+        "steps": steps,
+        "tokens": steps * args.batch_size * args.seq_len,
+        "lr": lr,
+        "start_val_loss": figures["val_losses"][0][1] if eval_at_start else None,
+        **figures,
+    }
 
-    Pretraining draws from ``seed``, the conversions from ``seed + 1`` (new text, the same for the four runs), and
-    BitNet from scratch from both in turn: exactly the pretraining batches, then the conversion batches."""
-    for steps, seed in segments:
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            yield data.train_batch(batch_size, generator)
 
-
-LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def lm_loss(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """The plain language-model loss; returned twice: (what is minimized, the LM loss that is logged)."""
-    loss = model(x, y)
-    return loss, loss
-
-
-def distill_loss(teacher: nn.Module, weight: float, temperature: float) -> LossFn:
+def distill_loss(teacher: nn.Module, weight: float, temperature: float) -> training_loop.LossFn:
     """LM loss + ``weight`` x ``T^2 KL(teacher || student)`` per token, the teacher frozen and run without grad."""
 
     def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -173,78 +194,15 @@ def distill_loss(teacher: nn.Module, weight: float, temperature: float) -> LossF
     return loss_fn
 
 
-def train(
-    name: str,
-    model: nn.Module,
-    args: argparse.Namespace,
-    data: ByteDataset,
-    *,
-    steps: int,
-    lr: float,
-    segments: list[tuple[int, int]],
-    loss_fn: LossFn = lm_loss,
-    warmup: QuantizationWarmup | None = None,
-    eval_at_start: bool = False,
-) -> dict:
-    """Train ``model`` in place the way pretrain.py trains (AdamW, its param groups, warmup + cosine LR, clipping,
-    its autocast and evaluation), with a loss of choice and an optional quantization warmup; returns its figures.
+def warmup_hook(warmup: QuantizationWarmup) -> training_loop.AfterStep:
+    """The after-step hook of a warmup run: lambda's next step after each optimizer step, shown on the progress
+    bar."""
 
-    Not pretrain.train: that one builds its own model from a seed and keeps no handle on it, while a conversion
-    starts from a given model and the teacher must outlive its training."""
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(pretrain.param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95), fused=True)
-    val_batches = data.val_batches(args.batch_size, args.eval_batches)
-    tokens_per_step = args.batch_size * args.seq_len
-    timing_warmup = min(pretrain.TIMING_WARMUP, steps - 1)
-    val_losses = [[0, pretrain.evaluate(model, val_batches, device, dtype)]] if eval_at_start else []
-    train_losses: list[float] = []
-    eval_time, timed_start = 0.0, time.perf_counter()
-    batches = batch_stream(data, args.batch_size, segments)
-    bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
-    for step in bar:
-        if step == timing_warmup:
-            synchronize(device)
-            timed_start, eval_time = time.perf_counter(), 0.0
-        for group in optimizer.param_groups:
-            group["lr"] = pretrain.lr_at(step, steps, lr)
-        x, y = (t.to(device) for t in next(batches))
-        step_start = time.perf_counter()
-        with pretrain.autocast(device, dtype):
-            loss, logged = loss_fn(model, x, y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if warmup is not None:
-            warmup.step()
-        train_losses.append(logged.item())
-        postfix = {"loss": f"{train_losses[-1]:.3f}"}
-        if warmup is not None:
-            postfix["lambda"] = f"{warmup.strength:.2f}"
-        postfix["tok_s"] = f"{tokens_per_step / (time.perf_counter() - step_start):.0f}"
-        bar.set_postfix(postfix)
-        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            eval_start = time.perf_counter()
-            val_losses.append([step + 1, pretrain.evaluate(model, val_batches, device, dtype)])
-            eval_time += time.perf_counter() - eval_start
-    synchronize(device)
-    timed = time.perf_counter() - timed_start - eval_time
-    window = train_losses[-pretrain.FINAL_LOSS_WINDOW :]
-    return {
-        "name": name,
-        "steps": steps,
-        "tokens": steps * tokens_per_step,
-        "lr": lr,
-        "start_val_loss": val_losses[0][1] if eval_at_start else None,
-        "final_train_loss": sum(window) / len(window),
-        "final_val_loss": val_losses[-1][1],
-        "tokens_per_s": (steps - timing_warmup) * tokens_per_step / timed,
-        "time_s": time.perf_counter() - start,
-        "train_losses": train_losses,
-        "val_losses": val_losses,
-    }
+    def after_step() -> dict[str, str]:
+        warmup.step()
+        return {"lambda": f"{warmup.strength:.2f}"}
+
+    return after_step
 
 
 # --- the pretrained model -------------------------------------------------------------------------------------
@@ -317,10 +275,10 @@ def conversion_runs(
     runs, distilled = [], None
     for name in ("naive", "warmup", "warmup-distill"):
         model, norms = convert(teacher, args, calibration)
-        warmup = QuantizationWarmup(model, warmup_steps) if name != "naive" else None
+        warmup = warmup_hook(QuantizationWarmup(model, warmup_steps)) if name != "naive" else None
         loss_fn = distill_loss(teacher, args.distill_weight, args.temperature) if name == "warmup-distill" else lm_loss
         run = train(name, model, args, data, steps=steps, lr=args.convert_lr, segments=segment, loss_fn=loss_fn,
-                    warmup=warmup, eval_at_start=True)  # fmt: skip
+                    after_step=warmup, eval_at_start=True)  # fmt: skip
         runs.append({**run, "label": LABELS[name], "start_step": args.steps, "calibrated_norm_gains": norms})
         distilled = model
     surgery = args.placement if args.surgery else None
@@ -333,28 +291,6 @@ def conversion_runs(
 
 
 # --- LoRA on a packed base ------------------------------------------------------------------------------------
-
-
-def base_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """The block linears' weight bytes as stored (packed values + scales, or dense) and as BF16 would store them."""
-    stored = bf16 = 0
-    for fqn, module in model.named_modules():
-        if isinstance(module, nn.Linear) and quantize_filter(module, fqn) and ".lora_" not in fqn:
-            weight = module.weight
-            if isinstance(weight, BitNetPackedLinearWeight):
-                stored += weight.packed.numel() * weight.packed.element_size() + weight.scale.numel() * 4
-            else:
-                stored += weight.numel() * weight.element_size()
-            bf16 += weight.numel() * 2
-    return {"stored": stored, "bf16": bf16}
-
-
-def rss_mb() -> float:
-    """The process's resident set now (Linux VmRSS), the reference the LoRA peak memory is a delta from."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**10
-    return math.nan
 
 
 def lora_runs(converted: nn.Module, args: argparse.Namespace, data: ByteDataset) -> list[dict]:
@@ -381,26 +317,22 @@ def lora_runs(converted: nn.Module, args: argparse.Namespace, data: ByteDataset)
         model = peft.get_peft_model(base, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        weight_bytes = base_weight_bytes(model)
+        base_bytes = block_weight_bytes(model)  # the adapted linears' base weights: find_blocks sees through peft
+        bf16_bytes = 2 * sum(m.weight.numel() for m in block_linears(model))
         rss_before = rss_mb()
-        pretrain.reset_peak_memory(device)
         run = train(name, model, args, data, steps=args.lora_steps, lr=args.lora_lr,
                     segments=[(args.lora_steps, args.seed + 2)], eval_at_start=True)  # fmt: skip
-        peak = pretrain.peak_memory_mb(device)
-        packed = all(
-            isinstance(m.weight, BitNetPackedLinearWeight)
-            for fqn, m in model.named_modules()
-            if isinstance(m, nn.Linear) and quantize_filter(m, fqn) and ".lora_" not in fqn
-        )
+        packed = all(isinstance(m.weight, BitNetPackedLinearWeight) for m in block_linears(model))
+        peak = run["peak_memory_mb"]
         runs.append({
             **run,
             "label": "LoRA, packed 2-bit base" if name == "lora-packed" else f"LoRA, {dense_name[5:].upper()} base",
             "target_modules": LORA_TARGETS,
             "trainable_params": trainable,
             "total_params": total,
-            "base_weight_bytes": weight_bytes["stored"],
-            "base_weight_bf16_bytes": weight_bytes["bf16"],
-            "base_vs_bf16": weight_bytes["stored"] / weight_bytes["bf16"],
+            "base_weight_bytes": base_bytes,
+            "base_weight_bf16_bytes": bf16_bytes,
+            "base_vs_bf16": base_bytes / bf16_bytes,
             "base_packed": packed,
             "peak_memory_delta_mb": peak - rss_before if device.type == "cpu" else peak,
         })  # fmt: skip
@@ -418,7 +350,7 @@ def adapter_step(model: nn.Module, args: argparse.Namespace, data: ByteDataset) 
     x, y = (t.to(device) for t in data.train_batch(args.batch_size, torch.Generator().manual_seed(args.seed + 3)))
 
     def step() -> None:
-        with pretrain.autocast(device, dtype):
+        with training_loop.autocast(device, dtype):
             loss = model(x, y)
         loss.backward()
         optimizer.step()
@@ -435,15 +367,6 @@ def gap(loss: float, reference: float) -> float:
     return 100 * (loss - reference) / reference
 
 
-def format_rows(rows: list[tuple[str, ...]]) -> str:
-    """A plain-text table: first column left-aligned, the figures right-aligned, a rule under the header."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)])
-             for row in rows]  # fmt: skip
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
 def conversion_table(teacher: dict, runs: list[dict]) -> str:
     """Validation losses of the teacher and runs a-d, each with its gap to the teacher's."""
     ref = teacher["final_val_loss"]
@@ -456,7 +379,7 @@ def conversion_table(teacher: dict, runs: list[dict]) -> str:
         rows.append(
             (r["name"], f"{r['tokens']:,}", start, loss, to_ref, f"{r['tokens_per_s']:.0f}", f"{r['time_s']:.1f}")
         )
-    return format_rows(rows)
+    return report.format_cells(rows)
 
 
 def lora_table(runs: list[dict]) -> str:
@@ -470,13 +393,13 @@ def lora_table(runs: list[dict]) -> str:
             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
             f"{r['peak_memory_delta_mb']:.1f}", f"{r['start_val_loss']:.4f}", f"{r['final_val_loss']:.4f}",
         ))  # fmt: skip
-    return format_rows(rows)
+    return report.format_cells(rows)
 
 
 def plot(teacher: dict, runs: list[dict], args: argparse.Namespace, path: Path, title: str) -> None:
     """Loss against training tokens: the whole training on the left (pretraining, then the conversions from its
     end; BitNet from scratch from 0), the conversion budget on the right, with the teacher's validation loss as a
-    line. Smoothed training loss as in report.plot, validation losses as points."""
+    line. Training loss smoothed as in report.plot (report.smoothed), validation losses as points."""
     import matplotlib  # as in report.plot: only the report needs it, and "Agg" must be chosen before pyplot
 
     matplotlib.use("Agg")
@@ -490,10 +413,9 @@ def plot(teacher: dict, runs: list[dict], args: argparse.Namespace, path: Path, 
         for r, color in curves:
             if zoom and r["name"] == teacher["name"]:
                 continue
-            losses, offset = r["train_losses"], r["start_step"]
-            window = max(1, len(losses) // 25)
-            smooth = [sum(losses[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
-            x = [(offset + i + 1) * tokens_per_step / 1e6 for i in range(len(losses))]
+            offset = r["start_step"]
+            _, smooth = report.smoothed(r["train_losses"])
+            x = [(offset + i + 1) * tokens_per_step / 1e6 for i in range(len(smooth))]
             ax.plot(x, smooth, color=color, alpha=0.45, linewidth=1)
             steps, vals = zip(*r["val_losses"], strict=True)
             ax.plot([(offset + s) * tokens_per_step / 1e6 for s in steps], vals, "o--", color=color, markersize=3,
@@ -529,7 +451,7 @@ def write(
     notes = {
         "gap": "100 x (val loss - the teacher's val loss) / the teacher's val loss",
         "val_loss_at_start": "after quantize_ (and the surgery), before any conversion step; with warmup lambda = 0",
-        "tokens_per_s": f"steps after the first {pretrain.TIMING_WARMUP}, evaluation excluded; LoRA: median of "
+        "tokens_per_s": f"steps after the first {training_loop.TIMING_WARMUP}, evaluation excluded; LoRA: median of "
         f"{args.lora_timing_iters} steps of each run taken in turn, after 2 untimed (timing.measure)",
         "peak_memory_delta_mb": "peak resident set during adapter training (Linux VmHWM, reset first) minus the "
         "resident set just before it",

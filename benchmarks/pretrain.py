@@ -18,9 +18,9 @@ of 16) so that the comparison still ends within 5 minutes on the slowest AVX2 CP
 matmuls at 52-70 GFLOPS, 128-bit datapaths), the same step count on every AVX2 CPU; ``--steps``,
 ``--batch-size`` and ``--eval-every`` still win.
 
-Throughput counts the steps after the first ``TIMING_WARMUP`` (which include compilation: the BitNet CPU path
-compiles its elementwise helpers once per process) and excludes evaluation. Writes ``results.json`` and
-``loss_curves.png`` to ``--out``.
+Every run trains in ``benchmarks/training_loop.py`` (AdamW, warmup + cosine LR, evaluation, and how throughput,
+memory and the step profile are measured); this script decides the runs, builds their models, exports the trained
+BitNet models asked for and writes ``results.json`` and ``loss_curves.png`` to ``--out`` (``benchmarks/report.py``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import math
-import os
-import platform
-import resource
 import sys
-import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,24 +41,15 @@ if not __package__:  # run as `python benchmarks/pretrain.py`: make the `benchma
 import torch
 from torch import nn
 from torchao.quantization import quantize_
-from tqdm import tqdm
 
-from benchmarks import hardware, report, step_profile
+from benchmarks import hardware, report, training_loop
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
+from benchmarks.memory import peak_memory_note
 from benchmarks.model import ModelConfig, Transformer, to_hf_llama
 from benchmarks.presets import TRAINING_PRESETS as PRESETS
-from benchmarks.timing import synchronize
 from bitnet_ao import BitNetTrainingConfig, bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 from bitnet_ao.tensor_parallel import quantize_for_tensor_parallel
-
-#: Steps left out of the throughput figure: compilation and allocator warm-up happen here.
-TIMING_WARMUP = 5
-#: Steps run under torch.profiler for the step profile (benchmarks/step_profile.py): warm, and not timed.
-PROFILED_STEPS = range(3, 5)
-#: The reported final training loss is the mean over this many last steps (one batch is noisy).
-FINAL_LOSS_WINDOW = 10
-
 
 # --- config: the command line and the runs it asks for -------------------------------------------------------
 
@@ -185,26 +171,6 @@ def check_gguf_export(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
 
 
-def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> None:
-    """``--save-gguf``'s proof: stock llama.cpp (llama-cpp-python, when installed) runs the file and generates
-    what the trained model generates: 64 tokens after the first 64 bytes of the validation text (fewer when
-    ``--seq-len`` is under 128; docs/gguf.md)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        print("llama-cpp-python is not installed (pip install llama-cpp-python): the GGUF file was not run")
-        return
-    from benchmarks.llama_cpp_runs import llama_cpp_agreement
-
-    half = min(64, model.config.max_seq_len // 2)  # prompt and generated tokens within the trained positions
-    r = llama_cpp_agreement(model.eval(), path, data.val[:half].tolist(), new_tokens=half)
-    print(
-        f"llama.cpp on {path.name}: greedy agreement with bitnet_ao over {r['new_tokens']} tokens "
-        f"{r['free_agreement']:.1%} generating alone, {r['forced_agreement']:.1%} fed bitnet_ao's tokens; "
-        f"logits rel. error {r['logits_rel_error']:.2e} (worst step)"
-    )
-
-
 @dataclass(frozen=True)
 class RunSpec:
     """One training run: the dense baseline (``quantize=False``) or BitNet with its ``recipe`` (with scale groups,
@@ -261,7 +227,7 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     return [bitnet] if args.quantize == "bitnet" else [baseline]
 
 
-# --- model and optimizer -------------------------------------------------------------------------------------
+# --- the model -------------------------------------------------------------------------------------------------
 
 
 def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: torch.device) -> nn.Module:
@@ -278,135 +244,27 @@ def build_model(spec: RunSpec, model_config: ModelConfig, seed: int, device: tor
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linears, embeddings), none on norm gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-def lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warmup over the first 20% of the steps, then cosine decay to 10% of ``lr``."""
-    warmup = max(1, steps // 5)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# --- measurement: peak memory (time is measured in train) ----------------------------------------------------
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak, so that each run's figure is its own and not the largest run's before it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        # Writing 5 resets the kernel's resident-set high-water mark (VmHWM) of this process.
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """The peak since ``reset_peak_memory``: the CUDA allocator's, or the process's resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**10
-    # No /proc (macOS): the lifetime peak of the process, in bytes on macOS and kB elsewhere.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if platform.system() == "Darwin" else rss / 2**10
-
-
 def measurement_notes(device: torch.device) -> dict[str, str]:
     """How each figure of a run is measured, keyed like the figures: printed under the table, saved in the JSON.
 
-    Written here, beside the code that measures, so that a change to a measurement changes its description."""
-    if device.type == "cuda":
-        memory = "peak CUDA memory allocated by the run (torch.cuda.max_memory_allocated)"
-    else:
-        memory = "peak resident memory of the whole process during the run (Linux VmHWM, reset before each run)"
+    Built from the constants of the code that measures (``training_loop``, ``memory``), so that a change to a
+    measurement changes its description."""
+    profiled = training_loop.PROFILED_STEPS
     return {
-        "final_train_loss": f"mean of the last {FINAL_LOSS_WINDOW} steps",
-        "tokens_per_s": f"steps after the first {TIMING_WARMUP}, evaluation excluded",
-        "peak_memory_mb": memory,
-        "step_profile": f"torch.profiler over steps {PROFILED_STEPS.start + 1}-{PROFILED_STEPS.stop} (warm, not "
+        "final_train_loss": f"mean of the last {training_loop.FINAL_LOSS_WINDOW} steps",
+        "tokens_per_s": f"steps after the first {training_loop.TIMING_WARMUP}, evaluation excluded",
+        "peak_memory_mb": peak_memory_note(device),
+        "step_profile": f"torch.profiler over steps {profiled.start + 1}-{profiled.stop} (warm, not "
         "timed): int8 GEMMs / BitNet's own passes (quantization, ternarization, fused norms, output scaling, prepacks, "
         "conversions) / float GEMMs outside BitNet ops / the rest",
     }
 
 
-# --- training, with evaluation -------------------------------------------------------------------------------
+# --- exports of a trained BitNet run --------------------------------------------------------------------------
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
-    """The precision of a run, in training and evaluation alike: float32 master weights under ``dtype`` autocast,
-    or no autocast at all for float32 (a disabled autocast rather than a nullcontext: one code path)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean loss over fixed held-out batches, under the same autocast as training, so runs compare directly."""
-    model.eval()
-    losses = []
-    for x, y in batches:
-        with autocast(device, dtype):
-            losses.append(model(x.to(device), y.to(device)).item())
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, data: ByteDataset) -> dict:
-    """Train one run; returns its figures and curves."""
-    device, dtype = torch.device(args.device), getattr(torch, spec.dtype)
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    model = build_model(spec, model_config, args.seed, device)
-    step_fn = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, betas=(0.9, 0.95), fused=True)
-    generator = torch.Generator().manual_seed(args.seed)  # the same batches for every run
-    val_batches = data.val_batches(args.batch_size, args.eval_batches)
-    tokens_per_step = args.batch_size * args.seq_len
-    timing_warmup = min(TIMING_WARMUP, args.steps - 1)
-
-    train_losses: list[float] = []
-    val_losses: list[list] = []  # [step, loss] pairs
-    eval_time = 0.0
-    profiler, profile = step_profile.StepProfiler(), None
-    bar = tqdm(range(args.steps), desc=spec.name, dynamic_ncols=True)
-    for step in bar:
-        if step == timing_warmup:
-            synchronize(device)
-            timed_start, eval_time = time.perf_counter(), 0.0
-        if step == PROFILED_STEPS.start and args.steps >= PROFILED_STEPS.stop:  # a shorter run is not profiled
-            profiler.start()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
-        x, y = data.train_batch(args.batch_size, generator)
-        step_start = time.perf_counter()
-        with autocast(device, dtype):
-            loss = step_fn(x.to(device), y.to(device))
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_losses.append(loss.item())
-        if step == PROFILED_STEPS.stop - 1:
-            profile = profiler.stop(len(PROFILED_STEPS))
-        bar.set_postfix(
-            loss=f"{train_losses[-1]:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - step_start):.0f}"
-        )
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            eval_start = time.perf_counter()
-            val_losses.append([step + 1, evaluate(model, val_batches, device, dtype)])
-            eval_time += time.perf_counter() - eval_start
-    synchronize(device)
-    timed = time.perf_counter() - timed_start - eval_time
+def export(model: nn.Module, spec: RunSpec, args: argparse.Namespace, data: ByteDataset) -> None:
+    """``--save-hf`` (every BitNet run) and ``--save-gguf`` (the ``bitnet`` run, then run by llama.cpp)."""
     if args.save_hf and spec.quantize:
         from bitnet_ao.integrations.transformers import save_pretrained_bitnet
 
@@ -416,26 +274,34 @@ def train(spec: RunSpec, args: argparse.Namespace, model_config: ModelConfig, da
 
         print(f"wrote {save_gguf(model, args.save_gguf, args.gguf_type)}")
         check_with_llama_cpp(model, args.save_gguf, data)
-    return {
-        "name": spec.name,
-        "label": spec.label,
-        "spec": dataclasses.asdict(spec),
-        "final_train_loss": sum(train_losses[-FINAL_LOSS_WINDOW:]) / len(train_losses[-FINAL_LOSS_WINDOW:]),
-        "final_val_loss": val_losses[-1][1],
-        "tokens_per_s": (args.steps - timing_warmup) * tokens_per_step / timed,
-        "peak_memory_mb": peak_memory_mb(device),
-        "time_s": time.perf_counter() - start,
-        "train_losses": train_losses,
-        "val_losses": val_losses,
-        **({"step_profile": profile} if profile is not None else {}),
-    }
+
+
+def check_with_llama_cpp(model: nn.Module, path: Path, data: ByteDataset) -> None:
+    """``--save-gguf``'s proof: stock llama.cpp (llama-cpp-python, when installed) runs the file and generates
+    what the trained model generates: 64 tokens after the first 64 bytes of the validation text (fewer when
+    ``--seq-len`` is under 128; docs/gguf.md)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install llama-cpp-python): the GGUF file was not run")
+        return
+    from benchmarks.llama_cpp_runs import llama_cpp_agreement
+
+    half = min(64, model.config.max_seq_len // 2)  # prompt and generated tokens within the trained positions
+    r = llama_cpp_agreement(model.eval(), path, data.val[:half].tolist(), new_tokens=half)
+    print(
+        f"llama.cpp on {path.name}: greedy agreement with bitnet_ao over {r['new_tokens']} tokens "
+        f"{r['free_agreement']:.1%} generating alone, {r['forced_agreement']:.1%} fed bitnet_ao's tokens; "
+        f"logits rel. error {r['logits_rel_error']:.2e} (worst step)"
+    )
 
 
 # --- the script ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Train every run asked for on the same data, then report; returns the runs (for tests)."""
+    """Train every run asked for on the same data (the same batches: one seed), export the BitNet runs asked for,
+    then report; returns the runs (for tests)."""
     args = parse_args(argv)
     model_config = preset_model_config(args)
     corpus, source = load_corpus(args.data, args.max_bytes)
@@ -445,7 +311,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"data: {source}, {len(data.train):,} training and {len(data.val):,} validation bytes")
     print(f"model: {model_config}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens on {device}")
 
-    runs = [train(spec, args, model_config, data) for spec in run_specs(args)]
+    runs = []
+    for spec in run_specs(args):
+        model = build_model(spec, model_config, args.seed, device)
+        figures = training_loop.train(
+            model,
+            data.train_batches(args.batch_size, [(args.steps, args.seed)]),
+            data.val_batches(args.batch_size, args.eval_batches),
+            steps=args.steps,
+            lr=args.lr,
+            eval_every=args.eval_every,
+            device=device,
+            dtype=getattr(torch, spec.dtype),
+            compile=args.compile,
+            profile=True,
+            name=spec.name,
+        )
+        runs.append({"name": spec.name, "label": spec.label, "spec": dataclasses.asdict(spec), **figures})
+        export(model, spec, args, data)
+        del model  # before the next run's model is built: each run's peak memory is its own
 
     report.write(runs, measurement_notes(device), args, model_config, source)
     return runs

@@ -1,7 +1,7 @@
 """The report of benchmarks/pretrain.py: the results table, ``loss_curves.png`` and ``results.json``.
 
 Kept apart from the training script so that pretrain.py reads as a training script. Everything shown is built
-from the run dicts that ``pretrain.train`` returns, the same dicts that go to the JSON, so the printed table, the
+from the run dicts that ``pretrain.main`` collects, the same dicts that go to the JSON, so the printed table, the
 plot and the file cannot disagree (tests/test_pretrain.py checks it).
 """
 
@@ -77,6 +77,13 @@ def format_cells(rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def smoothed(losses: list[float]) -> tuple[int, list[float]]:
+    """The training-loss curve the plots draw: a trailing mean over a 25th of the run (one batch is noisy; short
+    runs are drawn as they are); returns the window and the curve, one point per step."""
+    window = max(1, len(losses) // 25)
+    return window, [sum(losses[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
+
+
 def plot(runs: list[dict], path: Path, title: str) -> None:
     """Loss curves (smoothed training loss, validation points) beside a bar chart of the throughput, under
     ``title`` (at most two lines); the title also goes to the PNG's metadata, where a script can read it."""
@@ -88,11 +95,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig, (ax_loss, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     for i, r in enumerate(runs):
         color = f"C{i}"
-        losses = r["train_losses"]
-        window = max(1, len(losses) // 25)  # trailing mean: short runs are plotted as they are
-        smooth = [sum(losses[max(0, i + 1 - window) : i + 1]) / min(window, i + 1) for i in range(len(losses))]
+        window, smooth = smoothed(r["train_losses"])
         train_label = f"train (mean of {window} steps)" if window > 1 else "train"
-        ax_loss.plot(range(1, len(losses) + 1), smooth, color=color, label=f"{r['label']}: {train_label}")
+        ax_loss.plot(range(1, len(smooth) + 1), smooth, color=color, label=f"{r['label']}: {train_label}")
         steps, vals = zip(*r["val_losses"], strict=True)
         ax_loss.plot(steps, vals, "o--", color=color, label=f"{r['label']}: validation")
     fig.suptitle(title, fontsize=10)

@@ -2,7 +2,7 @@
 
 ``measure`` times calls with ``time.perf_counter`` and reports the median: one slow call (a page fault, another
 process waking up) moves the median much less than a mean. ``synchronize`` is the device barrier it builds on,
-for the code that times a span instead of repeated calls (the training loop of pretrain.py).
+for the code that times a span instead of repeated calls (``training_loop.py``).
 """
 
 from __future__ import annotations

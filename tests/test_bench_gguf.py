@@ -23,20 +23,25 @@ from bitnet_ao.integrations.gguf import BLOCK
     [*bench_gguf.PRESETS.values(), dict(dim=512, n_layers=3, n_heads=4, hidden_dim=1280)],
     ids=[*bench_gguf.PRESETS, "other"],
 )
-def test_parameter_count(shape: dict[str, int]) -> None:
+def test_parameter_counts(shape: dict[str, int]) -> None:
+    """The counts the benchmark reports are Llama's arithmetic: per block four dim x dim attention projections and
+    three dim x hidden SwiGLU projections (the block linears: ternary on both sides) and two norm gains; an untied
+    embedding and head of vocab x dim; a final norm."""
     config = ModelConfig(vocab_size=256, **shape)
     with torch.device("meta"):  # shapes only: the 103M-parameter preset allocates nothing
         model = Transformer(config)
-    assert bench_gguf.parameter_count(config) == sum(p.numel() for p in model.parameters())
-    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "output"]
-    assert bench_gguf.block_parameter_count(config) == sum(m.weight.numel() for m in linears)
-    assert all(m.in_features % BLOCK == 0 for m in linears), "llama.cpp's TQ blocks are 256 wide"
+    d, h, n, v = config.dim, config.hidden_dim, config.n_layers, config.vocab_size
+    block = n * (4 * d * d + 3 * d * h)
+    assert bench_gguf.parameter_counts(model) == (block + 2 * v * d + (2 * n + 1) * d, block)
+    assert all(m.in_features % BLOCK == 0 for m in bench_gguf.block_linears(model)), "llama.cpp's TQ blocks: 256"
 
 
 def test_default_preset_is_realistic() -> None:
     args = bench_gguf.parse_args([])
     assert (args.prompt, args.new_tokens, args.preset) == (512, 128, "default")
-    assert bench_gguf.parameter_count(bench_gguf.model_config(args)) >= 100_000_000
+    with torch.device("meta"):
+        model = Transformer(bench_gguf.model_config(args))
+    assert bench_gguf.parameter_counts(model)[0] >= 100_000_000
     quick = bench_gguf.parse_args(["--quick", "--iters", "2"])
     assert (quick.preset, quick.prompt, quick.iters) == ("quick", bench_gguf.QUICK["prompt"], 2), "flags win"
     with pytest.raises(SystemExit, match="multiples of 256"):
@@ -55,6 +60,10 @@ def test_bitnet_side() -> None:
         for name, m in packed.named_modules()
         if isinstance(m, torch.nn.Linear) and name != "output"
     )
+    with torch.device("meta"):
+        dense = Transformer(config)
+    counts = bench_gguf.parameter_counts(dense)
+    assert bench_gguf.parameter_counts(training) == bench_gguf.parameter_counts(packed) == counts, "logical shapes"
     torch.manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt))
     packed_tokens = generate(packed, prompt[:, :1], args.new_tokens, torch.float32)
@@ -95,10 +104,16 @@ def test_head_to_head_quick(tmp_path: Path) -> None:
     assert runs["bitnet_ao packed"]["block_weight_bytes"] == n // 4 + 4 * linears  # 2 bits + a float32 scale
 
 
+#: Top-2 logit margin below which llama.cpp's one-token decode and its batched prefill may order the two differently
+#: (other kernels, other summation orders; on one thread they agree bit for bit).
+NEAR_TIE = 1e-3
+
+
 @pytest.mark.slow
 def test_llama_decode_loop_continues_its_prompt(tmp_path: Path) -> None:
-    """The timed llama.cpp decode loop feeds each token back at the next position: its last token is the argmax
-    after a prefill of the sequence it generated."""
+    """The timed llama.cpp decode loop feeds each token back at the next position: every token it generated is the
+    argmax after a prefill of the sequence before it. Checked where the top two logits are not a near-tie, and
+    most positions must be so, or the check would say nothing."""
     pytest.importorskip("llama_cpp")
     from bitnet_ao.integrations.gguf import save_gguf
 
@@ -109,8 +124,12 @@ def test_llama_decode_loop_continues_its_prompt(tmp_path: Path) -> None:
     llm = bench_gguf.load_llama(tmp_path / "model.gguf", 1, args.prompt + args.new_tokens)
     tokens = bench_gguf.llama_generate(llm, [7], args.new_tokens)
     assert len(tokens) == args.new_tokens
-    logits = bench_gguf.llama_prefill(llm, [7, *tokens[:-1]])
-    top2 = np.sort(logits)[-2:]
-    if top2[1] - top2[0] > 1e-3:  # not a near-tie the two code paths may order differently
-        assert int(np.argmax(logits)) == tokens[-1]
+    clear = []  # (position, whether the prefill's argmax is the generated token) where the margin is clear
+    for i, token in enumerate(tokens):
+        logits = bench_gguf.llama_prefill(llm, [7, *tokens[:i]])
+        top2 = np.sort(logits)[-2:]
+        if top2[1] - top2[0] > NEAR_TIE:
+            clear.append((i, int(np.argmax(logits)) == token))
+    assert len(clear) >= 0.75 * len(tokens), f"near-ties at {len(tokens) - len(clear)} of {len(tokens)} positions"
+    assert all(agrees for _, agrees in clear), [i for i, agrees in clear if not agrees]
     assert bench_gguf.llama_generate(llm, [7], args.new_tokens) == tokens, "reset() empties the cache"

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmarks import hardware, pretrain, report, step_profile
+from benchmarks import hardware, pretrain, report, step_profile, training_loop
 from benchmarks.data import ByteDataset, load_corpus
 from bitnet_ao import BitNetTrainingConfig, BitNetTrainingLinearWeight
 from bitnet_ao.surgery import NormedLinear
@@ -183,7 +183,7 @@ def test_recipe_flags_are_the_recipe_fields(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_lr_schedule() -> None:
-    lrs = [pretrain.lr_at(step, 100, 1.0) for step in range(100)]
+    lrs = [training_loop.lr_at(step, 100, 1.0) for step in range(100)]
     assert lrs[0] == pytest.approx(0.05) and lrs[19] == pytest.approx(1.0)  # 20 warmup steps
     assert all(a < b for a, b in zip(lrs[:19], lrs[1:20], strict=True))
     assert all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False))
