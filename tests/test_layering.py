@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Every module, lowest first. A new module must be placed here, where its imports allow.
 ORDER = [
-    # leaves: the private torch APIs of bitnet_ao/, the recipe
+    # leaves: the private torch APIs of bitnet_ao/, the recipe, the module helpers of the quantize_ handlers
     "bitnet_ao.private_api",
     "bitnet_ao.config",
     "bitnet_ao.layouts",
+    "bitnet_ao.module_helpers",
     # kernels (self-contained: nothing from bitnet_ao outside them): their private torch/Triton APIs, the numerics
     # contract as code, the backends, the custom ops
     "bitnet_ao.kernels.private_api",
@@ -39,16 +40,22 @@ ORDER = [
     "bitnet_ao.weight_quant",
     "bitnet_ao.packing",
     "bitnet_ao.norm",
+    "bitnet_ao.group_scales",
     # the autograd function and the weight interface it talks to
     "bitnet_ao.linear",
-    # weight kinds: what they share, then each kind (the master weight's FSDP2 all-gather math below it)
+    # weight kinds: what they share, then each kind (the master weight's FSDP2 all-gather math and merge watcher
+    # below it), then their checkpoint hooks
     "bitnet_ao.weight_base",
     "bitnet_ao.packed",
     "bitnet_ao.fsdp_gather",
+    "bitnet_ao.merge_watch",
     "bitnet_ao.tensor",
+    "bitnet_ao.checkpoint_hooks",
     # fine-tuning: quantization warmup of master weights
     "bitnet_ao.warmup",
-    # deployment: freezing weight kinds into packed ones
+    # the quantize_ handlers: the body both recipes share, training, deployment (freezing into packed weights)
+    "bitnet_ao.conversion",
+    "bitnet_ao.training",
     "bitnet_ao.inference",
     # integrations
     "bitnet_ao.fsdp",
@@ -57,7 +64,12 @@ ORDER = [
     "bitnet_ao.tensor_parallel",
     "bitnet_ao",
     "bitnet_ao.integrations",
+    "bitnet_ao.integrations.export_checks",
     "bitnet_ao.integrations.transformers",
+    "bitnet_ao.integrations.gguf.quants",
+    "bitnet_ao.integrations.gguf.plan",
+    "bitnet_ao.integrations.gguf.vocab",
+    "bitnet_ao.integrations.gguf.writer",
     "bitnet_ao.integrations.gguf",
     "bitnet_ao.integrations.trainer",
     "bitnet_ao.integrations.torchtitan.converter",
@@ -72,10 +84,12 @@ ORDER = [
 BENCHMARK_ORDER = [
     "benchmarks.hardware",
     "benchmarks.timing",
+    "benchmarks.memory",
     "benchmarks.data",
     "benchmarks.model",
     "benchmarks.presets",
     "benchmarks.step_profile",
+    "benchmarks.training_loop",
     "benchmarks.report",
     "benchmarks.bench_inference",
     "benchmarks.llama_cpp_runs",
