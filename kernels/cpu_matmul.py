@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -264,27 +265,54 @@ def right_operand_k_contiguous() -> bool:
     return routes()["ternary"] in K_CONTIGUOUS_ROUTES
 
 
-def int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
+def int8_mm(a: Tensor, b: Tensor, b_ternary: bool, scratch: bool = False) -> Tensor:
     """Exact ``a (M, K) @ b (K, N)`` of int8 operands through this CPU's route: int32, or float32 holding the
-    exact integer values. ``b_ternary`` says ``b`` only holds {-1, 0, 1}, which ``onednn`` and ``signadd`` need."""
+    exact integer values. ``b_ternary`` says ``b`` only holds {-1, 0, 1}, which ``onednn`` and ``signadd`` need.
+
+    ``scratch=True``: the caller reads the product before its next call on this thread and keeps nothing of it (the
+    epilogue of a scaled matmul), so the int32 routes write it into this thread's :func:`accumulator`."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return a.new_zeros((m, n), dtype=torch.int32)
-    return _route_mm(routes()["ternary" if b_ternary else "full"], a, b, b_ternary)
+    out = accumulator(m, n) if scratch else None
+    return _route_mm(routes()["ternary" if b_ternary else "full"], a, b, b_ternary, out)
 
 
-def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
+class _Accumulator(threading.local):
+    buffer: Tensor | None = None
+
+
+_ACCUMULATOR = _Accumulator()
+
+
+def accumulator(m: int, n: int) -> Tensor:
+    """An ``(m, n)`` int32 view of this thread's scratch buffer, which grows to the largest product asked for and
+    is kept for the life of the thread (like a BLAS workspace).
+
+    Why: glibc serves an allocation above its mmap threshold (32 MiB at most) with fresh pages, and the kernel
+    zeroes each on its first write: a 4096 x 5632 int32 product (92 MiB) cost ~40 ms of page faults on every call on
+    a Zen 4, against ~110 ms for the int8 GEMM that fills it. The buffer is made outside inference mode so that
+    every later call may write it, inside inference mode or not."""
+    buffer = _ACCUMULATOR.buffer
+    if buffer is None or buffer.numel() < m * n:
+        with torch.inference_mode(False):
+            buffer = _ACCUMULATOR.buffer = torch.empty(m * n, dtype=torch.int32)
+    return buffer[: m * n].view(m, n)
+
+
+def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | None = None) -> Tensor:
+    """``a @ b`` by ``route``; the int32 routes (``int_mm``, ``signadd``) write into ``out`` where given."""
     with torch.autocast("cpu", enabled=False):
         if route == "int_mm":
-            return int_mm(_int_mm_operand(a), _int_mm_operand(b))
+            return int_mm(_int_mm_operand(a), _int_mm_operand(b), out)
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
         if route == "signadd":
             # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
             # profile of benchmarks/step_profile.py).
             with torch.profiler.record_function("bitnet_ao.gemm:signadd"):
-                return cpu_sign_gemm.ternary_mm(a, b)
+                return cpu_sign_gemm.ternary_mm(a, b, out)
         if route == "reference":
             return reference.int8_mm(a, b)
         return _fp32_mm(a, b, FP32_EXACT_TERNARY if b_ternary else FP32_EXACT_BLOCK)

@@ -32,14 +32,10 @@ int bitnet_quantize_rows(const void* x, int64_t x_code, const float* rstd, const
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
-            load_row(x, m * K, K, x_code, y);
-            if (rstd != NULL) {
-                const float r = rstd[m];
-                for (int64_t k = 0; k < K; ++k) y[k] = y[k] * r * gain[k];
-                round_row(y, K, x_code);
-                round_row(y, K, norm_code);
-            }
-            scale[m] = quantize_row(y, K, eps_f, q + m * K);
+            const float s = row_scale_of(
+                load_normed_row(x, m * K, K, x_code, rstd != NULL ? rstd + m : NULL, gain, norm_code, y), eps_f);
+            quantize_span(y, 1.0f, NULL, s, K, -128.0f, 127.0f, q + m * K);
+            scale[m] = s;
         }
         free(y);
     }
@@ -63,8 +59,8 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
-            load_row(g, m * N, N, g_code, y);
-            s_g[m] = quantize_row(y, N, eps_f, g_q + m * N);
+            s_g[m] = row_scale_of(load_normed_row(g, m * N, N, g_code, NULL, NULL, 0, y), eps_f);
+            quantize_span(y, 1.0f, NULL, s_g[m], N, -128.0f, 127.0f, g_q + m * N);
             const float r = row_scale[m];
             for (int64_t n = 0; n < N; ++n) {
                 const float v = y[n] * r;
@@ -96,6 +92,33 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
     return failed;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* 16 floats rounded to bfloat16 (round_to) and stored at out. */
+static inline void store_bf16x16(__m512 v, uint16_t* out) { _mm256_storeu_si256((__m256i*)out, bf16_bits16(v)); }
+
+/* One output row of bitnet_scale_output for float32 / bfloat16 outputs without bias, in registers: the same float
+ * operations in the same order as the portable loops (which the compiler splits into one pass per operation). Returns
+ * the number of elements done (a multiple of 16); the caller finishes the row. */
+static inline int64_t scale_span(const void* acc, int64_t acc_float, const float* row, const float* col,
+                                 const float* scale, int64_t out_code, void* out, int64_t N) {
+    if (out_code == 2) return 0;
+    const __m512 vr = _mm512_set1_ps(row != NULL ? *row : 0.0f), vs = _mm512_set1_ps(scale != NULL ? *scale : 0.0f);
+    int64_t n = 0;
+    for (; n + 16 <= N; n += 16) {
+        __m512 v = acc_float ? _mm512_loadu_ps((const float*)acc + n)
+                             : _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t*)acc + n));
+        if (row != NULL) v = _mm512_mul_ps(v, vr);
+        if (col != NULL) v = _mm512_mul_ps(v, _mm512_loadu_ps(col + n));
+        if (scale != NULL) v = _mm512_mul_ps(v, vs);
+        if (out_code == 1)
+            store_bf16x16(v, (uint16_t*)out + n);
+        else
+            _mm512_storeu_ps((float*)out + n, v);
+    }
+    return n;
+}
+#endif
+
 /* reference.scale_output: ((acc * row_scale[m]) * col_scale[n]) * scale in float32 (each factor optional), rounded
  * to out_code, plus bias (of out's dtype) added in that dtype. acc is int32, or float32 holding integers
  * (acc_float: the oneDNN and FP32 routes). */
@@ -108,6 +131,8 @@ int bitnet_scale_output(const void* acc, int64_t acc_float, const float* row_sca
         if (b == NULL) return 1;
         load_row(bias, 0, N, out_code, b);
     }
+    const size_t acc_size = acc_float ? sizeof(float) : sizeof(int32_t);
+    const size_t out_size = out_code == 0 ? sizeof(float) : sizeof(uint16_t);
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
@@ -115,28 +140,37 @@ int bitnet_scale_output(const void* acc, int64_t acc_float, const float* row_sca
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
+            int64_t done = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            if (b == NULL)
+                done = scale_span((const char*)acc + (size_t)(m * N) * acc_size, acc_float,
+                                  row_scale != NULL ? row_scale + m : NULL, col_scale, scale, out_code,
+                                  (char*)out + (size_t)(m * N) * out_size, N);
+#endif
+            const int64_t rest = N - done;
+            if (rest == 0) continue;
             if (acc_float) {
-                memcpy(y, (const float*)acc + m * N, (size_t)N * sizeof(float));
+                memcpy(y, (const float*)acc + m * N + done, (size_t)rest * sizeof(float));
             } else {
-                const int32_t* a = (const int32_t*)acc + m * N;
-                for (int64_t n = 0; n < N; ++n) y[n] = (float)a[n];
+                const int32_t* a = (const int32_t*)acc + m * N + done;
+                for (int64_t n = 0; n < rest; ++n) y[n] = (float)a[n];
             }
             if (row_scale != NULL) {
                 const float r = row_scale[m];
-                for (int64_t n = 0; n < N; ++n) y[n] = y[n] * r;
+                for (int64_t n = 0; n < rest; ++n) y[n] = y[n] * r;
             }
             if (col_scale != NULL)
-                for (int64_t n = 0; n < N; ++n) y[n] = y[n] * col_scale[n];
+                for (int64_t n = 0; n < rest; ++n) y[n] = y[n] * col_scale[done + n];
             if (scale != NULL) {
                 const float s = scale[0];
-                for (int64_t n = 0; n < N; ++n) y[n] = y[n] * s;
+                for (int64_t n = 0; n < rest; ++n) y[n] = y[n] * s;
             }
-            round_row(y, N, out_code);
+            round_row(y, rest, out_code);
             if (b != NULL) {
-                for (int64_t n = 0; n < N; ++n) y[n] = y[n] + b[n];
-                round_row(y, N, out_code);
+                for (int64_t n = 0; n < rest; ++n) y[n] = y[n] + b[done + n];
+                round_row(y, rest, out_code);
             }
-            store_row(y, N, out_code, out, m * N);
+            store_row(y, rest, out_code, out, m * N + done);
         }
         free(y);
     }
@@ -175,5 +209,103 @@ int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int
         free(y);
         free(block);
     }
+    return failed;
+}
+
+/* One row of bitnet_rms_norm_backward: dx in x's dtype, its dy * xhat added to the thread's gain gradient (float64),
+ * xhat and dxhat (each K floats) as scratch. The row's sum runs over 16 lanes (lane j takes elements j, j + 16, ...)
+ * and then in a fixed scalar order, the same on every build. */
+static void rms_norm_backward_row(const void* dy, int64_t dy_code, const void* x, int64_t x_code, const float* w,
+                                  float r, int64_t off, int64_t K, void* dx, double* dw, float* xhat, float* dxhat) {
+    enum { LANES = 16 };
+    float lanes[LANES] = {0};
+    int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    {
+        const __m512 vr = _mm512_set1_ps(r);
+        __m512 acc = _mm512_setzero_ps();
+        for (; k + LANES <= K; k += LANES) {
+            const __m512 xh = _mm512_mul_ps(load16(x, off + k, x_code), vr);
+            const __m512 g = load16(dy, off + k, dy_code);
+            const __m512 p = _mm512_mul_ps(g, xh); /* dy * xhat, for the gain */
+            const __m256 lo = _mm512_castps512_ps256(p);
+            const __m256 hi = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(p), 1));
+            _mm512_storeu_pd(dw + k, _mm512_add_pd(_mm512_loadu_pd(dw + k), _mm512_cvtps_pd(lo)));
+            _mm512_storeu_pd(dw + k + 8, _mm512_add_pd(_mm512_loadu_pd(dw + k + 8), _mm512_cvtps_pd(hi)));
+            const __m512 dxh = _mm512_mul_ps(g, _mm512_loadu_ps(w + k));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(dxh, xh));
+            _mm512_storeu_ps(xhat + k, xh);
+            _mm512_storeu_ps(dxhat + k, dxh);
+        }
+        _mm512_storeu_ps(lanes, acc);
+    }
+#endif
+    const int64_t done = k;
+    if (k < K) {
+        const int64_t rest = K - k;
+        load_row(x, off + k, rest, x_code, xhat + k);
+        load_row(dy, off + k, rest, dy_code, dxhat + k);
+        for (int64_t j = k; j < K; ++j) xhat[j] = xhat[j] * r;
+        for (int64_t j = k; j < K; ++j) dw[j] = dw[j] + (double)(dxhat[j] * xhat[j]);
+        for (int64_t j = k; j < K; ++j) dxhat[j] = dxhat[j] * w[j];
+        for (; k + LANES <= K; k += LANES)
+            for (int64_t j = 0; j < LANES; ++j) lanes[j] = lanes[j] + dxhat[k + j] * xhat[k + j];
+    }
+    float sum = 0.0f;
+    for (; k < K; ++k) sum = sum + dxhat[k] * xhat[k];
+    for (int64_t j = 0; j < LANES; ++j) sum = sum + lanes[j];
+    const float mean = sum / (float)K;
+    k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (x_code != 2) {
+        const __m512 vr = _mm512_set1_ps(r), vm = _mm512_set1_ps(mean);
+        for (; k + LANES <= done; k += LANES) {
+            const __m512 v = _mm512_mul_ps(
+                vr, _mm512_sub_ps(_mm512_loadu_ps(dxhat + k), _mm512_mul_ps(_mm512_loadu_ps(xhat + k), vm)));
+            if (x_code == 1) {
+                store_bf16x16(v, (uint16_t*)dx + off + k);
+            } else {
+                _mm512_storeu_ps((float*)dx + off + k, v);
+            }
+        }
+    }
+#endif
+    const int64_t rest = K - k;
+    float* t = dxhat + k;
+    for (int64_t j = 0; j < rest; ++j) t[j] = r * (t[j] - xhat[k + j] * mean);
+    round_row(t, rest, x_code);
+    store_row(t, rest, x_code, dx, off + k);
+}
+
+/* reference.rms_norm_backward of x, dy (M, K) of dtype codes x_code / dy_code, the float32 gain w (K) and rstd (M):
+ * dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) in x's dtype, with xhat = x * rstd and dxhat = dy * w, and
+ * dw = sum over rows of dy * xhat (float32). Every elementwise operation is the reference's; the two sums run in
+ * this kernel's order: a row's in float32 (rms_norm_backward_row), the gain gradient's in float64 per thread (a long
+ * float32 sum over thousands of rows would lose more than torch's blocked one), rounded once at the end. */
+int bitnet_rms_norm_backward(const void* dy, int64_t dy_code, const void* x, int64_t x_code, const float* w,
+                             const float* rstd, int64_t M, int64_t K, void* dx, float* dw, int64_t threads) {
+    const int64_t nt = threads > 0 ? threads : 1;
+    double* partial = (double*)calloc((size_t)(nt * (K > 0 ? K : 1)), sizeof(double));
+    if (partial == NULL) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads((int)nt)
+    {
+        float* xhat = row_buffer(K, &failed);
+        float* dxhat = row_buffer(K, &failed);
+        double* mine = partial + (int64_t)omp_get_thread_num() * K;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            if (xhat == NULL || dxhat == NULL) continue;
+            rms_norm_backward_row(dy, dy_code, x, x_code, w, rstd[m], m * K, K, dx, mine, xhat, dxhat);
+        }
+        free(xhat);
+        free(dxhat);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        double s = 0.0;
+        for (int64_t t = 0; t < nt; ++t) s = s + partial[t * K + k];
+        dw[k] = (float)s;
+    }
+    free(partial);
     return failed;
 }

@@ -38,6 +38,7 @@ def _library() -> ctypes.CDLL | None:
         "bitnet_quantize_grad_output": [p, i, p, i, i, d, p, p, p, p, i],
         "bitnet_scale_output": [p, i, p, p, p, p, i, p, i, i, i],
         "bitnet_ternarize": [p, i, ctypes.c_float, d, i, p, i, i, i],
+        "bitnet_rms_norm_backward": [p, i, p, i, p, p, i, i, p, p, i],
     }
     for name, argtypes in signatures.items():
         getattr(library, name).argtypes = argtypes
@@ -101,6 +102,24 @@ def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tens
     )  # fmt: skip
     _check(failed, "quantize_grad_output")
     return g_q, s_g, g_qc, s_gc
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``reference.rms_norm_backward(dy, x, weight, rstd)``: the same elementwise operations, the two sums in the
+    kernel's order; ``None`` where the kernel does not apply."""
+    library = _usable(dy, x)
+    if library is None or weight.dtype not in _CODES:
+        return None
+    dy, x = dy.contiguous(), x.contiguous()
+    gain, rstd = weight.float().contiguous(), rstd.float().contiguous()
+    m, k = x.shape
+    dx, dw = torch.empty((m, k), dtype=x.dtype), torch.empty(k, dtype=torch.float32)
+    failed = library.bitnet_rms_norm_backward(
+        dy.data_ptr(), _CODES[dy.dtype], x.data_ptr(), _CODES[x.dtype], gain.data_ptr(), rstd.data_ptr(), m, k,
+        dx.data_ptr(), dw.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _check(failed, "rms_norm_backward")
+    return dx, dw.to(weight.dtype)
 
 
 def scale_output(

@@ -146,13 +146,91 @@ static inline void quantize_span(const float* y, float r, const float* s, float 
     for (; k < K; ++k) q[k] = quantize_value(y[k] * r, s != NULL ? s[k] : s0, lo, hi);
 }
 
-/* reference.quantize_rowwise of one float row y: writes its int8 values to q and returns its scale
- * max(absmax, eps) / 127 (clamp(min=eps) keeps a NaN, as torch's). */
+/* The per-row activation scale of reference.quantize_rowwise for the row's absmax m: max(m, eps) / 127 (clamp(min=eps)
+ * keeps a NaN, as torch's). */
+static inline float row_scale_of(float m, float eps) { return (m < eps ? eps : m) / 127.0f; }
+
+/* reference.quantize_rowwise of one float row y: writes its int8 values to q and returns its scale. */
 static inline float quantize_row(const float* y, int64_t K, float eps, int8_t* q) {
-    const float m = absmax(y, K);
-    const float s = (m < eps ? eps : m) / 127.0f;
+    const float s = row_scale_of(absmax(y, K), eps);
     quantize_span(y, 1.0f, NULL, s, K, -128.0f, 127.0f, q);
     return s;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* Elements p[off .. off + 16) of dtype code as floats. */
+static inline __m512 load16(const void* p, int64_t off, int64_t code) {
+    if (code == 1)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off))), 16));
+    if (code == 2) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off)));
+    return _mm512_loadu_ps((const float*)p + off);
+}
+
+/* 16 floats as bfloat16 bits (round_to: to nearest even, a NaN to the quiet NaN 0x7fc0). */
+static inline __m256i bf16_bits16(__m512 v) {
+#if defined(__AVX512BF16__)
+    /* vcvtneps2bf16 rounds to nearest even but keeps a NaN's sign and payload: NaNs are set to round_to's. */
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm256_mask_mov_epi16(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm256_set1_epi16(0x7fc0));
+#else
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc00000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+#endif
+}
+
+/* round_to of 16 floats. */
+static inline __m512 round16(__m512 v, int64_t code) {
+    if (code == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(v)), 16));
+    if (code == 2) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return v;
+}
+#endif
+
+/* Row x[off .. off + K) of dtype x_code as floats in y, and with r (a row's rstd; NULL: no norm) that of the RMSNorm
+ * x * r * gain[k] rounded to x's dtype and then to norm_code's (reference.rms_norm_quantize_rowwise). Returns the
+ * absmax of y (absmax's NaN rule). With AVX-512 in one pass in registers; the portable loops make one pass each. */
+static inline float load_normed_row(const void* x, int64_t off, int64_t K, int64_t x_code, const float* r,
+                                    const float* gain, int64_t norm_code, float* y) {
+    int64_t k = 0;
+    uint32_t m = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 vr = _mm512_set1_ps(r != NULL ? *r : 0.0f);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    __m512i vm = _mm512_setzero_si512();
+    for (; k + 16 <= K; k += 16) {
+        __m512 v = load16(x, off + k, x_code);
+        if (r != NULL) {
+            v = round16(_mm512_mul_ps(_mm512_mul_ps(v, vr), _mm512_loadu_ps(gain + k)), x_code);
+            if (norm_code != x_code) v = round16(v, norm_code); /* rounding twice to one dtype is rounding once */
+        }
+        _mm512_storeu_ps(y + k, v);
+        vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(v), magnitude));
+    }
+    m = (uint32_t)_mm512_reduce_max_epu32(vm);
+#endif
+    if (k < K) {
+        const int64_t rest = K - k;
+        float* t = y + k;
+        load_row(x, off + k, rest, x_code, t);
+        if (r != NULL) {
+            for (int64_t j = 0; j < rest; ++j) t[j] = t[j] * *r * gain[k + j];
+            round_row(t, rest, x_code);
+            round_row(t, rest, norm_code);
+        }
+        const float tail = absmax(t, rest);
+        uint32_t u;
+        memcpy(&u, &tail, 4);
+        m = u > m ? u : m;
+    }
+    float v;
+    memcpy(&v, &m, 4);
+    return v;
 }
 
 #endif

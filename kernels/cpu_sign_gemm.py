@@ -36,9 +36,10 @@ def available() -> bool:
     return _library() is not None
 
 
-def ternary_mm(a: Tensor, b: Tensor) -> Tensor:
-    """Exact ``a (M, K) @ b (K, N)`` in int32 for int8 ``a`` and ternary int8 ``b``. Fastest with ``b`` contiguous
-    along K (a ``.t()`` view of a row-major ``(N, K)``); other layouts are copied to it first."""
+def ternary_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """Exact ``a (M, K) @ b (K, N)`` in int32 for int8 ``a`` and ternary int8 ``b``, into ``out`` (a contiguous
+    ``(M, N)`` int32 tensor) where given. Fastest with ``b`` contiguous along K (a ``.t()`` view of a row-major
+    ``(N, K)``); other layouts are copied to it first."""
     library = _library()
     if library is None:
         raise RuntimeError("bitnet_ao: the signadd route needs an x86 CPU with AVX2 and a working C compiler")
@@ -49,7 +50,8 @@ def ternary_mm(a: Tensor, b: Tensor) -> Tensor:
         bt = bt.contiguous()
     m, k = a.shape
     n = bt.shape[0]
-    out = torch.empty((m, n), dtype=torch.int32)
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.int32)
     failed = library.bitnet_sign_gemm(
         a.data_ptr(), a.stride(0), bt.data_ptr(), bt.stride(0), out.data_ptr(), m, n, k, torch.get_num_threads()
     )

@@ -50,10 +50,10 @@ def with_own_code_object(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-def int_mm(a: Tensor, b: Tensor) -> Tensor:
+def int_mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """Exact int8 x int8 -> int32 matmul (torch 2.13.0: ``torch._int_mm``; on CPU fast only where oneDNN has
-    VNNI / AMX kernels)."""
-    return torch._int_mm(a, b)
+    VNNI / AMX kernels), into ``out`` (int32, ``(M, N)``) where given."""
+    return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
 
 
 def onednn_int8_linear_available() -> bool:

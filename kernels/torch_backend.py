@@ -120,7 +120,10 @@ def _rms_norm_rstd(x: Tensor, eps: float) -> Tensor:
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    return run_fused(reference.rms_norm_backward, x.numel(), dy, x, weight, rstd)
+    # One C pass reads each row once (inductor's code: 44-49% of a copy's bandwidth on a Zen 4).
+    return cpu_passes.rms_norm_backward(dy, x, weight, rstd) or run_fused(
+        reference.rms_norm_backward, x.numel(), dy, x, weight, rstd
+    )
 
 
 def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -155,8 +158,9 @@ def _int_mm_supported(a: Tensor, b: Tensor) -> bool:
 
 
 def _int8_mm(a: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
+    """The int32 product of a scaled matmul, which its epilogue reads at once: in the CPU's scratch accumulator."""
     if a.device.type == "cpu":
-        return cpu_matmul.int8_mm(a, b, b_ternary)
+        return cpu_matmul.int8_mm(a, b, b_ternary, scratch=True)
     return int_mm(a, b) if _int_mm_supported(a, b) else reference.int8_mm(a, b)
 
 

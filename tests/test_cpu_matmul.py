@@ -338,3 +338,29 @@ def test_onednn_limited_below_vnni_takes_int_mm_off_the_full_range_matmul(monkey
         cpu_matmul._parse_forced("ternary=int_mm,full=int_mm")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert "int_mm" in cpu_matmul.available_routes("full")
+
+
+def test_scaled_products_never_share_the_scratch_accumulator(cpu_route):
+    """The int32 routes write a scaled matmul's product into one reused buffer per thread: a result must not alias
+    it, whatever size, thread or inference mode comes next (float64 products of the same operands as reference)."""
+    import threading
+
+    def scaled(m: int, k: int, n: int, seed: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        a, b = random_int8(m, k, generator=g), torch.randint(-1, 2, (k, n), dtype=torch.int8, generator=g)
+        out = kernels.scaled_int8_mm(a, b, torch.ones(m), None, None, None, torch.float32, True)
+        return out, (a.double() @ b.double()).float()
+
+    big = scaled(96, 64, 80, 0)
+    with torch.inference_mode():
+        small = scaled(8, 64, 16, 1)
+    bigger = scaled(128, 64, 96, 2)  # grows the buffer outside inference mode after it was used inside
+    results: list[tuple[Tensor, Tensor]] = []
+    threads = [threading.Thread(target=lambda s=s: results.append(scaled(64, 32, 48, s))) for s in (3, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for out, expected in (big, small, bigger, *results):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert len(results) == 2

@@ -101,10 +101,34 @@ def test_ternarize_is_round_clamp(shape, dtype, transpose):
     assert torch.equal(q, expected.t().contiguous() if transpose else expected)
 
 
+@pytest.mark.parametrize("dy_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (2100, 96)])
+def test_rms_norm_backward_is_the_gradient(shape, dtype, dy_dtype):
+    """The gradient of ``x / rms(x) * w``, written out in float64 (independently of the reference body): dx within
+    the rounding of x's dtype, dw (a sum over every row; 2100 rows is a long float32 sum) to float32 precision."""
+    x, dy = _input(shape, dtype, 4), _input(shape, dy_dtype, 5)
+    gain = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    rstd = torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    dx, dw = cpu_passes.rms_norm_backward(dy, x, gain.float(), rstd.float())
+    xd, dyd = x.double(), dy.double()
+    n = shape[1]
+    # d/dx_j of sum_k dy_k w_k x_k rstd: rstd (dy_j w_j) - x_j rstd^3 / n * sum_k dy_k w_k x_k
+    dx_expected = rstd * dyd * gain - xd * rstd.pow(3) / n * (dyd * gain * xd).sum(-1, keepdim=True)
+    dw_expected = (dyd * xd * rstd).sum(0)
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    scale = (rstd * dyd * gain).abs().max().item()  # the terms that cancel: an absolute error of their size is rounding
+    torch.testing.assert_close(dx.double(), dx_expected, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(dw.double(), dw_expected, rtol=1e-5, atol=1e-5 * dw_expected.abs().max().item())
+
+
 def test_what_the_kernels_do_not_take_falls_back():
     assert cpu_passes.quantize_rows(torch.zeros(0, 4), 1e-5) is None
     assert cpu_passes.quantize_rows(torch.zeros(2, 4, dtype=torch.float64), 1e-5) is None
     assert cpu_passes.ternarize(torch.ones(4, 4), torch.ones(4, 1), False) is None  # group scales
+    double = torch.zeros(2, 4, dtype=torch.float64)
+    assert cpu_passes.rms_norm_backward(double, double, torch.ones(4), torch.ones(2, 1)) is None
 
 
 @pytest.mark.slow
