@@ -41,22 +41,25 @@ def matmuls(m: int, k: int, n: int) -> dict[str, tuple[torch.Tensor, torch.Tenso
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Print the table; return its median seconds: ``{matmul: {"FP32 GEMM" or route: seconds}}``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="4096,2048,5632", help="M,K,N: tokens, in_features, out_features")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     m, k, n = (int(v) for v in args.shape.split(","))
     print(hardware.summary("cpu"))
     print(f"{'matmul':<12} {'route':<8} {'ms':>9} {'GOPS':>7} {'x FP32':>7} {'x onednn':>9}")
+    results = {}
     for name, (a, b, ternary) in matmuls(m, k, n).items():
-        seconds = time_routes(a, b, ternary, args.warmup, args.iters)
+        seconds = results[name] = time_routes(a, b, ternary, args.warmup, args.iters)
         ops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
         for route, s in seconds.items():
             vs_fp32, vs_onednn = seconds["FP32 GEMM"] / s, seconds["onednn"] / s if "onednn" in seconds else None
             onednn = f"{vs_onednn:.2f}" if vs_onednn is not None else "-"
             print(f"{name:<12} {route:<8} {s * 1e3:9.1f} {ops / s / 1e9:7.0f} {vs_fp32:7.2f} {onednn:>9}")
+    return results
 
 
 def time_routes(a: torch.Tensor, b: torch.Tensor, ternary: bool, warmup: int, iters: int) -> dict[str, float]:

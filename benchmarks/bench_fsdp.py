@@ -115,14 +115,16 @@ def _worker(rank: int, world: int, port: int, steps: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Print the figures; return them: ``{"llama2_7b": analytic bytes, "measured": {"bf16": ..., "bitnet": ...}}``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     print("Llama2-7B, all-gather bytes per pass over the weights (analytic, world", args.world, "):")
-    print(json.dumps(llama2_7b_bytes(args.world), indent=2))
+    analytic = llama2_7b_bytes(args.world)
+    print(json.dumps(analytic, indent=2))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,6 +139,7 @@ def main() -> None:
     ratio = bitnet["all_gather_bytes_per_rank_step"] / bf16["all_gather_bytes_per_rank_step"]
     print(f"all-gather bytes BitNet / BF16: {ratio:.4f}")
     print(f"step time BitNet / BF16: {bitnet['step_s_median'] / bf16['step_s_median']:.3f}")
+    return {"llama2_7b": analytic, "measured": measured}
 
 
 if __name__ == "__main__":

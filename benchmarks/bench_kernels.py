@@ -188,7 +188,8 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
+    """Print the three tables; return their rows: ``{"matmul": ..., "passes": ..., "linear": ...}``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--m", type=int, help=f"tokens (default {GPU_M} on CUDA, {CPU_M} on CPU)")
@@ -199,7 +200,7 @@ def main() -> None:
                         "CPU with native BF16, float32 otherwise")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     gpu = args.device == "cuda"
     if not gpu:
@@ -215,22 +216,26 @@ def main() -> None:
     print(hardware.summary(args.device))
     print(f"bitnet_ao kernels (backend module: {backend}) against {dense}, torch {torch.__version__}")
 
+    tables = {"matmul": bench_matmuls(m, kns, args.device, dtype, args.warmup, args.iters)}
     print_table(
         f"Scaled INT8 matmul (TOPS; {dense} in TFLOPS)",
         ["layout", "MxKxN", "bitnet_ao", "torch._int_mm", f"{dense} mm", "vs _int_mm", f"vs {dense}"],
-        bench_matmuls(m, kns, args.device, dtype, args.warmup, args.iters),
+        tables["matmul"],
     )
+    tables["passes"] = bench_quantization(m, kns, args.device, dtype, peak, args.warmup, args.iters)
     print_table(
         f"BitNet's elementwise passes, {dense.lower()} activations, float32 weights, against a copy of the same bytes ("
         + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
         ["pass", "shape", "ms", "GB/s", "copy GB/s", "vs copy", "of peak"],
-        bench_quantization(m, kns, args.device, dtype, peak, args.warmup, args.iters),
+        tables["passes"],
     )
+    tables["linear"] = bench_linear(m, kns, args.device, dtype, args.warmup, args.iters)
     print_table(
         f"BitNet linear forward + backward vs {dense} nn.Linear (ms)",
         ["MxKxN", "BitNet", dense, "speedup"],
-        bench_linear(m, kns, args.device, dtype, args.warmup, args.iters),
+        tables["linear"],
     )
+    return tables
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def during_warmup(layer: nn.Module) -> nn.Module:
     return layer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Print the table; return its rows: ``{"shape", "variant", "seconds", "saved_bytes"}`` per shape and variant
+    (``seconds`` and ``saved_bytes`` None for a variant this torchao lacks)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="M,K,N triples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +108,7 @@ def main() -> None:
                         "native BF16, float32 otherwise")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dtype = hardware.resolve_dtype(args.dtype, args.device)
     dense = hardware.short_name(dtype)
 
@@ -125,6 +127,7 @@ def main() -> None:
     header = f"{'M,K,N':>16} {'variant':<36} {'ms':>9} {ratio:>7} {'saved MiB':>10} {ratio:>7}"
     print(header)
     print("-" * len(header))
+    rows = []
     for shape in args.shapes:
         m, k, n = (int(v) for v in shape.split(","))
         torch.manual_seed(0)
@@ -136,6 +139,7 @@ def main() -> None:
             layer = make(copy.deepcopy(base))
             if layer is None:
                 print(f"{shape:>16} {name:<36} {'n/a':>9}")
+                rows.append({"shape": shape, "variant": name, "seconds": None, "saved_bytes": None})
                 continue
             t = time_fwd_bwd(layer, x, grad, args.warmup, args.iters)
             b = saved_bytes(layer, x)
@@ -143,6 +147,8 @@ def main() -> None:
             print(
                 f"{shape:>16} {name:<36} {t * 1e3:9.1f} {baseline_t / t:7.2f} {b / 2**20:10.2f} {b / baseline_b:7.3f}"
             )
+            rows.append({"shape": shape, "variant": name, "seconds": t, "saved_bytes": b})
+    return rows
 
 
 if __name__ == "__main__":

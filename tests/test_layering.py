@@ -8,6 +8,7 @@ Run it alone with ``pytest tests/test_layering.py``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +220,16 @@ def test_the_checker_sees_relative_lazy_and_absolute_imports(tmp_path):
     assert _outside_kernels("bitnet_ao.kernels.mod", path, known) == outside
 
 
+def _drawn(path: str, text: str) -> bool:
+    """Whether ``path`` appears in ``text`` as a path of its own, not as the start or the end of a longer one
+    (``bitnet_ao/integrations/gguf/`` is not drawn by ``bitnet_ao/integrations/gguf/plan.py``)."""
+    return re.search(rf"(?<![\w/.]){re.escape(path)}(?![\w/])", text) is not None
+
+
+def _all_module_files() -> dict[str, Path]:
+    return {**_module_files(), **_benchmark_files()}
+
+
 def test_design_doc_draws_every_module():
     """docs/design.md is the map of the code: every module of ORDER appears in it by its file (a package by its
     folder), so a new module cannot land without its line."""
@@ -230,6 +241,49 @@ def test_design_doc_draws_every_module():
         names = [path.relative_to(ROOT).as_posix()]
         if path.name == "__init__.py":
             names.append(path.parent.relative_to(ROOT).as_posix() + "/")
-        if not any(n in design for n in names):
+        if not any(_drawn(n, design) for n in names):
             missing.append(names[0])
     assert not missing, f"docs/design.md does not draw: {missing}"
+
+
+def _test_rows() -> dict[str, list[str]]:
+    """docs/design.md's "Where the tests are" table: module file -> the test files named in its row. A cell may
+    name several files of one folder, the first with its folder and the rest by their names."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    section = design.split("## Where the tests are", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        cells = line.split("|")
+        if len(cells) < 4 or not cells[1].strip().startswith("`"):
+            continue
+        modules, tests = re.findall(r"`([^`]+)`", cells[1]), re.findall(r"`(tests/[\w/]+\.py)`", cells[2])
+        folder = modules[0].rpartition("/")[0]
+        for module in modules:
+            rows["/".join((folder, module)) if "/" not in module else module] = tests
+    return rows
+
+
+def test_every_module_has_tests_a_newcomer_finds():
+    """Each module of the package and of benchmarks/ has ``tests/test_<module>.py`` (``test_<package>.py`` for a
+    package's ``__init__.py``) or a row in docs/design.md's "Where the tests are" naming test files that exist."""
+    rows = _test_rows()
+    assert rows, "docs/design.md has no 'Where the tests are' table"
+    lost = []
+    for path in _all_module_files().values():
+        relative = path.relative_to(ROOT).as_posix()
+        stem = path.parent.name if path.name == "__init__.py" else path.stem
+        if not (ROOT / "tests" / f"test_{stem}.py").exists() and relative not in rows:
+            lost.append(relative)
+    assert not lost, f"modules with neither tests/test_<module>.py nor a row in docs/design.md: {lost}"
+    dangling = {module: tests for module, tests in rows.items() if not (ROOT / module).exists()}
+    missing = {module: t for module, tests in rows.items() for t in tests if not (ROOT / t).exists()}
+    assert not dangling and not missing, f"rows naming no module {dangling} or missing test files {missing}"
+
+
+def test_the_design_doc_checks_see_paths_of_their_own():
+    """The checkers themselves: a folder is not drawn by a file inside it, and a table row names its modules."""
+    assert _drawn("bitnet_ao/integrations/gguf/", "`bitnet_ao/integrations/gguf/` the package")
+    assert not _drawn("bitnet_ao/integrations/gguf/", "`bitnet_ao/integrations/gguf/plan.py`")
+    assert not _drawn("ops.py", "`kernels/ops.py`")
+    rows = _test_rows()
+    assert rows["bitnet_ao/integrations/gguf/plan.py"] == ["tests/test_gguf.py"]

@@ -104,7 +104,7 @@ class _Wrapper(Tensor):
 def test_make_wrapper_subclass_has_the_metadata_and_no_storage():
     t = private_api.make_wrapper_subclass(_Wrapper, (3, 5), dtype=torch.bfloat16, device="cpu", requires_grad=True)
     assert type(t) is _Wrapper and t.shape == (3, 5) and t.dtype == torch.bfloat16 and t.requires_grad
-    # No data of its own: why checkpoints must hold the master weight instead (tests/test_checkpoint.py).
+    # No data of its own: why checkpoints must hold the master weight instead (tests/test_checkpoint_hooks.py).
     with pytest.raises(RuntimeError, match="data pointer"):
         t.untyped_storage().data_ptr()
 

@@ -39,7 +39,7 @@ def test_optimizer_updates_master_weight_in_place():
 def test_state_dict_roundtrip_weights_only_into_quantized_and_plain():
     model = _quantized(weights="binary")
     sd = save_load_roundtrip(model.state_dict())
-    # A checkpoint carries the master weights as plain tensors, not the recipe (tests/test_checkpoint.py).
+    # A checkpoint carries the master weights as plain tensors, not the recipe (tests/test_checkpoint_hooks.py).
     assert all(type(v) is torch.Tensor for v in sd.values())
 
     fresh = _quantized()
