@@ -21,12 +21,17 @@ from bitnet_ao.kernels import cpu_gemv, cpu_matmul
 from tests.conftest import random_int8
 from tests.spec_reference import act_quant, ternary_weight
 
-FULL_RANGE_ROUTES = ("int_mm", "fp32", "reference")  # exact for any int8 operands on every CPU
 
 
 def _full_route(route: str) -> str:
-    """``route`` for the full-range matmul too where it is exact for it, else the float64 reference."""
-    return route if route in FULL_RANGE_ROUTES else "reference"
+    """``route`` for the full-range matmul too where this machine runs it exactly for full-range operands, else the
+    float64 reference (``int_mm`` is not, where ``ONEDNN_MAX_CPU_ISA`` keeps a VNNI CPU's oneDNN at AVX2)."""
+    return route if route in cpu_matmul.available_routes("full") else "reference"
+
+
+def _skip_unless_available(route: str, kind: str) -> None:
+    if route not in cpu_matmul.available_routes(kind):
+        pytest.skip(f"route {route} is not available for {kind} operands on this machine")
 
 
 def _exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -50,6 +55,7 @@ def _operands(m: int, k: int, n: int, ternary: bool, extreme: bool, seed: int = 
 @pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme"])
 @pytest.mark.parametrize("k", [7, 1500])
 def test_ternary_right_operand_is_exact_on_every_route(force_routes, route, extreme, k):
+    _skip_unless_available(route, "ternary")
     force_routes(route, "reference")
     a, b = _operands(37, k, 29, ternary=True, extreme=extreme)
     for b_layout in (b, b.t().contiguous().t()):  # row-major and K-contiguous
@@ -57,10 +63,11 @@ def test_ternary_right_operand_is_exact_on_every_route(force_routes, route, extr
         assert torch.equal(out.double(), _exact(a, b)), (route, b_layout.stride())
 
 
-@pytest.mark.parametrize("route", FULL_RANGE_ROUTES)
+@pytest.mark.parametrize("route", cpu_matmul.EXACT_ROUTES["full"])
 @pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme"])
 def test_full_range_operands_are_exact_beyond_one_fp32_block(force_routes, route, extreme):
     """K = 3000 > 1024, so the FP32 route must split the reduction (the extreme case fails without it)."""
+    _skip_unless_available(route, "full")
     force_routes("reference", route)
     a, b = _operands(9, 3000, 11, ternary=False, extreme=extreme)
     out = cpu_matmul.int8_mm(a.t().contiguous().t(), b, b_ternary=False)  # a as the TN layout's transposed view
@@ -69,6 +76,7 @@ def test_full_range_operands_are_exact_beyond_one_fp32_block(force_routes, route
 
 @pytest.mark.parametrize("route", cpu_matmul.ROUTES)
 def test_empty_shapes(force_routes, route):
+    _skip_unless_available(route, "ternary")
     force_routes(route, _full_route(route))
     for m, k, n in ((0, 8, 4), (3, 0, 4), (3, 8, 0)):
         out = cpu_matmul.int8_mm(torch.zeros(m, k, dtype=torch.int8), torch.zeros(k, n, dtype=torch.int8), True)
@@ -89,6 +97,7 @@ def test_bitnet_linear_training_step_is_identical_on_every_route(force_routes, r
         y.square().sum().backward()
         return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
+    _skip_unless_available(route, "ternary")
     expected = step("reference", "reference")
     got = step(route, _full_route(route))
     for e, g in zip(expected, got, strict=True):
@@ -264,10 +273,9 @@ def test_every_route_is_exact_on_every_small_shape_and_layout(force_routes, rout
     """Every (M, K, N) of the grid, each operand row-major or a transposed view: the forward (NT), grad_input (NN,
     either layout of the weight) and grad_weight (TN) layouts and the fourth, ternary and (where the route is exact
     for it) full-range. torch._int_mm returned uninitialised memory for a (1, 1)-stride operand (docs/kernels.md)."""
-    if route not in cpu_matmul.available_routes("ternary"):
-        pytest.skip(f"route {route} is not available on this machine")
+    _skip_unless_available(route, "ternary")
     force_routes(route, _full_route(route))
-    kinds = (True, False) if route in FULL_RANGE_ROUTES else (True,)
+    kinds = (True, False) if route == _full_route(route) else (True,)
     g = torch.Generator().manual_seed(0)
     wrong = []
     for (m, k, n), ternary in itertools.product(itertools.product(GRID_SIZES, repeat=3), kinds):

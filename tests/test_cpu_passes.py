@@ -143,7 +143,9 @@ def test_the_avx2_and_portable_builds_are_exact_too(capability, tmp_path):
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 builds")
+    # Its own inductor cache too: torch 2.13.0's FX graph cache serves graphs across ATEN_CPU_CAPABILITY values.
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "BITNET_AO_CACHE_DIR": str(tmp_path)}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not builds"]
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "passed" in run.stdout and any(tmp_path.glob("cpu_passes-*.so")), run.stdout[-3000:]
