@@ -22,7 +22,6 @@ from tests.conftest import random_int8
 from tests.spec_reference import act_quant, ternary_weight
 
 
-
 def _full_route(route: str) -> str:
     """``route`` for the full-range matmul too where this machine runs it exactly for full-range operands, else the
     float64 reference (``int_mm`` is not, where ``ONEDNN_MAX_CPU_ISA`` keeps a VNNI CPU's oneDNN at AVX2)."""
