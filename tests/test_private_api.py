@@ -132,6 +132,8 @@ def test_is_mutable_op_is_true_for_in_place_and_out_ops_only():
 
 
 def test_int_mm_is_exact_int32():
+    if kernels_private_api.onednn_isa_below_vnni():
+        pytest.skip("ONEDNN_MAX_CPU_ISA keeps oneDNN below VNNI: int_mm saturates there, and no route uses it for this")
     g = torch.Generator().manual_seed(0)
     a = random_int8(32, 64, generator=g)
     b = random_int8(64, 24, generator=g)
@@ -209,7 +211,8 @@ def test_a_function_with_its_own_code_object_has_its_own_dynamo_cache():
 )
 def test_cpu_capabilities_match_the_cpu_flags():
     flags = set(cpu_build.cpuinfo()["flags"].split())
-    assert kernels_private_api.cpu_has_int8_dot_product() == bool({"avx512_vnni", "amx_tile"} & flags)
+    limited = kernels_private_api.onednn_isa_below_vnni()  # an emulation keeps oneDNN below the CPU's flags
+    assert kernels_private_api.cpu_has_int8_dot_product() == (bool({"avx512_vnni", "amx_tile"} & flags) and not limited)
     assert kernels_private_api.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
