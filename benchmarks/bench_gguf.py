@@ -21,7 +21,7 @@ every core): ``torch.set_num_threads(T)`` and llama.cpp's ``n_threads``.
 - Prefill: ``--prompt`` tokens (512) in one forward into an empty KV cache, the last position's logits read back
   (bitnet_ao: ``model(prompt, cache=...)``, the cache allocated once; llama.cpp: ``llm.reset(); llm.eval(...)``).
 - Decode: ``--new-tokens`` (128) greedy steps from an empty cache, one token per forward, argmax of the logits
-  fed back (bitnet_ao: ``bench_inference.generate``; llama.cpp: ``llm.eval([token])`` in a loop).
+  fed back (bitnet_ao: ``model.generate``; llama.cpp: ``llm.eval([token])`` in a loop).
 - Tokens/s are medians over ``--iters`` runs after one warmup; the ratio columns are bitnet_ao's tokens/s over
   each row's (above 1: bitnet_ao is faster). llama.cpp's own timer (``llama_perf_context``: the time inside
   ``llama_decode``, without the Python binding) is shown beside the wall clock.
@@ -57,10 +57,10 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import hardware, report
-from benchmarks.bench_inference import block_linears, block_weight_bytes, build_variants, generate
+from benchmarks.bench_inference import block_linears, block_weight_bytes, build_variants
 from benchmarks.data import VOCAB_SIZE
 from benchmarks.llama_cpp_runs import llama_generate, llama_prefill, llama_timer, load_llama, logits_error
-from benchmarks.model import KVCache, ModelConfig
+from benchmarks.model import KVCache, ModelConfig, generate
 from benchmarks.presets import GGUF_PRESETS as PRESETS
 from benchmarks.timing import measure
 
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         "logits_rel_error": "relative L2 error of llama.cpp's last-position logits after the prompt against "
         "bitnet_ao packed's",
         "kv_cache": "bitnet_ao: the model dtype, allocated once for prefill and by each decode run "
-        "(bench_inference.generate, under 1% of it); llama.cpp: F16 (its default), no flash attention",
+        "(model.generate, under 1% of it); llama.cpp: F16 (its default), no flash attention",
     }
     settings = {
         "threads": args.threads,

@@ -35,7 +35,7 @@ from torchao.quantization import quantize_
 
 from benchmarks import hardware
 from benchmarks.data import VOCAB_SIZE
-from benchmarks.model import KVCache, ModelConfig, Transformer
+from benchmarks.model import ModelConfig, Transformer, generate
 from benchmarks.presets import TRAINING_PRESETS as PRESETS
 from benchmarks.timing import measure, synchronize
 from bitnet_ao import BitNetPackedLinearWeight, bitnet_inference, bitnet_training
@@ -77,18 +77,6 @@ def block_weight_bytes(model: nn.Module) -> int:
         else:
             total += w.numel() * w.element_size()
     return total
-
-
-@torch.inference_mode()
-def generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """Greedy decoding through a KV cache: the prompt in one forward, then one token per forward."""
-    cache = KVCache(model.config, prompt.shape[0], dtype, prompt.device)
-    token = model(prompt, cache=cache)[:, -1:].argmax(-1)
-    out = [token]
-    for _ in range(new_tokens - 1):
-        token = model(token, cache=cache)[:, -1:].argmax(-1)
-        out.append(token)
-    return torch.cat(out, dim=1)
 
 
 def main() -> None:

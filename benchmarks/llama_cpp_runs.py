@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from benchmarks.bench_inference import generate
+from benchmarks.model import generate
 
 
 def load_llama(path: Path, threads: int, n_ctx: int):  # -> llama_cpp.Llama
@@ -38,7 +38,7 @@ def llama_prefill(llm, tokens: list[int]) -> np.ndarray:
 
 
 def llama_generate(llm, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding from an empty cache, as ``bench_inference.generate``: the prompt in one forward, then
+    """Greedy decoding from an empty cache, as ``model.generate``: the prompt in one forward, then
     ``new_tokens - 1`` forwards of one token."""
     out = [int(np.argmax(llama_prefill(llm, prompt)))]
     for _ in range(new_tokens - 1):

@@ -72,7 +72,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer for generation (``benchmarks/bench_inference.py``): one
+    """Keys and values of every layer for generation (:func:`generate`): one
     ``(B, n_heads, max_seq_len, head_dim)`` pair per layer, filled up to ``length`` positions."""
 
     def __init__(self, config: ModelConfig, batch: int, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -174,6 +174,19 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """Greedy decoding through a :class:`KVCache`: the prompt in one forward, then one token per forward (the
+    benchmarks' generation, and the evaluation-time sample of ``pretrain.py``)."""
+    cache = KVCache(model.config, prompt.shape[0], dtype, prompt.device)
+    token = model(prompt, cache=cache)[:, -1:].argmax(-1)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        token = model(token, cache=cache)[:, -1:].argmax(-1)
+        out.append(token)
+    return torch.cat(out, dim=1)
 
 
 def to_hf_llama(model: Transformer) -> nn.Module:

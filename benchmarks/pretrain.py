@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import io
 import sys
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +47,9 @@ from torchao.quantization import quantize_
 from benchmarks import hardware, report, training_loop
 from benchmarks.data import DEFAULT_MAX_BYTES, VOCAB_SIZE, ByteDataset, load_corpus
 from benchmarks.memory import peak_memory_note
-from benchmarks.model import ModelConfig, Transformer, to_hf_llama
+from benchmarks.model import ModelConfig, Transformer, generate, to_hf_llama
 from benchmarks.presets import TRAINING_PRESETS as PRESETS
-from bitnet_ao import BitNetTrainingConfig, bitnet_training
+from bitnet_ao import BitNetTrainingConfig, bitnet_inference, bitnet_training
 from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
 from bitnet_ao.tensor_parallel import quantize_for_tensor_parallel
 
@@ -263,6 +265,32 @@ def measurement_notes(device: torch.device) -> dict[str, str]:
 # --- exports of a trained BitNet run --------------------------------------------------------------------------
 
 
+#: The evaluation-time sample after each run: greedy tokens after a validation prompt of this many bytes.
+SAMPLE_PROMPT, SAMPLE_TOKENS = 32, 32
+
+
+def sample(model: nn.Module, spec: RunSpec, data: ByteDataset, device: torch.device) -> dict:
+    """What evaluation during training generates, timed: ``SAMPLE_TOKENS`` greedy tokens after a validation
+    prompt, through the model as it trains (a BitNet model without a gradient runs its packed forward, prepared
+    once per weight version), and for BitNet whether a ``bitnet_inference`` copy gives the same tokens."""
+    prompt = data.val[:SAMPLE_PROMPT].long().unsqueeze(0).to(device)
+    dtype = getattr(torch, spec.dtype)
+    model.eval()
+    with training_loop.autocast(device, dtype):
+        generate(model, prompt, 2, dtype)  # warm-up: the packed weights are prepared here
+        start = time.perf_counter()
+        tokens = generate(model, prompt, SAMPLE_TOKENS, dtype)
+        seconds = time.perf_counter() - start
+        text = bytes(tokens[0].tolist()).decode("utf-8", "replace")
+        result = {"new_tokens": SAMPLE_TOKENS, "tokens_per_s": SAMPLE_TOKENS / seconds, "text": text}
+        if spec.quantize and not spec.recipe.grouped:
+            packed = copy.deepcopy(model)
+            quantize_(packed, bitnet_inference(), filter_fn=quantize_filter)
+            result["same_tokens_as_packed"] = torch.equal(generate(packed, prompt, SAMPLE_TOKENS, dtype), tokens)
+    model.train()
+    return result
+
+
 def export(model: nn.Module, spec: RunSpec, args: argparse.Namespace, data: ByteDataset) -> None:
     """``--save-hf`` (every BitNet run) and ``--save-gguf`` (the ``bitnet`` run, then run by llama.cpp)."""
     if args.save_hf and spec.quantize:
@@ -327,6 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             profile=True,
             name=spec.name,
         )
+        figures["sample"] = sample(model, spec, data, device)
         runs.append({"name": spec.name, "label": spec.label, "spec": dataclasses.asdict(spec), **figures})
         export(model, spec, args, data)
         del model  # before the next run's model is built: each run's peak memory is its own

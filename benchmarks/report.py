@@ -160,6 +160,21 @@ def speed_note(runs: list[dict], device: str) -> str | None:
     )
 
 
+def sample_lines(runs: list[dict]) -> list[str]:
+    """Each run's evaluation-time sample (``pretrain.sample``): its speed, whether the packed copy agrees, the text."""
+    lines = []
+    for run in runs:
+        if "sample" not in run:
+            continue
+        s = run["sample"]
+        agree = {True: ", the same tokens as its packed copy", False: ", NOT the tokens of its packed copy"}
+        lines.append(
+            f"sample of {run['name']} ({s['new_tokens']} tokens greedy after a validation prompt, "
+            f"{s['tokens_per_s']:.0f} tokens/s{agree.get(s.get('same_tokens_as_packed'), '')}): {s['text']!r}"
+        )
+    return lines
+
+
 def run_metadata(args: argparse.Namespace, model_config: ModelConfig, source: str) -> dict:
     """What every benchmark JSON opens with: when, on what hardware and software, with which data, flags and model."""
     return {
@@ -186,6 +201,8 @@ def write(
     if all("step_profile" in r for r in runs):
         print(f"where a step's time goes (ms per step, {notes['step_profile']}):")
         print(format_cells(step_profile.profile_rows(runs)))
+    for line in sample_lines(runs):
+        print(line)
     why = speed_note(runs, args.device)
     if why is not None:
         notes = {**notes, "speed": why}

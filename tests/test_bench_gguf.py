@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from benchmarks import bench_gguf
-from benchmarks.bench_inference import generate
-from benchmarks.model import KVCache, ModelConfig, Transformer
+from benchmarks.model import KVCache, ModelConfig, Transformer, generate
 from bitnet_ao.integrations.gguf import BLOCK
 
 

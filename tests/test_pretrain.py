@@ -74,6 +74,12 @@ def test_comparison_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
+    # The evaluation-time sample: generated through the training weights (no gradient: the prepared packed
+    # forward), the same tokens as a bitnet_inference copy, and printed as the JSON holds it.
+    assert bitnet["sample"]["same_tokens_as_packed"] is True and "same_tokens_as_packed" not in base["sample"]
+    assert all(r["sample"]["tokens_per_s"] > 0 and r["sample"]["new_tokens"] == pretrain.SAMPLE_TOKENS for r in runs)
+    assert all(line in out.splitlines() for line in report.sample_lines(results["runs"]))
+
 
 @pytest.mark.slow  # 1 s after the test above, 6 to 17 s first in a process (the BitNet run compiles its helpers)
 @pytest.mark.parametrize(("dtype", "autocast"), [("float32", False), ("bfloat16", True)])
@@ -95,8 +101,10 @@ def test_dtype_flag_sets_the_precision(
     runs = pretrain.main(argv)
 
     evals = 2 * pretrain.PRESETS["tiny"]["eval_batches"]  # two evaluations per run
-    assert len(seen) == len(runs) * (4 + evals), "one output-head forward per step and per validation batch"
-    assert set(seen) == {(getattr(torch, dtype), autocast)}
+    # The sample: a 2-token warm-up and SAMPLE_TOKENS forwards, again on BitNet's packed copy (it keeps the hook).
+    samples = sum(2 + pretrain.SAMPLE_TOKENS * (2 if r["spec"]["quantize"] else 1) for r in runs)
+    assert len(seen) == len(runs) * (4 + evals) + samples, "one head forward per step, validation batch, sample token"
+    assert set(seen) == {(getattr(torch, dtype), autocast)}, "training, evaluation and the sample in one precision"
     short = hardware.short_name(dtype)
     assert [r["name"] for r in runs] == [short, "bitnet"]
     assert all(math.isfinite(loss) for r in runs for loss in r["train_losses"])
