@@ -265,7 +265,8 @@ def measurement_notes(device: torch.device) -> dict[str, str]:
 # --- exports of a trained BitNet run --------------------------------------------------------------------------
 
 
-#: The evaluation-time sample after each run: greedy tokens after a validation prompt of this many bytes.
+#: The evaluation-time sample after each run: greedy tokens after a validation prompt of this many bytes (each at
+#: most half the model's context).
 SAMPLE_PROMPT, SAMPLE_TOKENS = 32, 32
 
 
@@ -273,20 +274,22 @@ def sample(model: nn.Module, spec: RunSpec, data: ByteDataset, device: torch.dev
     """What evaluation during training generates, timed: ``SAMPLE_TOKENS`` greedy tokens after a validation
     prompt, through the model as it trains (a BitNet model without a gradient runs its packed forward, prepared
     once per weight version), and for BitNet whether a ``bitnet_inference`` copy gives the same tokens."""
-    prompt = data.val[:SAMPLE_PROMPT].long().unsqueeze(0).to(device)
+    half = model.config.max_seq_len // 2
+    prompt = data.val[: min(SAMPLE_PROMPT, half)].long().unsqueeze(0).to(device)
+    new_tokens = min(SAMPLE_TOKENS, half)
     dtype = getattr(torch, spec.dtype)
     model.eval()
     with training_loop.autocast(device, dtype):
         generate(model, prompt, 2, dtype)  # warm-up: the packed weights are prepared here
         start = time.perf_counter()
-        tokens = generate(model, prompt, SAMPLE_TOKENS, dtype)
+        tokens = generate(model, prompt, new_tokens, dtype)
         seconds = time.perf_counter() - start
         text = bytes(tokens[0].tolist()).decode("utf-8", "replace")
-        result = {"new_tokens": SAMPLE_TOKENS, "tokens_per_s": SAMPLE_TOKENS / seconds, "text": text}
+        result = {"new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds, "text": text}
         if spec.quantize and not spec.recipe.grouped:
             packed = copy.deepcopy(model)
             quantize_(packed, bitnet_inference(), filter_fn=quantize_filter)
-            result["same_tokens_as_packed"] = torch.equal(generate(packed, prompt, SAMPLE_TOKENS, dtype), tokens)
+            result["same_tokens_as_packed"] = torch.equal(generate(packed, prompt, new_tokens, dtype), tokens)
     model.train()
     return result
 

@@ -101,8 +101,8 @@ def test_dtype_flag_sets_the_precision(
     runs = pretrain.main(argv)
 
     evals = 2 * pretrain.PRESETS["tiny"]["eval_batches"]  # two evaluations per run
-    # The sample: a 2-token warm-up and SAMPLE_TOKENS forwards, again on BitNet's packed copy (it keeps the hook).
-    samples = sum(2 + pretrain.SAMPLE_TOKENS * (2 if r["spec"]["quantize"] else 1) for r in runs)
+    # The sample: a 2-token warm-up and one forward per new token, again on BitNet's packed copy (it keeps the hook).
+    samples = sum(2 + r["sample"]["new_tokens"] * (2 if r["spec"]["quantize"] else 1) for r in runs)
     assert len(seen) == len(runs) * (4 + evals) + samples, "one head forward per step, validation batch, sample token"
     assert set(seen) == {(getattr(torch, dtype), autocast)}, "training, evaluation and the sample in one precision"
     short = hardware.short_name(dtype)
