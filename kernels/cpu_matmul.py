@@ -57,6 +57,8 @@ from .private_api import (
 ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.
 EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "fp32", "reference")}
+#: The routes that can write their int32 product into a given tensor (the scratch :func:`accumulator`).
+INT32_OUT_ROUTES = ("int_mm", "signadd")
 #: The routes whose right operand is best contiguous along the reduction (a ``.t()`` view of ``(N, K)``).
 K_CONTIGUOUS_ROUTES = ("onednn", "signadd", "fp32", "reference")
 #: The routes as fast with either layout of the right operand.
@@ -275,8 +277,9 @@ def int8_mm(a: Tensor, b: Tensor, b_ternary: bool, scratch: bool = False) -> Ten
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return a.new_zeros((m, n), dtype=torch.int32)
-    out = accumulator(m, n) if scratch else None
-    return _route_mm(routes()["ternary" if b_ternary else "full"], a, b, b_ternary, out)
+    route = routes()["ternary" if b_ternary else "full"]
+    out = accumulator(m, n) if scratch and route in INT32_OUT_ROUTES else None  # the others allocate their own
+    return _route_mm(route, a, b, b_ternary, out)
 
 
 class _Accumulator(threading.local):
@@ -302,7 +305,7 @@ def accumulator(m: int, n: int) -> Tensor:
 
 
 def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | None = None) -> Tensor:
-    """``a @ b`` by ``route``; the int32 routes (``int_mm``, ``signadd``) write into ``out`` where given."""
+    """``a @ b`` by ``route``; the routes of :data:`INT32_OUT_ROUTES` write into ``out`` where given."""
     with torch.autocast("cpu", enabled=False):
         if route == "int_mm":
             return int_mm(_int_mm_operand(a), _int_mm_operand(b), out)
