@@ -37,9 +37,17 @@ GEMM_RANGE_PREFIX = "bitnet_ao.gemm"
 SHARED_OPS = frozenset({"bitnet_ao::rms_norm", "bitnet_ao::rms_norm_backward"})
 
 
+#: The autograd engine's range around a node's backward. Besides the node it holds the engine's own work, adding
+#: up the gradients of a tensor that several ops read (``aten::add_``), which every model does wherever its graph
+#: branches: that is not BitNet's, the node inside is.
+ENGINE_RANGE_PREFIX = "autograd::engine::evaluate_function:"
+
+
 def _opens_bitnet(name: str) -> bool:
     """Whether the event is BitNet's work: a BitNet linear's autograd function (forward or backward) or an op only
     BitNet runs."""
+    if name.startswith(ENGINE_RANGE_PREFIX):
+        return False
     return "BitNetLinearFunction" in name or (name.startswith("bitnet_ao::") and name not in SHARED_OPS)
 
 

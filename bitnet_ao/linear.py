@@ -231,9 +231,13 @@ class _BitNetLinearFunction(torch.autograd.Function):
                 grad_x = ctx.gather.scatter(grad_x)
             if ctx.norm:
                 # grad_x is the gradient of the normalized input; the norm's backward takes it to x. It reaches the
-                # norm in x's dtype, as through the cast between an unfused norm and linear: the same numbers.
+                # norm in x's dtype, as through the cast between an unfused norm and linear: the same numbers. A
+                # widening cast (bfloat16 into a float32 residual stream) changes no value, and the norm's backward
+                # reads its input as float32 anyway: it is skipped (a whole pass over grad_x).
                 x2 = saved.x2
-                grad_x, grad_norm = kernels.rms_norm_backward(grad_x.to(x2.dtype), x2, saved.norm_weight, saved.rstd)
+                widening = x2.dtype == torch.float32 and grad_x.dtype in (torch.bfloat16, torch.float16)
+                dy = grad_x if widening else grad_x.to(x2.dtype)
+                grad_x, grad_norm = kernels.rms_norm_backward(dy, x2, saved.norm_weight, saved.rstd)
             grad_x = grad_x.reshape(ctx.x_shape)
 
         if needs_grad_weight:

@@ -96,6 +96,87 @@ def load(source: Path) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(path))
 
 
+def cxx_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def load_torch_library(source: Path, c_sources: tuple[Path, ...], defines: dict[str, str]) -> Path | None:
+    """The C++ operator library ``source`` (``TORCH_LIBRARY`` registrations) built against this torch with the C
+    files ``c_sources`` linked in, cached like :func:`load` and loaded with ``torch.ops.load_library``; its path, or
+    ``None`` after a warning that says why (no compiler, a failed build: the Python ops serve instead).
+
+    The C files are compiled as C (``cpu_rows.h`` uses C's ``_Float16``) with :func:`load`'s flags, the C++ file
+    with torch's headers, its C++ ABI and ``defines`` (``-DNAME=VALUE``), and both linked against ``libtorch``."""
+    import torch
+    from torch.utils import cpp_extension
+
+    cc, cxx = compiler(), cxx_compiler()
+    if cc is None or cxx is None:
+        warnings.warn(f"bitnet_ao: no C/C++ compiler for {source.name}; the Python ops serve instead", stacklevel=3)
+        return None
+    c_flags = ["-O3", march(), "-ffp-contract=off", "-fopenmp", "-fPIC"]
+    abi = int(torch.compiled_with_cxx11_abi())
+    cxx_flags = [
+        "-O3", march(), "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-D{k}={v}" for k, v in sorted(defines.items())),
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+    ]  # fmt: skip
+    libs = [*(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
+    libs += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+    sources = [source, *c_sources, *sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256(
+        b"\0".join([*(s.read_bytes() for s in sources), cc.encode(), cxx.encode(), " ".join(c_flags + cxx_flags + libs)
+                    .encode(), torch.__version__.encode(), cpu_signature().encode()])
+    ).hexdigest()[:16]  # fmt: skip
+    path = cache_dir() / f"{source.stem}-{key}.so"
+    if not path.exists():
+        try:
+            error = _build_torch_library(cc, cxx, c_flags, cxx_flags, libs, source, c_sources, path)
+        except OSError as e:
+            error = str(e)
+        if error is not None:
+            warnings.warn(
+                f"bitnet_ao: building {source.name} failed; the Python ops serve instead:\n{error[-2000:]}",
+                stacklevel=3,
+            )
+            return None
+    torch.ops.load_library(str(path))
+    return path
+
+
+def _build_torch_library(
+    cc: str,
+    cxx: str,
+    c_flags: list[str],
+    cxx_flags: list[str],
+    libs: list[str],
+    source: Path,
+    c_sources: tuple[Path, ...],
+    path: Path,
+) -> str | None:
+    """Compile the C files to objects and link them with the C++ file into ``path``; the error output, or ``None``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        objects = []
+        for c_source in c_sources:
+            obj = Path(tmp) / f"{c_source.stem}.o"
+            result = subprocess.run([cc, *c_flags, "-c", str(c_source), "-o", str(obj)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return result.stderr or f"exit status {result.returncode}"
+            objects.append(str(obj))
+        built = Path(tmp) / path.name
+        result = subprocess.run(
+            [cxx, *cxx_flags, str(source), *objects, "-o", str(built), *libs], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            return result.stderr or f"exit status {result.returncode}"
+        os.replace(built, path)
+    return None
+
+
 def _build(cc: str, flags: list[str], source: Path, path: Path) -> str | None:
     """Compile ``source`` to ``path``; the compiler's error output on failure, else ``None``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ linear) and ``"full"`` (full-range int8 on both sides: ``grad_weight = g'_q.T @ 
 - ``"int_mm"``: ``torch._int_mm``, oneDNN's s8 x s8 GEMM. Fast only with int8 dot-product instructions (AVX-512
   VNNI, AVX-VNNI, AMX); elsewhere it is scalar code (~2 GOPS, 30-60x slower than FP32), so it is a candidate only
   on CPUs that have them.
+- ``"vnni"``: the ternary GEMM of ``cpu_vnni_gemm.c`` (AVX-512 VNNI), whose scaled form fuses the epilogue: the
+  int32 sums never reach memory. Ternary only.
 - ``"onednn"``: oneDNN's u8 x s8 linear (``torch.ops.onednn.qlinear_pointwise``) with the int8 left operand
   shifted to u8 (``a + 128``, zero point 128). Without VNNI it multiplies with ``vpmaddubsw``, whose int16 pair
   sums saturate unless the s8 operand is small: exact for ternary right operands only. Its float32 output holds
@@ -44,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import cpu_build, cpu_sign_gemm, reference
+from . import cpu_build, cpu_passes, cpu_sign_gemm, cpu_vnni_gemm, reference
 from .private_api import (
     cpu_has_int8_dot_product,
     int_mm,
@@ -54,15 +56,15 @@ from .private_api import (
     outside_dispatch_modes,
 )
 
-ROUTES = ("int_mm", "onednn", "signadd", "fp32", "reference")
+ROUTES = ("int_mm", "vnni", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.
 EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "fp32", "reference")}
 #: The routes that can write their int32 product into a given tensor (the scratch :func:`accumulator`).
-INT32_OUT_ROUTES = ("int_mm", "signadd")
+INT32_OUT_ROUTES = ("int_mm", "vnni", "signadd")
 #: The routes whose right operand is best contiguous along the reduction (a ``.t()`` view of ``(N, K)``).
 K_CONTIGUOUS_ROUTES = ("onednn", "signadd", "fp32", "reference")
 #: The routes as fast with either layout of the right operand.
-EITHER_LAYOUT_ROUTES = ("int_mm",)
+EITHER_LAYOUT_ROUTES = ("int_mm", "vnni")
 
 #: Largest reduction an FP32 GEMM of full-range int8 values sums exactly: 1024 products of at most 2**14.
 FP32_EXACT_BLOCK = 1 << 10
@@ -93,6 +95,7 @@ def available_routes(kind: str) -> tuple[str, ...]:
     """The exact routes of ``kind`` this machine can run."""
     usable = {
         "int_mm": kind == "ternary" or not onednn_isa_below_vnni(),
+        "vnni": cpu_vnni_gemm.available(),
         "onednn": _onednn_available(),
         "signadd": cpu_sign_gemm.available(),
         "fp32": True,
@@ -164,6 +167,7 @@ def _cache_key() -> str:
         f"capability={torch.backends.cpu.get_cpu_capability()}",
         f"onednn_isa={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}",
         cpu_sign_gemm.SOURCE.read_text(),
+        cpu_vnni_gemm.SOURCE.read_text(),
         # This file: a change to a route or to the probe invalidates the choice.
         Path(__file__).read_text(),
     ]
@@ -226,18 +230,74 @@ def measure(kind: str, shapes: tuple[tuple[int, int, int], ...] | None = None) -
     seconds: dict[str, list[float]] = {r: [0.0] * PROBE_REPEATS for r in names}
     ternary = kind == "ternary"
     for a, layouts, _ in problems:
+        row_scale, scale = torch.rand(a.shape[0], generator=g), torch.rand(1, generator=g)
         for r in names:
-            _route_mm(r, a, layouts[r], ternary)  # warm-up: oneDNN's first call builds its kernels
+            _probe_scaled_mm(r, a, layouts[r], ternary, row_scale, scale)  # warm-up: oneDNN builds its kernels
         for rep in range(PROBE_REPEATS):
             for r in names:
                 start = time.perf_counter()
-                _route_mm(r, a, layouts[r], ternary)
+                _probe_scaled_mm(r, a, layouts[r], ternary, row_scale, scale)
                 seconds[r][rep] += time.perf_counter() - start
     ops = sum(p[2] for p in problems)
     return {r: round(ops / statistics.median(seconds[r]) / 1e9, 1) for r in names}
 
 
+def _probe_scaled_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, row_scale: Tensor, scale: Tensor) -> Tensor:
+    """A scaled matmul to bfloat16 as training runs it by ``route``: the product and then the epilogue (the product
+    in the scratch accumulator where the route writes int32), or the one fused kernel."""
+    if route == "vnni":
+        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, None, scale, None, torch.bfloat16)
+    out = accumulator(a.shape[0], b.shape[1]) if route in INT32_OUT_ROUTES else None
+    acc = _route_mm(route, a, b, b_ternary, out)
+    return cpu_passes.scale_output(acc, row_scale, None, scale, None, torch.bfloat16)
+
+
 # --- the matmul ------------------------------------------------------------------------------------------------
+
+
+def fused_scaled_mm(
+    a: Tensor,
+    b: Tensor,
+    b_ternary: bool,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor | None:
+    """``reference.scale_output(a @ b, ...)`` in one kernel where this CPU's route for ``b`` fuses the epilogue
+    (``"vnni"``, a ternary ``b``), else ``None``: the caller then runs :func:`int8_mm` and the epilogue."""
+    if (
+        not b_ternary
+        or routes()["ternary"] != "vnni"
+        or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
+        or 0 in (*a.shape, b.shape[1])
+    ):
+        return None
+    with torch.autocast("cpu", enabled=False):
+        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)
+
+
+def fused_scaled_mm_i2(
+    a: Tensor,
+    b_packed: Tensor,
+    k: int,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor | None:
+    """:func:`fused_scaled_mm` of ``a`` and ``B.T`` for a ternary weight ``B (N, k)`` packed two bits per value,
+    read packed (``cpu_vnni_gemm.scaled_mm_i2``), or ``None`` where the route is not ``"vnni"``."""
+    if (
+        routes()["ternary"] != "vnni"
+        or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
+        or 0 in (*a.shape, b_packed.shape[0])
+    ):
+        return None
+    with torch.autocast("cpu", enabled=False):
+        return cpu_vnni_gemm.scaled_mm_i2(a, b_packed, row_scale, col_scale, scale, bias, out_dtype)
 
 
 def ternary_layout(b: Tensor, route: str) -> Tensor:
@@ -311,6 +371,8 @@ def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | N
             return int_mm(_int_mm_operand(a), _int_mm_operand(b), out)
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
+        if route == "vnni":
+            return cpu_vnni_gemm.scaled_mm(a, b, out=out)
         if route == "signadd":
             # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
             # profile of benchmarks/step_profile.py).

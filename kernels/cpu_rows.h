@@ -7,7 +7,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -191,6 +191,62 @@ static inline __m512 round16(__m512 v, int64_t code) {
     return v;
 }
 #endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* 16 floats rounded to bfloat16 (round_to) and stored at out. */
+static inline void store_bf16x16(__m512 v, uint16_t* out) { _mm256_storeu_si256((__m256i*)out, bf16_bits16(v)); }
+#endif
+
+/* One row of reference.scale_output: y[n] = ((acc[n] * *row) * col[n]) * *scale in float32 (each factor optional:
+ * NULL), rounded to out_code, plus bias[n] (floats of out's dtype; NULL: none) added in that dtype, stored as
+ * elements out_off .. out_off + N of out. acc is int32, or float32 holding integers (acc_float). y: N floats of
+ * scratch. With AVX-512 (float32 / bfloat16 outputs without bias) in registers, one pass; else one pass per
+ * operation, the same operations in the same order. */
+static inline void scale_row(const void* acc, int64_t acc_float, const float* row, const float* col,
+                             const float* scale, const float* bias, int64_t out_code, void* out, int64_t out_off,
+                             int64_t N, float* y) {
+    int64_t n = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (bias == NULL && out_code != 2) {
+        const __m512 vr = _mm512_set1_ps(row != NULL ? *row : 0.0f), vs = _mm512_set1_ps(scale != NULL ? *scale : 0.0f);
+        for (; n + 16 <= N; n += 16) {
+            __m512 v = acc_float ? _mm512_loadu_ps((const float*)acc + n)
+                                 : _mm512_cvtepi32_ps(_mm512_loadu_si512((const int32_t*)acc + n));
+            if (row != NULL) v = _mm512_mul_ps(v, vr);
+            if (col != NULL) v = _mm512_mul_ps(v, _mm512_loadu_ps(col + n));
+            if (scale != NULL) v = _mm512_mul_ps(v, vs);
+            if (out_code == 1)
+                store_bf16x16(v, (uint16_t*)out + out_off + n);
+            else
+                _mm512_storeu_ps((float*)out + out_off + n, v);
+        }
+    }
+#endif
+    const int64_t rest = N - n;
+    if (rest == 0) return;
+    if (acc_float) {
+        memcpy(y, (const float*)acc + n, (size_t)rest * sizeof(float));
+    } else {
+        const int32_t* a = (const int32_t*)acc + n;
+        for (int64_t j = 0; j < rest; ++j) y[j] = (float)a[j];
+    }
+    if (row != NULL) {
+        const float r = *row;
+        for (int64_t j = 0; j < rest; ++j) y[j] = y[j] * r;
+    }
+    if (col != NULL)
+        for (int64_t j = 0; j < rest; ++j) y[j] = y[j] * col[n + j];
+    if (scale != NULL) {
+        const float s = *scale;
+        for (int64_t j = 0; j < rest; ++j) y[j] = y[j] * s;
+    }
+    round_row(y, rest, out_code);
+    if (bias != NULL) {
+        for (int64_t j = 0; j < rest; ++j) y[j] = y[j] + bias[n + j];
+        round_row(y, rest, out_code);
+    }
+    store_row(y, rest, out_code, out, out_off + n);
+}
 
 /* Row x[off .. off + K) of dtype x_code as floats in y, and with r (a row's rstd; NULL: no norm) that of the RMSNorm
  * x * r * gain[k] rounded to x's dtype and then to norm_code's (reference.rms_norm_quantize_rowwise). Returns the

@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import reference, torch_backend
+from . import cpu_ops, reference, torch_backend
 from .private_api import check, dispatch_mode_active
 
 _BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
@@ -370,6 +370,9 @@ def run_packed_linear(
     on plain tensors, with no dispatch mode on. Decoding a token calls it once per linear, and the dispatcher's
     round trip into a Python op (~40 µs) costs more than the decode matmul of a 1024 x 1024 weight (~25 µs)."""
     args = (x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype)
+    if backend_for(x) is torch_backend and cpu_ops.applies(x, k) and cpu_ops.available():
+        # Decode on CPU: the operator registered in C++, which compiled code calls without Python (cpu_ops.cpp).
+        return torch.ops.bitnet_ao.packed_linear_cpu(*args)
     tensors = (x, norm_weight, b_packed, scale, bias)
     direct = not torch.compiler.is_compiling() and not dispatch_mode_active()
     if direct and all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors):

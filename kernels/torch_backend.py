@@ -174,6 +174,10 @@ def scaled_int8_mm(
     out_dtype: torch.dtype,
     b_ternary: bool = False,
 ) -> Tensor:
+    if a.device.type == "cpu":
+        fused = cpu_matmul.fused_scaled_mm(a, b, b_ternary, row_scale, col_scale, scale, bias, out_dtype)
+        if fused is not None:
+            return fused
     return scale_output(_int8_mm(a, b, b_ternary), row_scale, col_scale, scale, bias, out_dtype)
 
 
@@ -211,6 +215,11 @@ def scaled_int8_mm_packed(
         acc = cpu_gemv.packed_gemv(a, b_packed, k, bits)
         if acc is not None:
             return scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
+    # The forward of a 2-bit weight with the vnni route: one kernel reads the packed bytes (cpu_vnni_gemm.c).
+    if transpose_b and bits == 2:
+        out = cpu_matmul.fused_scaled_mm_i2(a, b_packed, k, row_scale, col_scale, scale, bias, out_dtype)
+        if out is not None:
+            return out
     # Unpacked B is row-major (N, K). The forward's B.T is then a column-major view, which torch._int_mm takes
     # about as fast as a row-major copy (docs/kernels.md) and oneDNN wants anyway; grad_input's B is row-major
     # as torch._int_mm wants, and copied to column-major for oneDNN.

@@ -224,3 +224,27 @@ def test_the_report_says_why_when_bitnet_is_not_faster():
     assert note.startswith("BitNet is 1.04x the baseline here") and "grad_weight" in note
     runs[1]["tokens_per_s"] = 130.0
     assert report.speed_note(runs, "cpu") is None
+
+
+def test_step_profile_splits_a_step_by_who_does_the_work():
+    """A synthetic profile (times in microseconds): the GEMM inside a bitnet_ao op is int8, the rest of the op and a
+    BitNet autograd node's own time are BitNet's passes; the autograd engine's adding of input gradients around a
+    BitNet node is not (every model pays it where its graph branches), nor is a shared op outside a BitNet linear."""
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name: str, start: int, end: int, *children: FunctionEvent) -> FunctionEvent:
+        e = FunctionEvent(id=start, name=name, thread=0, start_us=start, end_us=end)
+        for child in children:
+            e.append_cpu_child(child)
+            child.cpu_parent = e
+        return e
+
+    int8 = event("aten::_int_mm", 10, 40)
+    op = event("bitnet_ao::scaled_int8_mm", 5, 50, int8)  # 15 of its own
+    node = event("_BitNetLinearFunctionBackward", 0, 60, op)  # 15 of its own
+    accumulate = event("aten::add_", 60, 67)
+    engine = event("autograd::engine::evaluate_function: _BitNetLinearFunctionBackward", 0, 70, node, accumulate)
+    dense = event("aten::mm", 70, 90)
+    shared = event("bitnet_ao::rms_norm_backward", 90, 95)
+    totals = step_profile.split_events([engine, int8, op, node, accumulate, dense, shared])
+    assert totals == pytest.approx({"int8_matmul": 30e-6, "bitnet_passes": 30e-6, "dense_matmul": 20e-6})

@@ -1,0 +1,59 @@
+"""Operators registered in C++ (``cpu_ops.cpp``), built against this torch on first use: the packed decode linear
+``torch.ops.bitnet_ao.packed_linear_cpu``, which compiled code (inductor's C++ wrapper, AOTInductor) calls without
+Python. Its fake implementation is here, so that ``torch.compile`` and ``torch.export`` trace it.
+
+:func:`packed_linear` is the entry point: the op where it applies and is built, else ``None`` (the caller takes the
+Python op ``bitnet_ao::packed_linear``, whose CPU kernel runs the same C code through ctypes).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import cpu_build, cpu_gemv, reference
+from .torch_backend import COMPILE_MIN_NUMEL
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the operator library is built and loaded (building it on the first call: ~20 s on 2 cores). A
+    constant of compiled graphs: torch.compile may be the first to ask."""
+    return _load()
+
+
+@functools.cache
+def _load() -> bool:
+    defines = {"BITNET_AO_ACTIVATION_EPS": repr(reference.ACTIVATION_EPS)}
+    if cpu_build.load_torch_library(SOURCE, (cpu_gemv.SOURCE,), defines) is None:
+        return False
+    torch.library.register_fake("bitnet_ao::packed_linear_cpu")(_packed_linear_fake)
+    return True
+
+
+def _packed_linear_fake(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_eps: float,
+    b_packed: Tensor,
+    k: int,
+    bits: int,
+    scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    return x.new_empty((x.shape[0], b_packed.shape[0]), dtype=out_dtype)
+
+
+def applies(x: Tensor, k: int) -> bool:
+    """Whether the decode linear takes ``x``: a CPU input of at most ``cpu_gemv.MAX_M`` rows whose quantization the
+    training forward runs eagerly (``torch_backend.packed_linear``'s condition: the same numbers)."""
+    return cpu_gemv.applies(x, k, True) and x.numel() < COMPILE_MIN_NUMEL and x.dtype in _DTYPES
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -1,0 +1,287 @@
+/* The scaled int8 matmul of a BitNet linear's ternary operand with AVX-512 VNNI, its epilogue fused: the int32 sums of
+ * a tile stay in registers and leave as the output dtype, never written to memory as int32 (route "vnni").
+ *
+ * a (M, K) int8 rows times b (K, N) ternary. vpdpbusd multiplies unsigned by signed bytes, so b is packed as b + 1
+ * (0, 1, 2) and each row's sum of a is subtracted again: sum (b + 1) a - sum a = sum b a, exact in int32 (each
+ * vpdpbusd adds four products of at most 255 * 128 without saturation). The packed b is laid out for the kernel:
+ * panels of 64 columns, in each panel groups of 4 rows of b, 64 x 4 bytes per group (one zmm: column j's 4 values
+ * at bytes 4j .. 4j + 3), zero past K and N. The epilogue is cpu_rows.h's scale_row on each tile row, the same
+ * float operations as reference.scale_output. Rows are split over `threads` OpenMP threads. */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "cpu_rows.h"
+
+enum { PANEL = 64, GROUP = 4, ROWS = 6 };
+/* 4 bytes of a row, read as one int32 wherever they lie. */
+typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
+
+int bitnet_vnni_available(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Bytes of the packed b of a (K, N) operand. */
+int64_t bitnet_vnni_packed_size(int64_t K, int64_t N) {
+    return ((N + PANEL - 1) / PANEL) * ((K + GROUP - 1) / GROUP) * PANEL * GROUP;
+}
+
+/* Each byte of x plus one, without carries between bytes (x's bytes are -1, 0 or 1). */
+static inline uint32_t bytes_plus_one(uint32_t x) { return ((x & 0x7f7f7f7fu) + 0x01010101u) ^ (x & 0x80808080u); }
+
+/* Pack the ternary b (K, N), element (k, n) at b[k * sk + n * sn], as described above: four bytes (one int32) at a
+ * time where b is contiguous along K (the forward's W.T) or along N (grad_input's W), else byte by byte. */
+void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, uint8_t* packed,
+                      int64_t threads) {
+    const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+    for (int64_t p = 0; p < panels; ++p) {
+        uint32_t* dst = (uint32_t*)(packed + p * groups * PANEL * GROUP);
+        const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+        for (int64_t g = 0; g < groups; ++g) {
+            uint32_t* out = dst + g * PANEL;
+            const int64_t k0 = g * GROUP;
+            if (k0 + GROUP <= K && sk == 1) {
+                for (int64_t j = 0; j < cols; ++j) {
+                    uint32_t v;
+                    memcpy(&v, b + k0 + (p * PANEL + j) * sn, 4);
+                    out[j] = bytes_plus_one(v);
+                }
+            } else if (k0 + GROUP <= K && sn == 1) {
+                const uint8_t* r0 = (const uint8_t*)b + k0 * sk + p * PANEL;
+                const uint8_t *r1 = r0 + sk, *r2 = r1 + sk, *r3 = r2 + sk;
+                for (int64_t j = 0; j < cols; ++j)
+                    out[j] = (uint32_t)(uint8_t)(r0[j] + 1) | (uint32_t)(uint8_t)(r1[j] + 1) << 8 |
+                             (uint32_t)(uint8_t)(r2[j] + 1) << 16 | (uint32_t)(uint8_t)(r3[j] + 1) << 24;
+            } else {
+                for (int64_t j = 0; j < cols; ++j) {
+                    uint8_t v[GROUP] = {0};
+                    for (int64_t t = 0; t < GROUP && k0 + t < K; ++t)
+                        v[t] = (uint8_t)(b[(k0 + t) * sk + (p * PANEL + j) * sn] + 1);
+                    memcpy(out + j, v, 4);
+                }
+            }
+            for (int64_t j = cols; j < PANEL; ++j) out[j] = 0;
+        }
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* The int32 sums of ROWS rows (r: their starts) against the first `groups` groups of one panel, into tile (ROWS x
+ * PANEL, row-major), each minus its row's sum (sums: ROWS values). The 24 accumulators are named one by one: with an
+ * array of them, or with the subtraction done on them, GCC 12 keeps them in memory and the loop runs at half speed. */
+#define BITNET_VNNI_ROW(i)                                                                                          \
+    a = _mm512_set1_epi32(*(const unaligned_i32*)(r##i + k));                                                       \
+    c##i##0 = _mm512_dpbusd_epi32(c##i##0, b0, a);                                                                  \
+    c##i##1 = _mm512_dpbusd_epi32(c##i##1, b1, a);                                                                  \
+    c##i##2 = _mm512_dpbusd_epi32(c##i##2, b2, a);                                                                  \
+    c##i##3 = _mm512_dpbusd_epi32(c##i##3, b3, a);
+#define BITNET_VNNI_STORE(i)                                                                                        \
+    _mm512_storeu_si512(tile + i * PANEL, c##i##0);                                                                 \
+    _mm512_storeu_si512(tile + i * PANEL + 16, c##i##1);                                                            \
+    _mm512_storeu_si512(tile + i * PANEL + 32, c##i##2);                                                            \
+    _mm512_storeu_si512(tile + i * PANEL + 48, c##i##3);
+static __attribute__((noinline)) void tile_sums(const int8_t* const* r, int64_t groups, const uint8_t* panel,
+                                                const int32_t* sums, int32_t* tile) {
+    const int8_t *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5];
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00;
+    __m512i c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+    __m512i c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+    const uint8_t* bp = panel;
+    for (int64_t k = 0; k < groups * GROUP; k += GROUP, bp += PANEL * GROUP) {
+        const __m512i b0 = _mm512_loadu_si512(bp), b1 = _mm512_loadu_si512(bp + 64);
+        const __m512i b2 = _mm512_loadu_si512(bp + 128), b3 = _mm512_loadu_si512(bp + 192);
+        __m512i a;
+        BITNET_VNNI_ROW(0) BITNET_VNNI_ROW(1) BITNET_VNNI_ROW(2) BITNET_VNNI_ROW(3) BITNET_VNNI_ROW(4) BITNET_VNNI_ROW(5)
+    }
+    BITNET_VNNI_STORE(0) BITNET_VNNI_STORE(1) BITNET_VNNI_STORE(2) BITNET_VNNI_STORE(3) BITNET_VNNI_STORE(4)
+    BITNET_VNNI_STORE(5)
+    for (int i = 0; i < ROWS; ++i) /* apart from the accumulators: GCC 12 then keeps them all in registers */
+        for (int j = 0; j < PANEL; ++j) tile[i * PANEL + j] -= sums[i];
+}
+#undef BITNET_VNNI_ROW
+#undef BITNET_VNNI_STORE
+
+/* Add the last, partial group of K (tail bytes of each row at r[i] + k; its packed bytes past K are zero) to tile:
+ * apart from tile_sums so that its hot loop never reads past a row. */
+static void tile_tail(const int8_t* const* r, int64_t k, int64_t tail, const uint8_t* group, int32_t* tile) {
+    for (int i = 0; i < ROWS; ++i) {
+        int32_t v = 0;
+        memcpy(&v, r[i] + k, (size_t)tail);
+        const __m512i ai = _mm512_set1_epi32(v);
+        for (int j = 0; j < 4; ++j) {
+            int32_t* t = tile + i * PANEL + j * 16;
+            const __m512i b = _mm512_loadu_si512(group + j * 64);
+            _mm512_storeu_si512(t, _mm512_dpbusd_epi32(_mm512_loadu_si512(t), b, ai));
+        }
+    }
+}
+
+/* The context of one scaled product: a (M, K) int8 rows lda apart with their row sums, the output and the epilogue's
+ * factors (row_scale (M), col_scale (N), the scalar scale, bias (N floats of the output dtype), each optional: NULL);
+ * out_code 3 writes the int32 sums, 0 / 1 / 2 reference.scale_output of them as float32 / bfloat16 / float16. */
+typedef struct {
+    const int8_t* a;
+    int64_t lda, M, K, N;
+    const int32_t* row_sums;
+    const float *row_scale, *col_scale, *scale, *bias;
+    int64_t out_code;
+    void* out;
+} product;
+
+/* Rows m0 .. m0 + ROWS (fewer at the end) of the product against one packed panel (columns n0 ..), written out.
+ * tile: ROWS x PANEL int32, y: PANEL floats of scratch. */
+static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel, int64_t n0, int32_t* tile,
+                              float* y) {
+    const int64_t rows = c->M - m0 < ROWS ? c->M - m0 : ROWS, cols = c->N - n0 < PANEL ? c->N - n0 : PANEL;
+    const int8_t* r[ROWS]; /* a block of fewer rows repeats its last row */
+    int32_t sums[ROWS];
+    for (int i = 0; i < ROWS; ++i) {
+        const int64_t m = m0 + (i < rows ? i : rows - 1);
+        r[i] = c->a + m * c->lda;
+        sums[i] = c->row_sums[m];
+    }
+    const int64_t K = c->K;
+    tile_sums(r, K / GROUP, panel, sums, tile);
+    if (K % GROUP) tile_tail(r, K / GROUP * GROUP, K % GROUP, panel + K / GROUP * PANEL * GROUP, tile);
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t m = m0 + i;
+        if (c->out_code == 3) {
+            memcpy((int32_t*)c->out + m * c->N + n0, tile + i * PANEL, (size_t)cols * sizeof(int32_t));
+            continue;
+        }
+        scale_row(tile + i * PANEL, 0, c->row_scale != NULL ? c->row_scale + m : NULL,
+                  c->col_scale != NULL ? c->col_scale + n0 : NULL, c->scale, c->bias != NULL ? c->bias + n0 : NULL,
+                  c->out_code, c->out, m * c->N + n0, cols, y);
+    }
+}
+
+/* Fill a product's row sums and the bias as floats; nonzero when out of memory. */
+static int product_setup(product* c, const void* bias, int64_t threads, int32_t** row_sums, float** b) {
+    *row_sums = (int32_t*)malloc((size_t)(c->M > 0 ? c->M : 1) * sizeof(int32_t));
+    *b = NULL;
+    if (bias != NULL) {
+        *b = (float*)malloc((size_t)(c->N > 0 ? c->N : 1) * sizeof(float));
+        if (*b != NULL) load_row(bias, 0, c->N, c->out_code, *b);
+    }
+    if (*row_sums == NULL || (bias != NULL && *b == NULL)) {
+        free(*row_sums);
+        free(*b);
+        return 1;
+    }
+    const int8_t* a = c->a;
+    const int64_t lda = c->lda, K = c->K;
+    int32_t* sums = *row_sums;
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+    for (int64_t m = 0; m < c->M; ++m) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) s += a[m * lda + k];
+        sums[m] = s;
+    }
+    c->row_sums = sums;
+    c->bias = *b;
+    return 0;
+}
+#endif
+
+/* a (M, K) int8, rows lda apart, times the packed ternary b (K, N) (bitnet_vnni_pack): out_code and the factors as
+ * in `product`. Row blocks are split over `threads` OpenMP threads, each running every panel. Returns nonzero when
+ * out of memory, or when the CPU build has no VNNI. */
+int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* packed, int64_t N,
+                          const float* row_scale, const float* col_scale, const float* scale, const void* bias,
+                          int64_t out_code, void* out, int64_t threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    product c = {a, lda, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
+    int32_t* row_sums;
+    float* b;
+    if (product_setup(&c, bias, threads, &row_sums, &b)) return 1;
+    const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
+    int failed = 0;
+#pragma omp parallel num_threads((int)threads)
+    {
+        int32_t* tile = (int32_t*)malloc(ROWS * PANEL * sizeof(int32_t));
+        float* y = (float*)malloc(PANEL * sizeof(float));
+        if (tile == NULL || y == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        const int64_t blocks = (M + ROWS - 1) / ROWS;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            if (tile == NULL || y == NULL) continue;
+            for (int64_t p = 0; p < panels; ++p)
+                block_times_panel(&c, blk * ROWS, packed + p * groups * PANEL * GROUP, p * PANEL, tile, y);
+        }
+        free(tile);
+        free(y);
+    }
+    free(row_sums);
+    free(b);
+    return failed;
+#else
+    (void)a, (void)lda, (void)M, (void)K, (void)packed, (void)N, (void)row_scale, (void)col_scale, (void)scale;
+    (void)bias, (void)out_code, (void)out, (void)threads;
+    return 1;
+#endif
+}
+
+/* a (M, K) int8 times B.T for a weight B (N, K) packed two bits per value along K (reference.pack_i2_in_i8: rows of
+ * ldb bytes, value 4j + i in bits 2i .. 2i + 1 of byte j, two's complement), the packed inference weight: the same
+ * product as bitnet_vnni_scaled_mm of its unpacked values. Each thread expands whole panels of B into the kernel's
+ * layout (a table maps a byte's four codes to four bytes of value + 1) and runs every row block against each, so B
+ * is never unpacked as a whole: reading it costs 1/4 byte per value, and nothing is kept between calls. */
+int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* b_packed, int64_t ldb,
+                             int64_t N, const float* row_scale, const float* col_scale, const float* scale,
+                             const void* bias, int64_t out_code, void* out, int64_t threads) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    product c = {a, lda, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
+    int32_t* row_sums;
+    float* b;
+    if (product_setup(&c, bias, threads, &row_sums, &b)) return 1;
+    uint32_t expand[256]; /* four 2-bit two's-complement codes -> four bytes of value + 1 (-1 -> 0, 0 -> 1, 1 -> 2) */
+    for (int v = 0; v < 256; ++v) {
+        uint32_t e = 0;
+        for (int i = 0; i < 4; ++i) e |= (uint32_t)((((v >> (2 * i)) & 3) + 1) & 3) << (8 * i);
+        expand[v] = e;
+    }
+    const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
+    const int64_t blocks = (M + ROWS - 1) / ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads((int)threads)
+    {
+        int32_t* tile = (int32_t*)malloc(ROWS * PANEL * sizeof(int32_t));
+        float* y = (float*)malloc(PANEL * sizeof(float));
+        uint32_t* panel = (uint32_t*)malloc((size_t)(groups > 0 ? groups : 1) * PANEL * sizeof(uint32_t));
+        if (tile == NULL || y == NULL || panel == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < panels; ++p) {
+            if (tile == NULL || y == NULL || panel == NULL) continue;
+            const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+            for (int64_t j = 0; j < cols; ++j) {
+                const uint8_t* row = b_packed + (p * PANEL + j) * ldb;
+                for (int64_t g = 0; g < groups; ++g) panel[g * PANEL + j] = expand[row[g]];
+            }
+            for (int64_t j = cols; j < PANEL; ++j)
+                for (int64_t g = 0; g < groups; ++g) panel[g * PANEL + j] = 0;
+            for (int64_t blk = 0; blk < blocks; ++blk)
+                block_times_panel(&c, blk * ROWS, (const uint8_t*)panel, p * PANEL, tile, y);
+        }
+        free(tile);
+        free(y);
+        free(panel);
+    }
+    free(row_sums);
+    free(b);
+    return failed;
+#else
+    (void)a, (void)lda, (void)M, (void)K, (void)b_packed, (void)ldb, (void)N, (void)row_scale, (void)col_scale;
+    (void)scale, (void)bias, (void)out_code, (void)out, (void)threads;
+    return 1;
+#endif
+}

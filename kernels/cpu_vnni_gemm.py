@@ -1,0 +1,147 @@
+"""The ternary-operand int8 matmul with AVX-512 VNNI and its epilogue fused (``cpu_vnni_gemm.c``): route ``"vnni"``.
+
+``torch._int_mm`` writes its int32 product to memory, and the epilogue reads it back to scale it: 6 bytes of traffic
+per output element besides the GEMM, and on a Zen 4 the epilogue of a 2048 x 2816 product cost as much as a copy of
+those bytes (~0.7 ms against a ~14 ms GEMM). This kernel scales each tile while its sums are still in registers. The
+ternary operand is packed for ``vpdpbusd`` on every call (shifted by one to unsigned bytes; the row sums of the
+other operand undo the shift exactly), and the epilogue is ``cpu_rows.h``'s, the reference's float operations.
+
+Built for this CPU on first use (``cpu_build.py``); :func:`available` is false where the build has no VNNI.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import cpu_build
+
+SOURCE = Path(__file__).with_name("cpu_vnni_gemm.c")
+#: The output codes of the C entry point: cpu_rows.h's dtype codes, and 3 for the raw int32 sums.
+_OUT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    library = cpu_build.load(SOURCE)
+    if library is None or not library.bitnet_vnni_available():
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    library.bitnet_vnni_packed_size.argtypes = [i, i]
+    library.bitnet_vnni_packed_size.restype = i
+    library.bitnet_vnni_pack.argtypes = [p, i, i, i, i, p, i]
+    library.bitnet_vnni_pack.restype = None
+    library.bitnet_vnni_scaled_mm.argtypes = [p, i, i, i, p, i, p, p, p, p, i, p, i]
+    library.bitnet_vnni_scaled_mm.restype = ctypes.c_int
+    library.bitnet_vnni_scaled_mm_i2.argtypes = [p, i, i, i, p, i, i, p, p, p, p, i, p, i]
+    library.bitnet_vnni_scaled_mm_i2.restype = ctypes.c_int
+    return library
+
+
+def available() -> bool:
+    """Whether the kernel is built for this CPU (AVX-512 VNNI and a C compiler; building it on the first call)."""
+    return _library() is not None
+
+
+def epilogue_applies(
+    row_scale: Tensor | None, col_scale: Tensor | None, scale: Tensor | None, out_dtype: torch.dtype
+) -> bool:
+    """Whether the fused epilogue computes ``reference.scale_output`` for these factors: float32 scales (a scalar
+    ``scale``) and a float32 / bfloat16 / float16 output, as ``cpu_passes.scale_output`` takes them."""
+    scales = [s for s in (row_scale, col_scale, scale) if s is not None]
+    return (
+        out_dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and all(s.dtype == torch.float32 for s in scales)
+        and (scale is None or scale.numel() == 1)
+    )
+
+
+def scaled_mm(
+    a: Tensor,
+    b: Tensor,
+    row_scale: Tensor | None = None,
+    col_scale: Tensor | None = None,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.int32,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``reference.scale_output(a @ b, row_scale, col_scale, scale, bias, out_dtype)`` for int8 ``a (M, K)`` and
+    ternary int8 ``b (K, N)`` (any strides); ``out_dtype=torch.int32`` returns the exact sums unscaled (into ``out``
+    where given: a contiguous ``(M, N)`` int32 tensor)."""
+    library = _loaded()
+    a = _rows(a)
+    m, k = a.shape
+    n = b.shape[1]
+    packed = torch.empty(library.bitnet_vnni_packed_size(k, n), dtype=torch.uint8)
+    library.bitnet_vnni_pack(b.data_ptr(), b.stride(0), b.stride(1), k, n, packed.data_ptr(), torch.get_num_threads())
+    return _run(library.bitnet_vnni_scaled_mm, a, (packed.data_ptr(), n), n, row_scale, col_scale, scale, bias,
+                out_dtype, out)  # fmt: skip
+
+
+def scaled_mm_i2(
+    a: Tensor,
+    b_packed: Tensor,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """:func:`scaled_mm` of ``a (M, K)`` and ``B.T`` for the ternary weight ``B (N, K)`` packed two bits per value
+    (``reference.pack_weight(B, 2)``, ``(N, ceil(K / 4))``), reading the packed bytes: the prefill of a packed
+    inference weight, with nothing unpacked or cached."""
+    library = _loaded()
+    a = _rows(a)
+    b_packed = b_packed.contiguous()
+    n = b_packed.shape[0]
+    return _run(library.bitnet_vnni_scaled_mm_i2, a, (b_packed.data_ptr(), b_packed.shape[1], n), n, row_scale,
+                col_scale, scale, bias, out_dtype, None)  # fmt: skip
+
+
+def _loaded() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError("bitnet_ao: the vnni route needs a CPU with AVX-512 VNNI and a working C compiler")
+    return library
+
+
+def _rows(a: Tensor) -> Tensor:
+    """``a`` as the kernels read it: rows of contiguous values, any distance apart."""
+    return a if a.stride(1) == 1 and a.stride(0) >= a.shape[1] else a.contiguous()
+
+
+def _run(
+    entry,
+    a: Tensor,
+    b_args: tuple[int, ...],
+    n: int,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    out: Tensor | None,
+) -> Tensor:
+    """Call a C entry point ``(a, lda, M, K, *b_args, N, row_scale, col_scale, scale, bias, out_code, out,
+    threads)`` and return its output."""
+    m, k = a.shape
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype)
+    scales = [t.float().contiguous() if t is not None else None for t in (row_scale, col_scale, scale)]
+    bias = bias.to(out_dtype).contiguous() if bias is not None else None
+    # A C call, no aten op: the range lets a profile count the GEMM (with its fused epilogue) apart from the packing
+    # (the step profile of benchmarks/step_profile.py).
+    with torch.profiler.record_function("bitnet_ao.gemm:vnni"):
+        failed = entry(
+            a.data_ptr(), a.stride(0), m, k, *b_args,
+            *(t.data_ptr() if t is not None else None for t in scales), bias.data_ptr() if bias is not None else None,
+            _OUT_CODES[out_dtype], out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    if failed:
+        raise MemoryError(f"bitnet_ao vnni matmul: out of memory for ({m}, {k}) @ ({k}, {n})")
+    return out
