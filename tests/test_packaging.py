@@ -179,3 +179,16 @@ def test_no_benchmark_module_shadows_an_installed_package():
     installed |= set(sys.stdlib_module_names)
     ours = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__"}
     assert not ours & installed, f"benchmarks/ modules named like installed packages: {sorted(ours & installed)}"
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """The C/C++ sources and headers compiled on first use are package data: a file in ``kernels/`` that no pattern
+    of ``[tool.setuptools.package-data]`` matches would be missing from an installed wheel, and its kernels would
+    silently fall back to torch there."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = patterns["bitnet_ao.kernels"]
+    sources = [p.name for p in (ROOT / "kernels").iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
+    assert sources and all(any(fnmatch.fnmatch(name, pat) for pat in shipped) for name in sources), (sources, shipped)
