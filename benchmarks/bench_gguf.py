@@ -21,7 +21,9 @@ every core): ``torch.set_num_threads(T)`` and llama.cpp's ``n_threads``.
 - Prefill: ``--prompt`` tokens (512) in one forward into an empty KV cache, the last position's logits read back
   (bitnet_ao: ``model(prompt, cache=...)``, the cache allocated once; llama.cpp: ``llm.reset(); llm.eval(...)``).
 - Decode: ``--new-tokens`` (128) greedy steps from an empty cache, one token per forward, argmax of the logits
-  fed back (bitnet_ao: ``model.generate``; llama.cpp: ``llm.eval([token])`` in a loop).
+  fed back (bitnet_ao: ``model.generate`` with the decode step exported and compiled ahead of time,
+  ``model.PackagedDecodeStep``; the ``torch.compile`` step and the eager one are printed below the table;
+  llama.cpp: ``llm.eval([token])`` in a loop).
 - Tokens/s are medians over ``--iters`` runs after one warmup; the ratio columns are bitnet_ao's tokens/s over
   each row's (above 1: bitnet_ao is faster). llama.cpp's own timer (``llama_perf_context``: the time inside
   ``llama_decode``, without the Python binding) is shown beside the wall clock.
@@ -60,7 +62,7 @@ from benchmarks import hardware, report
 from benchmarks.bench_inference import block_linears, block_weight_bytes, build_variants
 from benchmarks.data import VOCAB_SIZE
 from benchmarks.llama_cpp_runs import llama_generate, llama_prefill, llama_timer, load_llama, logits_error
-from benchmarks.model import KVCache, ModelConfig, generate
+from benchmarks.model import CompiledDecodeStep, KVCache, ModelConfig, PackagedDecodeStep, generate
 from benchmarks.presets import GGUF_PRESETS as PRESETS
 from benchmarks.timing import measure
 
@@ -194,16 +196,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: bitnet_ao's decode steps as the report names them.
+DECODE_STEPS = {
+    "packaged": "AOTInductor package (model.PackagedDecodeStep, the table's row)",
+    "compiled": "torch.compile (model.CompiledDecodeStep)",
+    "eager": "eager",
+}
+
+
 def time_variants(
-    packed: nn.Module, llms: dict, prompt: Tensor, cache: KVCache, args: argparse.Namespace
-) -> tuple[list[float], list[float], dict[str, dict[str, list[float]]]]:
-    """Median wall seconds of a prefill and of a decode run of bitnet_ao packed, then of each llama.cpp file, the
-    variants in turn; and llama.cpp's own tokens/s of the timed calls, by file and kind."""
+    packed: nn.Module, steps: dict, llms: dict, prompt: Tensor, cache: KVCache, args: argparse.Namespace
+) -> tuple[list[float], list[float], list[float], dict[str, dict[str, list[float]]]]:
+    """Median wall seconds of a prefill and of a decode run of bitnet_ao packed (its decode through the first of
+    ``steps``), then of each llama.cpp file, the variants in turn; the decode seconds of every one of ``steps``; and
+    llama.cpp's own tokens/s of the timed calls, by file and kind."""
     tokens = prompt[0].tolist()
     dtype = getattr(torch, args.dtype)
     perf: dict[str, dict[str, list[float]]] = {kind: {"prefill": [], "decode": []} for kind in llms}
     prefills: list[Callable[[], object]] = [functools.partial(prefill, packed, prompt, cache)]
-    decodes: list[Callable[[], object]] = [functools.partial(generate, packed, prompt[:, :1], args.new_tokens, dtype)]
+    decodes: list[Callable[[], object]] = [
+        functools.partial(generate, packed, prompt[:, :1], args.new_tokens, dtype, step) for step in steps.values()
+    ]
     for kind, llm in llms.items():
         run_prefill = functools.partial(llama_prefill, llm, tokens)
         run_decode = functools.partial(llama_generate, llm, tokens[:1], args.new_tokens)
@@ -214,7 +227,8 @@ def time_variants(
     t_decode = measure(*decodes, warmup=1, iters=args.iters, after=settle)
     for figures in perf.values():  # drop the warmup call's figure, as measure does
         figures["prefill"], figures["decode"] = figures["prefill"][1:], figures["decode"][1:]
-    return t_prefill, t_decode, perf
+    ours = len(steps)
+    return t_prefill, [t_decode[0], *t_decode[ours:]], t_decode[:ours], perf
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -242,15 +256,32 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as folder:
         files = export_ggufs(packed, Path(folder))
         llms = {kind: load_llama(path, args.threads, config.max_seq_len) for kind, path in files.items()}
-        t_prefill, t_decode, perf = time_variants(packed, llms, prompt, cache, args)
-        # Checks: packed = training (bit-exact); llama.cpp's logits close to bitnet_ao's.
-        same_tokens = torch.equal(
-            generate(packed, prompt[:, :1], args.new_tokens, dtype),
-            generate(training, prompt[:, :1], args.new_tokens, dtype),
-        )
+        # bitnet_ao's decode steps, the fastest first: it is the table's row (model.py).
+        steps = {
+            "packaged": PackagedDecodeStep.package(packed, Path(folder) / "decode.pt2", dtype=dtype),
+            "compiled": CompiledDecodeStep(packed),
+            "eager": None,
+        }
+        t_prefill, t_decode, t_steps, perf = time_variants(packed, steps, llms, prompt, cache, args)
+        # Checks: packed = training (bit-exact), every decode step = eager; llama.cpp's logits close to bitnet_ao's.
+        eager_tokens = generate(packed, prompt[:, :1], args.new_tokens, dtype)
+        same_tokens = torch.equal(eager_tokens, generate(training, prompt[:, :1], args.new_tokens, dtype))
         reference = prefill(packed, prompt, cache)
         runs = [
-            {"name": BITNET, "block_weight_bytes": block_weight_bytes(packed), "same_tokens_as_training": same_tokens}
+            {
+                "name": BITNET,
+                "block_weight_bytes": block_weight_bytes(packed),
+                "same_tokens_as_training": same_tokens,
+                "decode_steps": {
+                    name: {
+                        "tokens_per_s": args.new_tokens / seconds,
+                        "same_tokens_as_eager": torch.equal(
+                            generate(packed, prompt[:, :1], args.new_tokens, dtype, step), eager_tokens
+                        ),
+                    }
+                    for (name, step), seconds in zip(steps.items(), t_steps, strict=True)
+                },
+            }
         ]
         for kind, llm in llms.items():
             err, top1 = logits_error(reference, llama_prefill(llm, tokens))
@@ -283,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
         "same calls (llama_perf_context); logits err: relative L2 error against bitnet_ao's last-position logits"
     )
     print(f"packed and training weights generate the same tokens: {'yes' if same_tokens else 'NO'}")
+    for name, step in runs[0]["decode_steps"].items():
+        same = "yes" if step["same_tokens_as_eager"] else "NO"
+        print(f"bitnet_ao decode, {DECODE_STEPS[name]}: {step['tokens_per_s']:.1f} tokens/s, the eager tokens: {same}")
     notes = {
         "bitnet_ao_speedup": "bitnet_ao packed tokens/s over this row's (above 1: bitnet_ao faster), wall clock",
         "tokens_per_s": f"median of {args.iters} runs after 1 warmup, variants in turn (timing.measure), wall clock "

@@ -13,8 +13,11 @@ quantized, and a tied head would make the embedding table a quantization target 
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Self
 
 import torch
 import torch.nn.functional as F
@@ -176,15 +179,103 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+#: inductor's options for :func:`compiled_decode_step`: its C++ wrapper calls every kernel and every operator
+#: registered in C++ (bitnet_ao's packed decode linear) without Python, and it rounds each intermediate to its dtype
+#: as eager does, so that the compiled step decodes the eager step's tokens.
+DECODE_COMPILE_OPTIONS = {"cpp_wrapper": True, "emulate_precision_casts": True}
+
+
+class CompiledDecodeStep:
+    """``model(token, cache=cache)`` for one token per sequence through ``torch.compile``: gpt-fast's compiled decode
+    step, one graph with the cache length symbolic (:data:`DECODE_COMPILE_OPTIONS`), for :func:`generate`.
+
+    Once a step has run for a batch size and dtype, later steps of that signature skip dynamo's guard evaluation
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): a decode step's guards cost a tenth of a packed
+    model's token, and the signature is what they check here (the model is this one, the cache shapes follow from
+    it). Any other signature runs with its guards, and compiles its own graph."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.compiled = torch.compile(model, fullgraph=True, dynamic=True, options=DECODE_COMPILE_OPTIONS)
+        self.calls: Counter[tuple] = Counter()
+
+    def __call__(self, token: Tensor, cache: KVCache) -> Tensor:
+        signature = (token.shape, token.device, cache.keys[0].dtype)
+        self.calls[signature] += 1
+        if self.calls[signature] <= 2:  # compiling: a first step at length 1 gets a graph of its own (0/1 sizes)
+            return self.compiled(token, cache=cache)
+        # With several graphs dynamo still checks the guards that tell them apart.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return self.compiled(token, cache=cache)
+
+
+class ExportableDecodeStep(nn.Module):
+    """The decode step as ``torch.export`` takes it: tensors in, logits out, no Python object. ``position`` is a
+    0-d int64 tensor (the cache length, at least 1: a prompt came first), ``keys`` / ``values`` the cache's
+    per-layer buffers, written in place."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: Tensor, position: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
+        start = position.item()
+        torch._check(start >= 1)
+        torch._check(start < self.model.config.max_seq_len)
+        cache = KVCache.__new__(KVCache)  # the buffers given, not new ones
+        cache.keys, cache.values, cache.length = keys, values, start
+        return self.model(token, cache=cache)
+
+
+class PackagedDecodeStep:
+    """A decode step exported and compiled ahead of time into a ``.pt2`` package (AOTInductor): no dynamo, no
+    guards, no tensor subclass at run time; the C++ runner calls every kernel and bitnet_ao's packed decode linear
+    (registered in C++) itself. :func:`generate` takes it as ``step``; ``path`` is a file ``aoti_load_package``
+    loads anywhere the same torch and bitnet_ao run, also in a process that never built the model."""
+
+    def __init__(self, path: str | Path) -> None:
+        from bitnet_ao.kernels import cpu_ops
+
+        cpu_ops.available()  # the package calls bitnet_ao's C++ operators: registered (built if need be) first
+        self.path = Path(path)
+        self.runner = torch._inductor.aoti_load_package(str(self.path))
+
+    @classmethod
+    def package(cls, model: Transformer, path: str | Path, batch: int = 1, dtype: torch.dtype | None = None) -> Self:
+        """Export ``model``'s decode step for ``batch`` sequences and a cache in ``dtype`` (default the output
+        head's), compile it with AOTInductor into ``path``, and load it."""
+        dtype = dtype or model.output.weight.dtype
+        device = model.output.weight.device
+        cache = KVCache(model.config, batch, dtype, device)
+        example = (torch.zeros(batch, 1, dtype=torch.long, device=device), torch.tensor(1), cache.keys, cache.values)
+        with torch.no_grad():
+            program = torch.export.export(ExportableDecodeStep(model), example, strict=False)
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(path), inductor_configs={"emulate_precision_casts": True}
+            )
+        return cls(path)
+
+    def __call__(self, token: Tensor, cache: KVCache) -> Tensor:
+        logits = self.runner(token, torch.tensor(cache.length), cache.keys, cache.values)
+        cache.length += 1
+        return logits
+
+
 @torch.inference_mode()
-def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """Greedy decoding through a :class:`KVCache`: the prompt in one forward, then one token per forward (the
-    benchmarks' generation, and the evaluation-time sample of ``pretrain.py``)."""
+def generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    dtype: torch.dtype,
+    step: Callable[[Tensor, KVCache], Tensor] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding through a :class:`KVCache`: the prompt in one forward, then one token per ``step`` (default
+    ``model(token, cache=cache)``; a :class:`CompiledDecodeStep`, or a :class:`PackagedDecodeStep` run by
+    AOTInductor). The benchmarks' generation, and the evaluation-time sample of ``pretrain.py``."""
     cache = KVCache(model.config, prompt.shape[0], dtype, prompt.device)
     token = model(prompt, cache=cache)[:, -1:].argmax(-1)
     out = [token]
     for _ in range(new_tokens - 1):
-        token = model(token, cache=cache)[:, -1:].argmax(-1)
+        token = (step(token, cache) if step is not None else model(token, cache=cache))[:, -1:].argmax(-1)
         out.append(token)
     return torch.cat(out, dim=1)
 

@@ -123,6 +123,39 @@ static void dots_packed_ternary(const uint8_t* row, const int8_t* x0, int64_t kp
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define FUSED_TERNARY_DOTS 1
+/* The same with AVX-512 VNNI: 64 packed bytes (256 values) per step, each plane decoded in registers and multiplied
+ * by vpdpbusd (u8 codes x s8 activations, four products per int32 lane, no saturation), one accumulator per
+ * activation row and plane so that no dpbusd waits for another; the row's last bytes by masked loads (a masked
+ * weight byte decodes to u = 1 but meets a zero activation). The compiler's code for the decoded-row loop of
+ * dots_u8s8 ran the 2816 x 1024 decode matmul at ~20 GMAC/s per core on a Zen 4; this one reads the packed row once. */
+static void dots_packed_ternary(const uint8_t* row, const int8_t* x0, int64_t kp, int64_t kk, int rows,
+                                int32_t* dots) {
+    const __m512i one8 = _mm512_set1_epi8(1), three = _mm512_set1_epi8(3);
+    __m512i s[4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int plane = 0; plane < 4; ++plane) s[i][plane] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < kp; j += 64) {
+        const __mmask64 mask = j + 64 <= kp ? ~(__mmask64)0 : (((__mmask64)1 << (kp - j)) - 1);
+        const __m512i p = _mm512_maskz_loadu_epi8(mask, row + j);
+        const __m512i w[4] = {
+            _mm512_and_si512(_mm512_add_epi8(p, one8), three),
+            _mm512_and_si512(_mm512_add_epi8(_mm512_srli_epi16(p, 2), one8), three),
+            _mm512_and_si512(_mm512_add_epi8(_mm512_srli_epi16(p, 4), one8), three),
+            _mm512_and_si512(_mm512_add_epi8(_mm512_srli_epi16(p, 6), one8), three),
+        };
+        for (int i = 0; i < rows; ++i)
+            for (int plane = 0; plane < 4; ++plane)
+                s[i][plane] = _mm512_dpbusd_epi32(
+                    s[i][plane], w[plane], _mm512_maskz_loadu_epi8(mask, x0 + i * kk + plane * kp + j));
+    }
+    for (int i = 0; i < rows; ++i)
+        dots[i] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s[i][0], s[i][1]),
+                                                           _mm512_add_epi32(s[i][2], s[i][3])));
+}
+#endif
+
 #ifndef FUSED_TERNARY_DOTS
 #define FUSED_TERNARY_DOTS 0
 #endif
@@ -241,12 +274,13 @@ void bitnet_unpack(const uint8_t* packed, int8_t* out, int64_t N, int64_t K, int
  * rstd the caller computed (with torch, so it is the same float as the training forward's). Every float
  * operation is the one bitnet_ao.kernels.reference performs, in the same order and rounding (built with
  * -ffp-contract=off), so the outputs equal the training forward's bit for bit. Dtype codes: 0 float32,
- * 1 bfloat16, 2 float16. */
+ * 1 bfloat16, 2 float16. x is stored in x_in_code's dtype (read exactly as float), x_code is the dtype the norm's
+ * output is rounded to first (x's own, where x was given converted to float32). */
 
-int bitnet_packed_linear(const float* x, const float* rstd, const float* norm_weight, int64_t x_code,
-                         int64_t norm_code, double eps, const uint8_t* packed, float w_scale, const float* bias,
-                         int64_t out_code, void* out, int64_t M, int64_t N, int64_t K, int64_t kp, int64_t bits,
-                         int64_t threads) {
+int bitnet_packed_linear(const void* x, int64_t x_in_code, const float* rstd, const float* norm_weight,
+                         int64_t x_code, int64_t norm_code, double eps, const uint8_t* packed, float w_scale,
+                         const float* bias, int64_t out_code, void* out, int64_t M, int64_t N, int64_t K, int64_t kp,
+                         int64_t bits, int64_t threads) {
     int8_t* x_q = (int8_t*)malloc((size_t)(M * K > 0 ? M * K : 1));
     float* s_x = (float*)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
     float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
@@ -254,7 +288,7 @@ int bitnet_packed_linear(const float* x, const float* rstd, const float* norm_we
     int failed = x_q == NULL || s_x == NULL || y == NULL || acc == NULL;
     const float eps_f = (float)eps;
     for (int64_t m = 0; m < M && !failed; ++m) {
-        memcpy(y, x + m * K, (size_t)K * sizeof(float));
+        load_row(x, m * K, K, x_in_code, y);
         if (rstd != NULL) {
             for (int64_t k = 0; k < K; ++k) y[k] = y[k] * rstd[m] * norm_weight[k];
             round_row(y, K, x_code);

@@ -41,7 +41,8 @@ def _library() -> ctypes.CDLL | None:
     library.bitnet_unpack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
     library.bitnet_unpack.restype = None
     f = library.bitnet_packed_linear
-    f.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_void_p, ctypes.c_float]
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    f.argtypes += [ctypes.c_double, ctypes.c_void_p, ctypes.c_float]
     f.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
     f.restype = ctypes.c_int
     return library
@@ -125,7 +126,7 @@ def packed_linear(
     norm_weight = norm_weight.float().contiguous() if norm_weight is not None else None
     bias = bias.float().contiguous() if bias is not None else None
     failed = library.bitnet_packed_linear(
-        xf.data_ptr(), _ptr(rstd), _ptr(norm_weight), codes[0], codes[1], eps, b_packed.data_ptr(), float(scale),
+        xf.data_ptr(), 0, _ptr(rstd), _ptr(norm_weight), codes[0], codes[1], eps, b_packed.data_ptr(), float(scale),
         _ptr(bias), codes[2], out.data_ptr(), m, n, k, packed_columns(k, bits), bits, torch.get_num_threads(),
     )  # fmt: skip
     if failed:

@@ -13,10 +13,10 @@
 #include <cstdint>
 #include <optional>
 
-extern "C" int bitnet_packed_linear(const float* x, const float* rstd, const float* norm_weight, int64_t x_code,
-                                    int64_t norm_code, double eps, const uint8_t* packed, float w_scale,
-                                    const float* bias, int64_t out_code, void* out, int64_t M, int64_t N, int64_t K,
-                                    int64_t kp, int64_t bits, int64_t threads);
+extern "C" int bitnet_packed_linear(const void* x, int64_t x_in_code, const float* rstd, const float* norm_weight,
+                                    int64_t x_code, int64_t norm_code, double eps, const uint8_t* packed,
+                                    float w_scale, const float* bias, int64_t out_code, void* out, int64_t M,
+                                    int64_t N, int64_t K, int64_t kp, int64_t bits, int64_t threads);
 
 namespace {
 
@@ -52,22 +52,26 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor
     const int64_t x_code = code_of(x.scalar_type()), out_code = code_of(out_dtype);
     TORCH_CHECK(x_code >= 0 && out_code >= 0, "bitnet_ao.packed_linear_cpu: x and the output must be float32, bfloat16 "
                 "or float16, got ", x.scalar_type(), " and ", out_dtype);
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    std::optional<at::Tensor> rstd, gain;
+    // Every conversion below is skipped where the tensor already is what the C code reads: each is an operator call.
+    const at::Tensor xc = x.contiguous();
+    std::optional<at::Tensor> xf, rstd, gain;
     if (norm_weight.has_value()) {
-        rstd = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + norm_eps).contiguous();
+        xf = xc.to(at::kFloat);
+        rstd = at::rsqrt(xf->pow(2).mean(-1, /*keepdim=*/true) + norm_eps).contiguous();
         gain = norm_weight->to(at::kFloat).contiguous();
     }
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
                                                          : std::nullopt;
     const at::Tensor packed = b_packed.contiguous();
+    const float w_scale = scale.scalar_type() == at::kFloat && scale.is_cpu() ? *scale.const_data_ptr<float>()
+                                                                             : scale.item<float>();
     const int64_t m = x.size(0), n = packed.size(0);
     at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
+    const void* x_data = xf ? xf->const_data_ptr() : xc.const_data_ptr();
     const int failed = bitnet_packed_linear(
-        xf.data_ptr<float>(), rstd ? rstd->data_ptr<float>() : nullptr, gain ? gain->data_ptr<float>() : nullptr,
-        x_code, out_code, kActivationEps, reinterpret_cast<const uint8_t*>(packed.data_ptr<int8_t>()),
-        scale.item<float>(), b ? b->data_ptr<float>() : nullptr, out_code, out.data_ptr(), m, n, k, kp, bits,
-        at::get_num_threads());
+        x_data, xf ? 0 : x_code, rstd ? rstd->data_ptr<float>() : nullptr, gain ? gain->data_ptr<float>() : nullptr,
+        x_code, out_code, kActivationEps, reinterpret_cast<const uint8_t*>(packed.const_data_ptr<int8_t>()), w_scale,
+        b ? b->data_ptr<float>() : nullptr, out_code, out.data_ptr(), m, n, k, kp, bits, at::get_num_threads());
     TORCH_CHECK(!failed, "bitnet_ao.packed_linear_cpu: out of memory for (", m, ", ", k, ") @ (", n, ", ", k, ").T");
     return out;
 }

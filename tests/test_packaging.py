@@ -186,6 +186,7 @@ def test_every_kernel_source_ships_in_the_package():
     of ``[tool.setuptools.package-data]`` matches would be missing from an installed wheel, and its kernels would
     silently fall back to torch there."""
     import fnmatch
+
     import tomllib
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
