@@ -113,6 +113,29 @@ def build_bitnet(config: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, nn
 
 
 @torch.inference_mode()
+def decode_breakdown(model: nn.Module, step: Callable, dtype: torch.dtype, tokens: int) -> dict[str, float]:
+    """Milliseconds per decoded token under ``torch.profiler``, split three ways: the packed linears (bitnet_ao's C++
+    decode linear: quantization, matmul and epilogue), the other ops of the step (attention, norms, RoPE, the head,
+    what the step's own runner spends), and the Python around the step (the loop, argmax, the cache bookkeeping).
+    The profiler adds its own cost to every operator call, so the total is above the untimed figure."""
+    cache = KVCache(model.config, 1, dtype, "cpu")
+    token = model(torch.zeros(1, 1, dtype=torch.long), cache=cache)[:, -1:].argmax(-1)
+    token = step(token, cache)[:, -1:].argmax(-1)  # warm
+    with torch.profiler.profile() as prof:
+        start = time.perf_counter()
+        for _ in range(tokens):
+            with torch.profiler.record_function("decode_step"):
+                logits = step(token, cache)
+            token = logits[:, -1:].argmax(-1)
+        wall = time.perf_counter() - start
+    events = prof.events()
+    steps = sum(e.cpu_time_total for e in events if e.name == "decode_step") / 1e6
+    linears = sum(e.cpu_time_total for e in events if e.name == "bitnet_ao::packed_linear_cpu") / 1e6
+    per_token = {"packed_linears": linears, "other_ops": steps - linears, "python": wall - steps}
+    return {name: seconds / tokens * 1e3 for name, seconds in per_token.items()}
+
+
+@torch.inference_mode()
 def prefill(model: nn.Module, prompt: Tensor, cache: KVCache) -> Tensor:
     """The prompt into an emptied KV cache; the last position's logits (what generation reads next)."""
     cache.length = 0
@@ -281,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                     }
                     for (name, step), seconds in zip(steps.items(), t_steps, strict=True)
                 },
+                "decode_breakdown_ms": decode_breakdown(packed, steps["packaged"], dtype, args.new_tokens),
             }
         ]
         for kind, llm in llms.items():
@@ -317,6 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, step in runs[0]["decode_steps"].items():
         same = "yes" if step["same_tokens_as_eager"] else "NO"
         print(f"bitnet_ao decode, {DECODE_STEPS[name]}: {step['tokens_per_s']:.1f} tokens/s, the eager tokens: {same}")
+    split = runs[0]["decode_breakdown_ms"]
+    print(
+        "bitnet_ao packaged decode, ms per token under the profiler: "
+        + ", ".join(f"{name.replace('_', ' ')} {ms:.2f}" for name, ms in split.items())
+        + f" (outside the packed linears: {1 - split['packed_linears'] / sum(split.values()):.0%})"
+    )
     notes = {
         "bitnet_ao_speedup": "bitnet_ao packed tokens/s over this row's (above 1: bitnet_ao faster), wall clock",
         "tokens_per_s": f"median of {args.iters} runs after 1 warmup, variants in turn (timing.measure), wall clock "

@@ -1,4 +1,7 @@
-// The packed decode linear as an operator registered in C++ (torch.ops.bitnet_ao.packed_linear_cpu): the same
+// Operators registered in C++ for decoding on CPU: the packed decode linear (torch.ops.bitnet_ao.packed_linear_cpu),
+// and one query's attention over a KV cache (torch.ops.bitnet_ao.decode_attention).
+//
+// The packed decode linear: the same
 // computation as the Python op bitnet_ao::packed_linear takes for decode-sized CPU inputs (cpu_gemv.c's
 // bitnet_packed_linear behind torch_backend.packed_linear), with no Python on the way. torch.compile's C++ wrapper
 // and AOTInductor call an operator whose kernel is C++ directly; a Python kernel would take the GIL and run Python on
@@ -10,8 +13,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <vector>
 
 extern "C" int bitnet_packed_linear(const void* x, int64_t x_in_code, const float* rstd, const float* norm_weight,
                                     int64_t x_code, int64_t norm_code, double eps, const uint8_t* packed,
@@ -76,12 +83,87 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor
     return out;
 }
 
+// The lanes of a dot product: element d goes to lane d % kLanes, the lanes add up in order at the end (the order the
+// compiler's vector code keeps: it may not reassociate float sums).
+constexpr int64_t kLanes = 16;
+
+// softmax(q k^T * scale) v for one query per (batch, head) against every key given: q (B, H, 1, D), keys and values
+// (B, H, L, D) with each row of D contiguous (a cache's buffers or views of them). Every sum runs in float32 in a
+// fixed order (a dot product over kLanes lanes, the softmax's and the weighted sum of values over keys in index
+// order), then the output rounds once to q's dtype: one definition that eager code and compiled graphs, which both
+// call this operator, share bit for bit. Against torch's flash-attention kernel, which spends tens of microseconds
+// setting up blocks for a single query, it is a loop over the keys.
+template <typename T>
+void decode_attention_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, double scale,
+                             at::Tensor& out) {
+    const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = keys.size(2);
+    const T* qp = q.const_data_ptr<T>();
+    const T* kp = keys.const_data_ptr<T>();
+    const T* vp = values.const_data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const float s = static_cast<float>(scale);
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> qf(D), acc(D), p(L);
+        for (int64_t bh = begin; bh < end; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            const T* qr = qp + b * q.stride(0) + h * q.stride(1);
+            for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qr[d]);
+            float top = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j < L; ++j) {
+                const T* kr = kp + b * keys.stride(0) + h * keys.stride(1) + j * keys.stride(2);
+                float lanes[kLanes] = {};
+                int64_t d = 0;
+                for (; d + kLanes <= D; d += kLanes)
+                    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += qf[d + l] * static_cast<float>(kr[d + l]);
+                float dot = 0.0f;
+                for (; d < D; ++d) dot += qf[d] * static_cast<float>(kr[d]);
+                for (int64_t l = 0; l < kLanes; ++l) dot += lanes[l];
+                p[j] = dot * s;
+                top = std::max(top, p[j]);
+            }
+            float total = 0.0f;
+            for (int64_t j = 0; j < L; ++j) {
+                p[j] = std::exp(p[j] - top);
+                total += p[j];
+            }
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t j = 0; j < L; ++j) {
+                const T* vr = vp + b * values.stride(0) + h * values.stride(1) + j * values.stride(2);
+                for (int64_t d = 0; d < D; ++d) acc[d] += p[j] * static_cast<float>(vr[d]);
+            }
+            T* orow = op + (b * H + h) * D;
+            for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(acc[d] / total);
+        }
+    });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, double scale) {
+    TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.sizes() == keys.sizes() &&
+                    keys.size(0) == q.size(0) && keys.size(1) == q.size(1) && keys.size(3) == q.size(3),
+                "bitnet_ao.decode_attention: q (B, H, 1, D) and keys / values (B, H, L, D) expected, got ", q.sizes(),
+                ", ", keys.sizes(), ", ", values.sizes());
+    TORCH_CHECK(q.scalar_type() == keys.scalar_type() && q.scalar_type() == values.scalar_type(),
+                "bitnet_ao.decode_attention: q, keys and values must share a dtype, got ", q.scalar_type(), ", ",
+                keys.scalar_type(), ", ", values.scalar_type());
+    TORCH_CHECK(q.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1,
+                "bitnet_ao.decode_attention: each row of D must be contiguous");
+    at::Tensor out = at::empty({q.size(0), q.size(1), 1, q.size(3)}, q.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+        decode_attention_kernel<scalar_t>(q, keys, values, scale, out);
+    });
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bitnet_ao, m) {
     m.def(
         "packed_linear_cpu(Tensor x, Tensor? norm_weight, float norm_eps, Tensor b_packed, int k, int bits, "
         "Tensor scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+    m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(bitnet_ao, CPU, m) { m.impl("packed_linear_cpu", &packed_linear_cpu); }
+TORCH_LIBRARY_IMPL(bitnet_ao, CPU, m) {
+    m.impl("packed_linear_cpu", &packed_linear_cpu);
+    m.impl("decode_attention", &decode_attention);
+}

@@ -33,7 +33,12 @@ def _load() -> bool:
     if cpu_build.load_torch_library(SOURCE, (cpu_gemv.SOURCE,), defines) is None:
         return False
     torch.library.register_fake("bitnet_ao::packed_linear_cpu")(_packed_linear_fake)
+    torch.library.register_fake("bitnet_ao::decode_attention")(_decode_attention_fake)
     return True
+
+
+def _decode_attention_fake(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    return q.new_empty(q.shape[:2] + (1, q.shape[3]))
 
 
 def _packed_linear_fake(

@@ -99,3 +99,23 @@ def test_bad_input_names_the_op_and_what_was_expected():
     with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
         torch.ops.bitnet_ao.packed_linear_cpu(torch.randn(2, 12), None, 1e-6, packed, 12, 2, torch.tensor(1.0), None,
                                               torch.float64)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [1, 17, 40])
+def test_decode_attention_is_attention(dtype, length):
+    """One query per head against a cache's first keys (strided views of the buffers, as the decode step passes
+    them): softmax(q k^T / sqrt(d)) v of float64 SDPA, to the output dtype's rounding; a head size past one lane
+    block. opcheck covers the fake implementation."""
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(2, 3, 1, 20, generator=g).to(dtype)
+    keys, values = (torch.randn(2, 3, 48, 20, generator=g).to(dtype) for _ in range(2))
+    k, v = keys[:, :, :length], values[:, :, :length]
+    out = torch.ops.bitnet_ao.decode_attention(q, k, v, 20**-0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    torch.library.opcheck(torch.ops.bitnet_ao.decode_attention.default, (q, k, v, 20**-0.5))
+    with pytest.raises(RuntimeError, match=r"decode_attention: q \(B, H, 1, D\) and keys / values"):
+        torch.ops.bitnet_ao.decode_attention(q, k[:, :2], v, 1.0)

@@ -70,3 +70,38 @@ print("same tokens")
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0 and "same tokens" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_hugging_face_model_with_packed_weights_decodes_through_stock_generate_compiled():
+    """transformers' recipe for fast decoding (``cache_implementation="static"`` and ``model.forward`` through
+    ``torch.compile``) on a Llama with BitNet norms and packed weights: the eager greedy tokens, and the compiled
+    steps run bitnet_ao's C++ decode linear."""
+    transformers = pytest.importorskip("transformers")
+    from torchao.quantization import quantize_
+
+    from benchmarks.model import DECODE_COMPILE_OPTIONS
+    from bitnet_ao import bitnet_inference, bitnet_training
+    from bitnet_ao.surgery import apply_bitnet_norms, quantize_filter
+
+    if not cpu_ops.available():
+        pytest.skip("no C++ compiler: the decode linear is not registered in C++")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    apply_bitnet_norms(model)
+    model.to(torch.bfloat16)
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    quantize_(model, bitnet_inference(), filter_fn=quantize_filter)
+    ids = torch.randint(0, VOCAB_SIZE, (1, 6), generator=torch.Generator().manual_seed(0))
+    kwargs = {"max_new_tokens": 16, "do_sample": False, "cache_implementation": "static"}
+    with torch.inference_mode():
+        eager = model.generate(ids, **kwargs)
+        model.forward = torch.compile(model.forward, fullgraph=True, options=DECODE_COMPILE_OPTIONS)
+        model.generate(ids, **kwargs)  # compiles
+        with torch.profiler.profile() as prof:
+            compiled = model.generate(ids, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert any(e.name == "bitnet_ao::packed_linear_cpu" for e in prof.events())
