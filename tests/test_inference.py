@@ -22,7 +22,7 @@ from bitnet_ao import (
     bitnet_inference,
     bitnet_training,
 )
-from bitnet_ao.kernels import cpu_build, cpu_gemv, reference
+from bitnet_ao.kernels import cpu_build, cpu_gemv, cpu_ops, reference
 from bitnet_ao.surgery import apply_bitnet_norms
 from tests import spec_reference
 from tests.conftest import not_lm_head, save_load_roundtrip, tiny_llama
@@ -73,6 +73,7 @@ def test_without_the_c_kernel_the_weight_is_unpacked_and_exact(monkeypatch, tmp_
     """A machine whose C compiler fails: one warning naming the failure, then the unpacking path, same bits."""
     monkeypatch.setenv("BITNET_AO_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_build, "compiler", lambda: "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_ops, "available", lambda: False)  # nor is the C++ operator library built
     cpu_build.load.cache_clear()
     cpu_gemv._library.cache_clear()
     try:
