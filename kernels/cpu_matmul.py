@@ -38,7 +38,6 @@ import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -55,6 +54,7 @@ from .private_api import (
     onednn_isa_below_vnni,
     outside_dispatch_modes,
 )
+from .scratch import ThreadScratch
 
 ROUTES = ("int_mm", "vnni", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.
@@ -264,40 +264,23 @@ def fused_scaled_mm(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    b_packed: bool = False,
 ) -> Tensor | None:
     """``reference.scale_output(a @ b, ...)`` in one kernel where this CPU's route for ``b`` fuses the epilogue
-    (``"vnni"``, a ternary ``b``), else ``None``: the caller then runs :func:`int8_mm` and the epilogue."""
+    (``"vnni"``, a ternary ``b``), else ``None``: the caller then runs :func:`int8_mm` and the epilogue.
+    ``b_packed``: ``b`` is a ternary weight ``B (N, K)`` packed two bits per value and the product is ``a @ B.T``,
+    read packed (``cpu_vnni_gemm.scaled_mm_i2``)."""
+    n = b.shape[0] if b_packed else b.shape[1]
     if (
         not b_ternary
         or routes()["ternary"] != "vnni"
         or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
-        or 0 in (*a.shape, b.shape[1])
+        or 0 in (*a.shape, n)
     ):
         return None
+    kernel = cpu_vnni_gemm.scaled_mm_i2 if b_packed else cpu_vnni_gemm.scaled_mm
     with torch.autocast("cpu", enabled=False):
-        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype)
-
-
-def fused_scaled_mm_i2(
-    a: Tensor,
-    b_packed: Tensor,
-    k: int,
-    row_scale: Tensor | None,
-    col_scale: Tensor | None,
-    scale: Tensor | None,
-    bias: Tensor | None,
-    out_dtype: torch.dtype,
-) -> Tensor | None:
-    """:func:`fused_scaled_mm` of ``a`` and ``B.T`` for a ternary weight ``B (N, k)`` packed two bits per value,
-    read packed (``cpu_vnni_gemm.scaled_mm_i2``), or ``None`` where the route is not ``"vnni"``."""
-    if (
-        routes()["ternary"] != "vnni"
-        or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
-        or 0 in (*a.shape, b_packed.shape[0])
-    ):
-        return None
-    with torch.autocast("cpu", enabled=False):
-        return cpu_vnni_gemm.scaled_mm_i2(a, b_packed, row_scale, col_scale, scale, bias, out_dtype)
+        return kernel(a, b, row_scale, col_scale, scale, bias, out_dtype)
 
 
 def ternary_layout(b: Tensor, route: str) -> Tensor:
@@ -342,26 +325,12 @@ def int8_mm(a: Tensor, b: Tensor, b_ternary: bool, scratch: bool = False) -> Ten
     return _route_mm(route, a, b, b_ternary, out)
 
 
-class _Accumulator(threading.local):
-    buffer: Tensor | None = None
-
-
-_ACCUMULATOR = _Accumulator()
+_ACCUMULATOR = ThreadScratch(torch.int32)
 
 
 def accumulator(m: int, n: int) -> Tensor:
-    """An ``(m, n)`` int32 view of this thread's scratch buffer, which grows to the largest product asked for and
-    is kept for the life of the thread (like a BLAS workspace).
-
-    Why: glibc serves an allocation above its mmap threshold (32 MiB at most) with fresh pages, and the kernel
-    zeroes each on its first write: a 4096 x 5632 int32 product (92 MiB) cost ~40 ms of page faults on every call on
-    a Zen 4, against ~110 ms for the int8 GEMM that fills it. The buffer is made outside inference mode so that
-    every later call may write it, inside inference mode or not."""
-    buffer = _ACCUMULATOR.buffer
-    if buffer is None or buffer.numel() < m * n:
-        with torch.inference_mode(False):
-            buffer = _ACCUMULATOR.buffer = torch.empty(m * n, dtype=torch.int32)
-    return buffer[: m * n].view(m, n)
+    """An ``(m, n)`` int32 view of this thread's scratch product (``kernels/scratch.py``: why, and the rules)."""
+    return _ACCUMULATOR.get(m * n).view(m, n)
 
 
 def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | None = None) -> Tensor:

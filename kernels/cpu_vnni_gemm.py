@@ -2,9 +2,10 @@
 
 ``torch._int_mm`` writes its int32 product to memory, and the epilogue reads it back to scale it: 6 bytes of traffic
 per output element besides the GEMM, and on a Zen 4 the epilogue of a 2048 x 2816 product cost as much as a copy of
-those bytes (~0.7 ms against a ~14 ms GEMM). This kernel scales each tile while its sums are still in registers. The
-ternary operand is packed for ``vpdpbusd`` on every call (shifted by one to unsigned bytes; the row sums of the
-other operand undo the shift exactly), and the epilogue is ``cpu_rows.h``'s, the reference's float operations.
+those bytes (~0.7 ms against a ~14 ms GEMM). This kernel scales each tile while its sums are still in registers.
+The ternary operand is packed for ``vpdpbusd`` on every call, into a per-thread scratch buffer (shifted by one to
+unsigned bytes; the row sums of the other operand undo the shift exactly), and the epilogue is ``cpu_rows.h``'s,
+the reference's float operations. :func:`scaled_mm_i2` reads a 2-bit packed inference weight itself.
 
 Built for this CPU on first use (``cpu_build.py``); :func:`available` is false where the build has no VNNI.
 """
@@ -19,8 +20,11 @@ import torch
 from torch import Tensor
 
 from . import cpu_build
+from .scratch import ThreadScratch
 
 SOURCE = Path(__file__).with_name("cpu_vnni_gemm.c")
+#: This thread's buffer for ``b`` packed for ``vpdpbusd`` (``kernels/scratch.py``).
+_PACKED = ThreadScratch(torch.uint8)
 #: The output codes of the C entry point: cpu_rows.h's dtype codes, and 3 for the raw int32 sums.
 _OUT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
 
@@ -77,7 +81,7 @@ def scaled_mm(
     a = _rows(a)
     m, k = a.shape
     n = b.shape[1]
-    packed = torch.empty(library.bitnet_vnni_packed_size(k, n), dtype=torch.uint8)
+    packed = _PACKED.get(library.bitnet_vnni_packed_size(k, n))  # read by the GEMM below, then free again
     library.bitnet_vnni_pack(b.data_ptr(), b.stride(0), b.stride(1), k, n, packed.data_ptr(), torch.get_num_threads())
     return _run(library.bitnet_vnni_scaled_mm, a, (packed.data_ptr(), n), n, row_scale, col_scale, scale, bias,
                 out_dtype, out)  # fmt: skip

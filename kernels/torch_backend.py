@@ -217,7 +217,7 @@ def scaled_int8_mm_packed(
             return scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
     # The forward of a 2-bit weight with the vnni route: one kernel reads the packed bytes (cpu_vnni_gemm.c).
     if transpose_b and bits == 2:
-        out = cpu_matmul.fused_scaled_mm_i2(a, b_packed, k, row_scale, col_scale, scale, bias, out_dtype)
+        out = cpu_matmul.fused_scaled_mm(a, b_packed, True, row_scale, col_scale, scale, bias, out_dtype, b_packed=True)
         if out is not None:
             return out
     # Unpacked B is row-major (N, K). The forward's B.T is then a column-major view, which torch._int_mm takes

@@ -25,6 +25,7 @@ ORDER = [
     "bitnet_ao.kernels.private_api",
     "bitnet_ao.kernels.reference",
     "bitnet_ao.kernels.cpu_build",
+    "bitnet_ao.kernels.scratch",
     "bitnet_ao.kernels.cpu_sign_gemm",
     "bitnet_ao.kernels.cpu_passes",
     "bitnet_ao.kernels.cpu_vnni_gemm",
