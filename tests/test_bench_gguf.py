@@ -89,6 +89,13 @@ def test_head_to_head_quick(tmp_path: Path) -> None:
     runs = {r["name"]: r for r in results["runs"]}
     assert list(runs) == ["bitnet_ao packed", "llama.cpp TQ2_0", "llama.cpp TQ1_0", "llama.cpp F16"]
     assert runs["bitnet_ao packed"]["same_tokens_as_training"]
+    ours = runs["bitnet_ao packed"]
+    # Every decode step (the packaged one is the row) decodes the eager tokens; the row is the packaged step's time.
+    assert list(ours["decode_steps"]) == ["packaged", "compiled", "eager"]
+    assert all(step["same_tokens_as_eager"] for step in ours["decode_steps"].values())
+    assert ours["decode_tokens_per_s"] == ours["decode_steps"]["packaged"]["tokens_per_s"]
+    assert set(ours["decode_breakdown_ms"]) == {"packed_linears", "other_ops", "python"}
+    assert ours["decode_breakdown_ms"]["packed_linears"] > 0 and ours["decode_breakdown_ms"]["other_ops"] > 0
     for r in runs.values():
         assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0, r["name"]
         assert r["bitnet_ao_speedup_decode"] == pytest.approx(r["decode_s"] / runs["bitnet_ao packed"]["decode_s"])
