@@ -14,6 +14,7 @@ The modules import one way only; docs/design.md draws the order.
 from . import inference  # noqa: F401  (registers bitnet_inference's quantize_ handler)
 from .config import BitNetInferenceConfig, BitNetTrainingConfig, bitnet_inference, bitnet_training
 from .fsdp import precompute_bitnet_scale_for_fsdp
+from .inference import packed_weights
 from .packed import BitNetPackedLinearWeight, pack_linear_weight
 from .packing import pack_i1_in_i8, pack_i2_in_i8, unpack_i1_in_i8, unpack_i2_in_i8
 from .tensor import BitNetTrainingLinearWeight
@@ -29,6 +30,7 @@ __all__ = [
     "pack_i1_in_i8",
     "pack_i2_in_i8",
     "pack_linear_weight",
+    "packed_weights",
     "precompute_bitnet_scale_for_fsdp",
     "unpack_i1_in_i8",
     "unpack_i2_in_i8",

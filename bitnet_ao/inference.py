@@ -13,6 +13,9 @@ Checkpoints of a packed module hold plain tensors, so ``safetensors`` and ``torc
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torchao.quantization.transform_module import register_quantize_module_handler
@@ -60,3 +63,30 @@ class _InferenceConversion(LinearConversion):
 
 
 register_quantize_module_handler(BitNetInferenceConfig)(_InferenceConversion())
+
+
+@contextlib.contextmanager
+def packed_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, each :class:`~bitnet_ao.tensor.BitNetTrainingLinearWeight` of ``model`` is replaced by its
+    packed inference weight (``weight.prepared()``: made once per weight version, the training forward's outputs bit
+    for bit); on exit, also on an error, the training weights come back.
+
+    For evaluation and generation during training through a compiled or exported step: eagerly a training weight
+    already runs its packed forward without a gradient, but a graph traced from it quantizes the master weight on
+    every call. Traced inside this block, a step multiplies by the packed weights, and a ``torch.compile``'d step
+    made once runs again in the next evaluation's block on that step's new packed weights (they are its inputs, not
+    constants: no recompilation, never a stale weight). Nothing may train inside the block. Sharded (DTensor) and
+    group-scale weights stay as they are (their packed forward is not the CPU's)."""
+    swapped: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        for module in model.modules():
+            weight = module._parameters.get("weight")
+            if isinstance(weight, BitNetTrainingLinearWeight) and not weight.config.grouped:
+                if isinstance(weight._data, DTensor):
+                    continue
+                module._parameters["weight"] = nn.Parameter(weight.prepared(), requires_grad=False)
+                swapped.append((module, weight))
+        yield model
+    finally:
+        for module, weight in swapped:
+            module._parameters["weight"] = weight

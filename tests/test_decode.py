@@ -105,3 +105,38 @@ def test_a_hugging_face_model_with_packed_weights_decodes_through_stock_generate
             compiled = model.generate(ids, **kwargs)
     assert torch.equal(compiled, eager)
     assert any(e.name == "bitnet_ao::packed_linear_cpu" for e in prof.events())
+
+
+def test_generation_during_training_runs_compiled_on_the_packed_weights():
+    """``bitnet_ao.packed_weights``: a compiled decode step of the model being trained, traced and run on its packed
+    weights, decodes the eager training model's tokens; after an optimizer step the same compiled step, in the next
+    evaluation's block, decodes the new weights' tokens (never stale), and the training weights are back after each
+    block."""
+    from torchao.quantization import quantize_
+
+    from benchmarks.model import Transformer
+    from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, packed_weights
+    from bitnet_ao.surgery import quantize_filter
+
+    if not cpu_ops.available():
+        pytest.skip("no C++ compiler: the decode linear is not registered in C++")
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).to(torch.bfloat16)
+    quantize_(model, bitnet_training(), filter_fn=quantize_filter)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, fused=True)
+    step = CompiledDecodeStep(model)
+    prompt = torch.randint(0, VOCAB_SIZE, (1, 5), generator=torch.Generator().manual_seed(0))
+    seen = []
+    for _ in range(2):
+        eager = generate(model, prompt, 16, torch.bfloat16)
+        with packed_weights(model):
+            assert type(model.layers[0].attention.wq.weight).__name__ == "BitNetPackedLinearWeight"
+            compiled = generate(model, prompt, 16, torch.bfloat16, step)
+        assert torch.equal(compiled, eager)
+        assert isinstance(model.layers[0].attention.wq.weight, BitNetTrainingLinearWeight)
+        seen.append(eager)
+        x = torch.randint(0, VOCAB_SIZE, (4, 16))
+        model(x, targets=x).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(seen[0], seen[1]), "the step changed the weights enough to change the tokens"
