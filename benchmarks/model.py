@@ -192,7 +192,7 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-#: inductor's options for :func:`compiled_decode_step`: its C++ wrapper calls every kernel and every operator
+#: inductor's options for :class:`CompiledDecodeStep`: its C++ wrapper calls every kernel and every operator
 #: registered in C++ (bitnet_ao's packed decode linear) without Python, and it rounds each intermediate to its dtype
 #: as eager does, so that the compiled step decodes the eager step's tokens.
 DECODE_COMPILE_OPTIONS = {"cpp_wrapper": True, "emulate_precision_casts": True}
@@ -246,8 +246,6 @@ class PackagedDecodeStep:
     loads anywhere the same torch and bitnet_ao run, also in a process that never built the model."""
 
     def __init__(self, path: str | Path) -> None:
-        from bitnet_ao.kernels import cpu_ops
-
         cpu_ops.available()  # the package calls bitnet_ao's C++ operators: registered (built if need be) first
         self.path = Path(path)
         self.runner = torch._inductor.aoti_load_package(str(self.path))

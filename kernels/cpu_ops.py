@@ -1,9 +1,12 @@
 """Operators registered in C++ (``cpu_ops.cpp``), built against this torch on first use: the packed decode linear
-``torch.ops.bitnet_ao.packed_linear_cpu``, which compiled code (inductor's C++ wrapper, AOTInductor) calls without
-Python. Its fake implementation is here, so that ``torch.compile`` and ``torch.export`` trace it.
+``torch.ops.bitnet_ao.packed_linear_cpu`` and one query's attention over a KV cache
+``torch.ops.bitnet_ao.decode_attention``, which compiled code (inductor's C++ wrapper, AOTInductor) calls without
+Python. Their fake implementations are here, so that ``torch.compile`` and ``torch.export`` trace them.
 
-:func:`packed_linear` is the entry point: the op where it applies and is built, else ``None`` (the caller takes the
-Python op ``bitnet_ao::packed_linear``, whose CPU kernel runs the same C code through ctypes).
+:func:`available` builds and loads the library (and is what a process must call before it loads a package that
+uses them); :func:`applies` says which inputs the decode linear takes. ``kernels.run_packed_linear`` calls it where
+both hold; elsewhere the Python op ``bitnet_ao::packed_linear`` runs, whose CPU kernel calls the same C through
+ctypes.
 """
 
 from __future__ import annotations
