@@ -1,11 +1,11 @@
 // Operators registered in C++ for decoding on CPU: the packed decode linear (torch.ops.bitnet_ao.packed_linear_cpu),
 // and one query's attention over a KV cache (torch.ops.bitnet_ao.decode_attention).
 //
-// The packed decode linear: the same
-// computation as the Python op bitnet_ao::packed_linear takes for decode-sized CPU inputs (cpu_gemv.c's
-// bitnet_packed_linear behind torch_backend.packed_linear), with no Python on the way. torch.compile's C++ wrapper
-// and AOTInductor call an operator whose kernel is C++ directly; a Python kernel would take the GIL and run Python on
-// every call, which costs more than the matmul of a decode step. Its fake (meta) implementation is in cpu_ops.py.
+// The packed decode linear is the computation the Python op bitnet_ao::packed_linear takes for decode-sized CPU
+// inputs (cpu_gemv.c's bitnet_packed_linear behind torch_backend.packed_linear), with no Python on the way.
+// torch.compile's C++ wrapper and AOTInductor call an operator whose kernel is C++ directly; a Python kernel would
+// take the GIL and run Python on every call, which costs more than the matmul of a decode step. The fake (meta)
+// implementations are in cpu_ops.py.
 //
 // The norm's one reduction, rstd, is the eager ATen expression of reference.rms_norm_rstd
 // (rsqrt(mean(x.float() ** 2) + eps)), the one the Python path computes for these sizes: the same float.
