@@ -52,6 +52,11 @@ def _library() -> ctypes.CDLL | None:
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def has_codes(*dtypes: torch.dtype) -> bool:
+    """Whether :func:`packed_linear` takes inputs and outputs of these dtypes (each has a code)."""
+    return all(d in _DTYPE_CODES for d in dtypes)
+
+
 def available() -> bool:
     """Whether the decode kernel is built (building it on the first call)."""
     return _library() is not None

@@ -4,9 +4,9 @@
 Python. Their fake implementations are here, so that ``torch.compile`` and ``torch.export`` trace them.
 
 :func:`available` builds and loads the library (and is what a process must call before it loads a package that
-uses them); :func:`applies` says which inputs the decode linear takes. ``kernels.run_packed_linear`` calls it where
-both hold; elsewhere the Python op ``bitnet_ao::packed_linear`` runs, whose CPU kernel calls the same C through
-ctypes.
+uses them). ``kernels.run_packed_linear`` calls the decode linear where it is available and
+``torch_backend.decode_linear_applies`` holds; elsewhere the Python op ``bitnet_ao::packed_linear`` runs, whose CPU
+kernel calls the same C through ctypes where that holds too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from . import cpu_build, cpu_gemv, reference
-from .torch_backend import COMPILE_MIN_NUMEL
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
@@ -56,12 +55,3 @@ def _packed_linear_fake(
     out_dtype: torch.dtype,
 ) -> Tensor:
     return x.new_empty((x.shape[0], b_packed.shape[0]), dtype=out_dtype)
-
-
-def applies(x: Tensor, k: int) -> bool:
-    """Whether the decode linear takes ``x``: a CPU input of at most ``cpu_gemv.MAX_M`` rows whose quantization the
-    training forward runs eagerly (``torch_backend.packed_linear``'s condition: the same numbers)."""
-    return cpu_gemv.applies(x, k, True) and x.numel() < COMPILE_MIN_NUMEL and x.dtype in _DTYPES
-
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -370,7 +370,7 @@ def run_packed_linear(
     on plain tensors, with no dispatch mode on. Decoding a token calls it once per linear, and the dispatcher's
     round trip into a Python op (~40 µs) costs more than the decode matmul of a 1024 x 1024 weight (~25 µs)."""
     args = (x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype)
-    if backend_for(x) is torch_backend and cpu_ops.applies(x, k) and cpu_ops.available():
+    if backend_for(x) is torch_backend and torch_backend.decode_linear_applies(x, k, out_dtype) and cpu_ops.available():
         # Decode on CPU: the operator registered in C++, which compiled code calls without Python (cpu_ops.cpp).
         return torch.ops.bitnet_ao.packed_linear_cpu(*args)
     tensors = (x, norm_weight, b_packed, scale, bias)

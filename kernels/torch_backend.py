@@ -233,6 +233,14 @@ def scaled_int8_mm_packed(
     return scaled_int8_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=True)
 
 
+def decode_linear_applies(x: Tensor, k: int, out_dtype: torch.dtype) -> bool:
+    """Whether the packed linear of ``x`` runs as one C call (:func:`packed_linear`, or the same C behind the
+    operator registered in C++, ``cpu_ops.cpp``): a decode-sized CPU input (``cpu_gemv.applies``) whose training
+    forward runs its quantization eagerly (below ``COMPILE_MIN_NUMEL``: the C repeats the eager reference's float
+    operations), in and out of dtypes the C code has."""
+    return cpu_gemv.applies(x, k, True) and x.numel() < COMPILE_MIN_NUMEL and cpu_gemv.has_codes(x.dtype, out_dtype)
+
+
 def packed_linear(
     x: Tensor,
     norm_weight: Tensor | None,
@@ -248,7 +256,7 @@ def packed_linear(
     quantization and ``scaled_int8_mm_packed``). Only where the training forward of the same shape runs its
     quantization eagerly (below ``COMPILE_MIN_NUMEL``): the C code repeats the eager reference's float
     operations, and the norm's one reduction (rstd) is computed here by the same torch expression."""
-    if not cpu_gemv.applies(x, k, True) or x.numel() >= COMPILE_MIN_NUMEL:
+    if not decode_linear_applies(x, k, out_dtype):
         return None
     xf = x.float()
     rstd = reference.rms_norm_rstd(xf, norm_eps) if norm_weight is not None else None

@@ -325,3 +325,16 @@ def test_one_compiled_body_meets_every_training_and_inference_context(monkeypatc
                     with context():
                         y, rstd = torch_backend.rms_norm(x, weight, 1e-5)
                     assert torch.equal(y, expected[0]) and torch.equal(rstd, expected[1]), (width, trainable, context)
+
+
+def test_run_packed_linear_takes_any_output_dtype():
+    """A decode-sized input whose output dtype the C code has no code for (float64) takes the composed path, as the
+    op does, instead of the operator registered in C++ refusing it."""
+    torch.manual_seed(9)
+    x = torch.randn(1, 12, dtype=torch.bfloat16)
+    packed = reference.pack_i2_in_i8(random_int8(10, 12, low=-1, high=2))
+    s = torch.tensor(0.03)
+    x_q, row = reference.quantize_rowwise(x, reference.ACTIVATION_EPS)
+    expected = reference.scaled_int8_mm_packed(x_q, packed, 12, True, row, None, s, None, torch.float64)
+    out = kernels.run_packed_linear(x, None, 1e-5, packed, 12, 2, s, None, torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out, expected)
