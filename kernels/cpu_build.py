@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -64,6 +65,12 @@ def cpu_signature() -> str:
     return f"{platform.machine()} {fields.get('model name', platform.processor())} {fields.get('flags', '')}"
 
 
+def c_flags() -> list[str]:
+    """The flags every kernel source is compiled with. -ffp-contract=off: no fused multiply-adds, every float
+    operation rounds where torch's does; -march: :func:`march`."""
+    return ["-O3", march(), "-ffp-contract=off", "-fopenmp", "-fPIC"]
+
+
 @functools.cache
 def load(source: Path) -> ctypes.CDLL | None:
     """``source`` compiled for this machine (cached) and loaded, or ``None`` after a warning that says why."""
@@ -73,27 +80,16 @@ def load(source: Path) -> ctypes.CDLL | None:
             f"bitnet_ao: no C compiler found for {source.name}; its torch fallback runs instead", stacklevel=3
         )
         return None
-    # -ffp-contract=off: no fused multiply-adds, every float operation rounds where torch's does.
-    flags = ["-O3", march(), "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-    # -march=native builds for the machine that compiles: the key names the machine too.
+    flags = [*c_flags(), "-shared"]
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources #include
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), *headers, cc.encode(), " ".join(flags).encode(), cpu_signature().encode()])
-    ).hexdigest()[:16]
-    path = cache_dir() / f"{source.stem}-{key}.so"
-    if not path.exists():
-        try:
-            error = _build(cc, flags, source, path)
-        except OSError as e:  # an unwritable cache directory, a compiler that cannot start
-            error = str(e)
-        if error is not None:
-            warnings.warn(
-                f"bitnet_ao: building {source.name} failed ({cc} {' '.join(flags)}); its torch fallback runs "
-                f"instead:\n{error[-2000:]}",
-                stacklevel=3,
-            )
-            return None
-    return ctypes.CDLL(str(path))
+    path = _cached_build(
+        source,
+        [source.read_bytes(), *headers, cc.encode(), " ".join(flags).encode()],
+        lambda tmp, built: [[cc, *flags, str(source), "-o", str(built)]],
+        f"{cc} {' '.join(flags)}",
+        "its torch fallback runs instead",
+    )
+    return ctypes.CDLL(str(path)) if path is not None else None
 
 
 def cxx_compiler() -> str | None:
@@ -108,8 +104,8 @@ def load_torch_library(source: Path, c_sources: tuple[Path, ...], defines: dict[
     files ``c_sources`` linked in, cached like :func:`load` and loaded with ``torch.ops.load_library``; its path, or
     ``None`` after a warning that says why (no compiler, a failed build: the Python ops serve instead).
 
-    The C files are compiled as C (``cpu_rows.h`` uses C's ``_Float16``) with :func:`load`'s flags, the C++ file
-    with torch's headers, its C++ ABI and ``defines`` (``-DNAME=VALUE``), and both linked against ``libtorch``."""
+    The C files are compiled as C (``cpu_rows.h`` uses C's ``_Float16``) with :func:`c_flags`, the C++ file with
+    them, torch's headers, its C++ ABI and ``defines`` (``-DNAME=VALUE``), and both linked against ``libtorch``."""
     import torch
     from torch.utils import cpp_extension
 
@@ -117,75 +113,66 @@ def load_torch_library(source: Path, c_sources: tuple[Path, ...], defines: dict[
     if cc is None or cxx is None:
         warnings.warn(f"bitnet_ao: no C/C++ compiler for {source.name}; the Python ops serve instead", stacklevel=3)
         return None
-    c_flags = ["-O3", march(), "-ffp-contract=off", "-fopenmp", "-fPIC"]
     abi = int(torch.compiled_with_cxx11_abi())
     cxx_flags = [
-        "-O3", march(), "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c++20",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-D{k}={v}" for k, v in sorted(defines.items())),
-        *(f"-I{p}" for p in cpp_extension.include_paths()),
+        *c_flags(), "-shared", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-D{k}={v}" for k, v in sorted(defines.items())), *(f"-I{p}" for p in cpp_extension.include_paths()),
     ]  # fmt: skip
     libs = [*(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
     libs += [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
+
+    def commands(tmp: Path, built: Path) -> list[list[str]]:
+        objects = [str(tmp / f"{c.stem}.o") for c in c_sources]
+        compile_c = [[cc, *c_flags(), "-c", str(c), "-o", o] for c, o in zip(c_sources, objects, strict=True)]
+        return [*compile_c, [cxx, *cxx_flags, str(source), *objects, "-o", str(built), *libs]]
+
     sources = [source, *c_sources, *sorted(source.parent.glob("*.h"))]
-    key = hashlib.sha256(
-        b"\0".join([*(s.read_bytes() for s in sources), cc.encode(), cxx.encode(), " ".join(c_flags + cxx_flags + libs)
-                    .encode(), torch.__version__.encode(), cpu_signature().encode()])
-    ).hexdigest()[:16]  # fmt: skip
-    path = cache_dir() / f"{source.stem}-{key}.so"
-    if not path.exists():
-        try:
-            error = _build_torch_library(cc, cxx, c_flags, cxx_flags, libs, source, c_sources, path)
-        except OSError as e:
-            error = str(e)
-        if error is not None:
-            warnings.warn(
-                f"bitnet_ao: building {source.name} failed; the Python ops serve instead:\n{error[-2000:]}",
-                stacklevel=3,
-            )
-            return None
-    torch.ops.load_library(str(path))
+    flags = " ".join([*c_flags(), *cxx_flags, *libs])
+    path = _cached_build(
+        source,
+        [*(s.read_bytes() for s in sources), cc.encode(), cxx.encode(), flags.encode(), torch.__version__.encode()],
+        commands,
+        f"{cc} and {cxx}, against torch {torch.__version__}",
+        "the Python ops serve instead",
+    )
+    if path is not None:
+        torch.ops.load_library(str(path))
     return path
 
 
-def _build_torch_library(
-    cc: str,
-    cxx: str,
-    c_flags: list[str],
-    cxx_flags: list[str],
-    libs: list[str],
+def _cached_build(
     source: Path,
-    c_sources: tuple[Path, ...],
-    path: Path,
-) -> str | None:
-    """Compile the C files to objects and link them with the C++ file into ``path``; the error output, or ``None``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        objects = []
-        for c_source in c_sources:
-            obj = Path(tmp) / f"{c_source.stem}.o"
-            result = subprocess.run([cc, *c_flags, "-c", str(c_source), "-o", str(obj)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return result.stderr or f"exit status {result.returncode}"
-            objects.append(str(obj))
-        built = Path(tmp) / path.name
-        result = subprocess.run(
-            [cxx, *cxx_flags, str(source), *objects, "-o", str(built), *libs], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            return result.stderr or f"exit status {result.returncode}"
-        os.replace(built, path)
+    key_parts: list[bytes],
+    commands: Callable[[Path, Path], list[list[str]]],
+    how: str,
+    fallback: str,
+) -> Path | None:
+    """The library built from ``source`` in the cache, keyed by ``key_parts`` and this machine (a -march=native
+    build is for the machine that compiles); built when missing by ``commands(tmp, built)``, run in order in a
+    temporary folder of the cache, the last writing ``built``. ``None`` after a warning that names ``how`` it was
+    built, says what runs instead (``fallback``) and quotes the error."""
+    key = hashlib.sha256(b"\0".join([*key_parts, cpu_signature().encode()])).hexdigest()[:16]
+    path = cache_dir() / f"{source.stem}-{key}.so"
+    if path.exists():
+        return path
+    try:
+        error = _build(commands, path)
+    except OSError as e:  # an unwritable cache directory, a compiler that cannot start
+        error = str(e)
+    if error is None:
+        return path
+    warnings.warn(f"bitnet_ao: building {source.name} failed ({how}); {fallback}:\n{error[-2000:]}", stacklevel=4)
     return None
 
 
-def _build(cc: str, flags: list[str], source: Path, path: Path) -> str | None:
-    """Compile ``source`` to ``path``; the compiler's error output on failure, else ``None``."""
+def _build(commands: Callable[[Path, Path], list[list[str]]], path: Path) -> str | None:
+    """Run the build ``commands`` into ``path``; the failing command's error output, else ``None``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = Path(tmp) / path.name
-        result = subprocess.run(
-            [cc, *flags, str(source), "-o", str(built)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            return result.stderr or f"exit status {result.returncode}"
+        for command in commands(Path(tmp), built):
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                return result.stderr or f"exit status {result.returncode}"
         os.replace(built, path)  # atomic: concurrent ranks never load a half-written library
     return None
