@@ -6,8 +6,8 @@ linear) and ``"full"`` (full-range int8 on both sides: ``grad_weight = g'_q.T @ 
 - ``"int_mm"``: ``torch._int_mm``, oneDNN's s8 x s8 GEMM. Fast only with int8 dot-product instructions (AVX-512
   VNNI, AVX-VNNI, AMX); elsewhere it is scalar code (~2 GOPS, 30-60x slower than FP32), so it is a candidate only
   on CPUs that have them.
-- ``"vnni"``: the ternary GEMM of ``cpu_vnni_gemm.c`` (AVX-512 VNNI), whose scaled form fuses the epilogue: the
-  int32 sums never reach memory. Ternary only.
+- ``"vnni"``: the GEMM of ``cpu_vnni_gemm.c`` (AVX-512 VNNI), whose scaled form fuses the epilogue: the int32 sums
+  never reach memory. Both kinds (the right operand shifted to unsigned bytes, by one or by 128).
 - ``"onednn"``: oneDNN's u8 x s8 linear (``torch.ops.onednn.qlinear_pointwise``) with the int8 left operand
   shifted to u8 (``a + 128``, zero point 128). Without VNNI it multiplies with ``vpmaddubsw``, whose int16 pair
   sums saturate unless the s8 operand is small: exact for ternary right operands only. Its float32 output holds
@@ -58,7 +58,7 @@ from .scratch import ThreadScratch
 
 ROUTES = ("int_mm", "vnni", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.
-EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "fp32", "reference")}
+EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "vnni", "fp32", "reference")}
 #: The routes that can write their int32 product into a given tensor (the scratch :func:`accumulator`).
 INT32_OUT_ROUTES = ("int_mm", "vnni", "signadd")
 #: The routes whose right operand is best contiguous along the reduction (a ``.t()`` view of ``(N, K)``).
@@ -243,13 +243,15 @@ def measure(kind: str, shapes: tuple[tuple[int, int, int], ...] | None = None) -
 
 
 def _probe_scaled_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, row_scale: Tensor, scale: Tensor) -> Tensor:
-    """A scaled matmul to bfloat16 as training runs it by ``route``: the product and then the epilogue (the product
-    in the scratch accumulator where the route writes int32), or the one fused kernel."""
+    """A scaled matmul as training runs it by ``route``: the product and then the epilogue (the product in the
+    scratch accumulator where the route writes int32), or the one fused kernel; to bfloat16 activations for a
+    ternary ``b``, to a float32 weight gradient for a full-range one."""
+    out_dtype = torch.bfloat16 if b_ternary else torch.float32
     if route == "vnni":
-        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, None, scale, None, torch.bfloat16)
+        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, None, scale, None, out_dtype, b_ternary=b_ternary)
     out = accumulator(a.shape[0], b.shape[1]) if route in INT32_OUT_ROUTES else None
     acc = _route_mm(route, a, b, b_ternary, out)
-    return cpu_passes.scale_output(acc, row_scale, None, scale, None, torch.bfloat16)
+    return cpu_passes.scale_output(acc, row_scale, None, scale, None, out_dtype)
 
 
 # --- the matmul ------------------------------------------------------------------------------------------------
@@ -266,21 +268,21 @@ def fused_scaled_mm(
     out_dtype: torch.dtype,
     b_packed: bool = False,
 ) -> Tensor | None:
-    """``reference.scale_output(a @ b, ...)`` in one kernel where this CPU's route for ``b`` fuses the epilogue
-    (``"vnni"``, a ternary ``b``), else ``None``: the caller then runs :func:`int8_mm` and the epilogue.
+    """``reference.scale_output(a @ b, ...)`` in one kernel where this CPU's route for ``b``'s kind fuses the
+    epilogue (``"vnni"``), else ``None``: the caller then runs :func:`int8_mm` and the epilogue.
     ``b_packed``: ``b`` is a ternary weight ``B (N, K)`` packed two bits per value and the product is ``a @ B.T``,
     read packed (``cpu_vnni_gemm.scaled_mm_i2``)."""
     n = b.shape[0] if b_packed else b.shape[1]
     if (
-        not b_ternary
-        or routes()["ternary"] != "vnni"
+        routes()["ternary" if b_ternary else "full"] != "vnni"
         or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
         or 0 in (*a.shape, n)
     ):
         return None
-    kernel = cpu_vnni_gemm.scaled_mm_i2 if b_packed else cpu_vnni_gemm.scaled_mm
     with torch.autocast("cpu", enabled=False):
-        return kernel(a, b, row_scale, col_scale, scale, bias, out_dtype)
+        if b_packed:
+            return cpu_vnni_gemm.scaled_mm_i2(a, b, row_scale, col_scale, scale, bias, out_dtype)
+        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary)
 
 
 def ternary_layout(b: Tensor, route: str) -> Tensor:
@@ -341,7 +343,7 @@ def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | N
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
         if route == "vnni":
-            return cpu_vnni_gemm.scaled_mm(a, b, out=out)
+            return cpu_vnni_gemm.scaled_mm(a, b, out=out, b_ternary=b_ternary)
         if route == "signadd":
             # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
             # profile of benchmarks/step_profile.py).

@@ -1,12 +1,17 @@
-/* The scaled int8 matmul of a BitNet linear's ternary operand with AVX-512 VNNI, its epilogue fused: the int32 sums of
- * a tile stay in registers and leave as the output dtype, never written to memory as int32 (route "vnni").
+/* The scaled int8 matmul of a BitNet linear with AVX-512 VNNI, its epilogue fused: the int32 sums of a tile stay in
+ * registers and leave as the output dtype, never written to memory as int32 (route "vnni").
  *
- * a (M, K) int8 rows times b (K, N) ternary. vpdpbusd multiplies unsigned by signed bytes, so b is packed as b + 1
- * (0, 1, 2) and each row's sum of a is subtracted again: sum (b + 1) a - sum a = sum b a, exact in int32 (each
- * vpdpbusd adds four products of at most 255 * 128 without saturation). The packed b is laid out for the kernel:
- * panels of 64 columns, in each panel groups of 4 rows of b, 64 x 4 bytes per group (one zmm: column j's 4 values
- * at bytes 4j .. 4j + 3), zero past K and N. The epilogue is cpu_rows.h's scale_row on each tile row, the same
- * float operations as reference.scale_output. Rows are split over `threads` OpenMP threads. */
+ * a (M, K) int8 times b (K, N) int8. vpdpbusd multiplies unsigned by signed bytes, so b is packed shifted to unsigned
+ * bytes, b + shift: shift 1 for a ternary b (0, 1, 2: the forward and grad_input of a BitNet linear), 128 for a
+ * full-range b (grad_weight), and shift times each row's sum of a is subtracted again: sum (b + shift) a - shift
+ * sum a = sum b a. vpdpbusd adds without saturating and int32 arithmetic wraps, so the result is exact wherever
+ * the true sum fits in int32, as torch._int_mm's. The packed b is laid out for the kernel: panels of 64 columns, in
+ * each panel groups of 4 rows of b, 64 x 4 bytes per group (one zmm: column j's 4 values at bytes 4j .. 4j + 3),
+ * zero past K and N. The rows of a are read 4 bytes (one group of K) at a time: from row-major rows, or, where a is
+ * the transposed view of a row-major (K, M) tensor (grad_weight's g.T), from a copy packed group-major
+ * (bitnet_vnni_pack_columns: each group of 4 rows of the (K, M) tensor as M int32), which a plain transposition
+ * would cost as much as. The epilogue is cpu_rows.h's scale_row on each tile row, the same float operations as
+ * reference.scale_output. Row blocks are split over `threads` OpenMP threads. */
 #include <omp.h>
 #include <stdlib.h>
 
@@ -29,13 +34,43 @@ int64_t bitnet_vnni_packed_size(int64_t K, int64_t N) {
     return ((N + PANEL - 1) / PANEL) * ((K + GROUP - 1) / GROUP) * PANEL * GROUP;
 }
 
-/* Each byte of x plus one, without carries between bytes (x's bytes are -1, 0 or 1). */
-static inline uint32_t bytes_plus_one(uint32_t x) { return ((x & 0x7f7f7f7fu) + 0x01010101u) ^ (x & 0x80808080u); }
+/* Each byte of x plus shift (1 or 128) modulo 256, without carries between bytes. */
+static inline uint32_t bytes_plus(uint32_t x, uint8_t shift) {
+    const uint32_t s = 0x01010101u * shift;
+    return ((x & 0x7f7f7f7fu) + s) ^ (x & 0x80808080u);
+}
 
-/* Pack the ternary b (K, N), element (k, n) at b[k * sk + n * sn], as described above: four bytes (one int32) at a
- * time where b is contiguous along K (the forward's W.T) or along N (grad_input's W), else byte by byte. */
-void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, uint8_t* packed,
+/* Bytes j < cols of four rows interleaved, each plus shift modulo 256: out[j] = r0[j] | r1[j] << 8 | r2[j] << 16 |
+ * r3[j] << 24 (the 4 values of one group of K of column j), 16 columns per step with SSE2. */
+static inline void interleave4(const uint8_t* r0, const uint8_t* r1, const uint8_t* r2, const uint8_t* r3,
+                               uint8_t shift, int64_t cols, uint32_t* out) {
+    int64_t j = 0;
+#if defined(__SSE2__)
+    const __m128i s = _mm_set1_epi8((char)shift);
+    for (; j + 16 <= cols; j += 16) {
+        const __m128i a = _mm_add_epi8(_mm_loadu_si128((const __m128i*)(r0 + j)), s);
+        const __m128i b = _mm_add_epi8(_mm_loadu_si128((const __m128i*)(r1 + j)), s);
+        const __m128i c = _mm_add_epi8(_mm_loadu_si128((const __m128i*)(r2 + j)), s);
+        const __m128i d = _mm_add_epi8(_mm_loadu_si128((const __m128i*)(r3 + j)), s);
+        const __m128i ab_lo = _mm_unpacklo_epi8(a, b), ab_hi = _mm_unpackhi_epi8(a, b);
+        const __m128i cd_lo = _mm_unpacklo_epi8(c, d), cd_hi = _mm_unpackhi_epi8(c, d);
+        _mm_storeu_si128((__m128i*)(out + j), _mm_unpacklo_epi16(ab_lo, cd_lo));
+        _mm_storeu_si128((__m128i*)(out + j + 4), _mm_unpackhi_epi16(ab_lo, cd_lo));
+        _mm_storeu_si128((__m128i*)(out + j + 8), _mm_unpacklo_epi16(ab_hi, cd_hi));
+        _mm_storeu_si128((__m128i*)(out + j + 12), _mm_unpackhi_epi16(ab_hi, cd_hi));
+    }
+#endif
+    for (; j < cols; ++j)
+        out[j] = (uint32_t)(uint8_t)(r0[j] + shift) | (uint32_t)(uint8_t)(r1[j] + shift) << 8 |
+                 (uint32_t)(uint8_t)(r2[j] + shift) << 16 | (uint32_t)(uint8_t)(r3[j] + shift) << 24;
+}
+
+/* Pack b (K, N), element (k, n) at b[k * sk + n * sn], plus shift as described above: four bytes (one int32) at a
+ * time where b is contiguous along K (the forward's W.T) or along N (grad_input's W, grad_weight's x), else byte by
+ * byte. */
+void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t shift, uint8_t* packed,
                       int64_t threads) {
+    const uint8_t sh = (uint8_t)shift;
     const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
 #pragma omp parallel for schedule(static) num_threads((int)threads)
     for (int64_t p = 0; p < panels; ++p) {
@@ -48,19 +83,16 @@ void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_
                 for (int64_t j = 0; j < cols; ++j) {
                     uint32_t v;
                     memcpy(&v, b + k0 + (p * PANEL + j) * sn, 4);
-                    out[j] = bytes_plus_one(v);
+                    out[j] = bytes_plus(v, sh);
                 }
             } else if (k0 + GROUP <= K && sn == 1) {
                 const uint8_t* r0 = (const uint8_t*)b + k0 * sk + p * PANEL;
-                const uint8_t *r1 = r0 + sk, *r2 = r1 + sk, *r3 = r2 + sk;
-                for (int64_t j = 0; j < cols; ++j)
-                    out[j] = (uint32_t)(uint8_t)(r0[j] + 1) | (uint32_t)(uint8_t)(r1[j] + 1) << 8 |
-                             (uint32_t)(uint8_t)(r2[j] + 1) << 16 | (uint32_t)(uint8_t)(r3[j] + 1) << 24;
+                interleave4(r0, r0 + sk, r0 + 2 * sk, r0 + 3 * sk, sh, cols, out);
             } else {
                 for (int64_t j = 0; j < cols; ++j) {
                     uint8_t v[GROUP] = {0};
                     for (int64_t t = 0; t < GROUP && k0 + t < K; ++t)
-                        v[t] = (uint8_t)(b[(k0 + t) * sk + (p * PANEL + j) * sn] + 1);
+                        v[t] = (uint8_t)(b[(k0 + t) * sk + (p * PANEL + j) * sn] + sh);
                     memcpy(out + j, v, 4);
                 }
             }
@@ -69,12 +101,44 @@ void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_
     }
 }
 
+/* The transpose A (M, K) of a_t (K, M) (rows lda apart) packed group-major for the kernel: for each group of 4 rows of
+ * a_t, M int32 (column m's 4 bytes, zero past K); sums[m] = the sum of column m. Threads split the columns. */
+void bitnet_vnni_pack_columns(const int8_t* a_t, int64_t lda, int64_t K, int64_t M, uint8_t* packed, int32_t* sums,
+                              int64_t threads) {
+    enum { CHUNK = 64 };
+    const int64_t groups = (K + GROUP - 1) / GROUP, chunks = (M + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t m0 = c * CHUNK, cols = M - m0 < CHUNK ? M - m0 : CHUNK;
+        int32_t s[CHUNK] = {0};
+        for (int64_t g = 0; g < groups; ++g) {
+            uint8_t* out = packed + (g * M + m0) * GROUP;
+            const int64_t rows = K - g * GROUP < GROUP ? K - g * GROUP : GROUP;
+            const int8_t* r[GROUP];
+            for (int t = 0; t < GROUP; ++t) r[t] = a_t + (g * GROUP + (t < rows ? t : 0)) * lda + m0;
+            if (rows == GROUP) {
+                const uint8_t* const* u = (const uint8_t* const*)r;
+                interleave4(u[0], u[1], u[2], u[3], 0, cols, (uint32_t*)out);
+                for (int64_t j = 0; j < cols; ++j) s[j] += r[0][j] + r[1][j] + r[2][j] + r[3][j];
+            } else {
+                for (int64_t j = 0; j < cols; ++j)
+                    for (int t = 0; t < GROUP; ++t) {
+                        const int8_t v = t < rows ? r[t][j] : 0;
+                        out[4 * j + t] = (uint8_t)v;
+                        s[j] += v;
+                    }
+            }
+        }
+        memcpy(sums + m0, s, (size_t)cols * sizeof(int32_t));
+    }
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* The int32 sums of ROWS rows (r: their starts) against the first `groups` groups of one panel, into tile (ROWS x
- * PANEL, row-major), each minus its row's sum (sums: ROWS values). The 24 accumulators are named one by one: with an
+/* The int32 sums of ROWS rows of a (r: their first groups, each next group step bytes on) against the first `groups`
+ * groups of one panel, into tile (ROWS x PANEL, row-major), each minus its row's shifted sum (sums: ROWS values). The 24 accumulators are named one by one: with an
  * array of them, or with the subtraction done on them, GCC 12 keeps them in memory and the loop runs at half speed. */
 #define BITNET_VNNI_ROW(i)                                                                                          \
-    a = _mm512_set1_epi32(*(const unaligned_i32*)(r##i + k));                                                       \
+    a = _mm512_set1_epi32(*(const unaligned_i32*)(r##i + ka));                                                       \
     c##i##0 = _mm512_dpbusd_epi32(c##i##0, b0, a);                                                                  \
     c##i##1 = _mm512_dpbusd_epi32(c##i##1, b1, a);                                                                  \
     c##i##2 = _mm512_dpbusd_epi32(c##i##2, b2, a);                                                                  \
@@ -84,14 +148,14 @@ void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_
     _mm512_storeu_si512(tile + i * PANEL + 16, c##i##1);                                                            \
     _mm512_storeu_si512(tile + i * PANEL + 32, c##i##2);                                                            \
     _mm512_storeu_si512(tile + i * PANEL + 48, c##i##3);
-static __attribute__((noinline)) void tile_sums(const int8_t* const* r, int64_t groups, const uint8_t* panel,
-                                                const int32_t* sums, int32_t* tile) {
+static __attribute__((noinline)) void tile_sums(const int8_t* const* r, int64_t groups, int64_t step,
+                                                const uint8_t* panel, const int32_t* sums, int32_t* tile) {
     const int8_t *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5];
     __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00;
     __m512i c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
     __m512i c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
     const uint8_t* bp = panel;
-    for (int64_t k = 0; k < groups * GROUP; k += GROUP, bp += PANEL * GROUP) {
+    for (int64_t ka = 0; ka < groups * step; ka += step, bp += PANEL * GROUP) {
         const __m512i b0 = _mm512_loadu_si512(bp), b1 = _mm512_loadu_si512(bp + 64);
         const __m512i b2 = _mm512_loadu_si512(bp + 128), b3 = _mm512_loadu_si512(bp + 192);
         __m512i a;
@@ -120,12 +184,12 @@ static void tile_tail(const int8_t* const* r, int64_t k, int64_t tail, const uin
     }
 }
 
-/* The context of one scaled product: a (M, K) int8 rows lda apart with their row sums, the output and the epilogue's
- * factors (row_scale (M), col_scale (N), the scalar scale, bias (N floats of the output dtype), each optional: NULL);
+/* The context of one scaled product: a (M, K) int8, row m's group g (4 values) at a + m * row + g * step, with its
+ * row sums times the shift of b; the output and the epilogue's factors (row_scale (M), col_scale (N), the scalar scale, bias (N floats of the output dtype), each optional: NULL);
  * out_code 3 writes the int32 sums, 0 / 1 / 2 reference.scale_output of them as float32 / bfloat16 / float16. */
 typedef struct {
     const int8_t* a;
-    int64_t lda, M, K, N;
+    int64_t row, step, M, K, N;
     const int32_t* row_sums;
     const float *row_scale, *col_scale, *scale, *bias;
     int64_t out_code;
@@ -141,11 +205,11 @@ static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel
     int32_t sums[ROWS];
     for (int i = 0; i < ROWS; ++i) {
         const int64_t m = m0 + (i < rows ? i : rows - 1);
-        r[i] = c->a + m * c->lda;
+        r[i] = c->a + m * c->row;
         sums[i] = c->row_sums[m];
     }
     const int64_t K = c->K;
-    tile_sums(r, K / GROUP, panel, sums, tile);
+    tile_sums(r, K / GROUP, c->step, panel, sums, tile);
     if (K % GROUP) tile_tail(r, K / GROUP * GROUP, K % GROUP, panel + K / GROUP * PANEL * GROUP, tile);
     for (int64_t i = 0; i < rows; ++i) {
         const int64_t m = m0 + i;
@@ -159,8 +223,10 @@ static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel
     }
 }
 
-/* Fill a product's row sums and the bias as floats; nonzero when out of memory. */
-static int product_setup(product* c, const void* bias, int64_t threads, int32_t** row_sums, float** b) {
+/* Fill a product's row sums times shift (from a_sums where given, else summing row-major rows) and the bias as
+ * floats; nonzero when out of memory. */
+static int product_setup(product* c, const int32_t* a_sums, int64_t shift, const void* bias, int64_t threads,
+                         int32_t** row_sums, float** b) {
     *row_sums = (int32_t*)malloc((size_t)(c->M > 0 ? c->M : 1) * sizeof(int32_t));
     *b = NULL;
     if (bias != NULL) {
@@ -173,13 +239,16 @@ static int product_setup(product* c, const void* bias, int64_t threads, int32_t*
         return 1;
     }
     const int8_t* a = c->a;
-    const int64_t lda = c->lda, K = c->K;
+    const int64_t lda = c->row, K = c->K;
     int32_t* sums = *row_sums;
 #pragma omp parallel for schedule(static) num_threads((int)threads)
     for (int64_t m = 0; m < c->M; ++m) {
         int32_t s = 0;
-        for (int64_t k = 0; k < K; ++k) s += a[m * lda + k];
-        sums[m] = s;
+        if (a_sums != NULL)
+            s = a_sums[m];
+        else
+            for (int64_t k = 0; k < K; ++k) s += a[m * lda + k];
+        sums[m] = (int32_t)((uint32_t)s * (uint32_t)shift); /* wraps as the sums do */
     }
     c->row_sums = sums;
     c->bias = *b;
@@ -187,18 +256,24 @@ static int product_setup(product* c, const void* bias, int64_t threads, int32_t*
 }
 #endif
 
-/* a (M, K) int8, rows lda apart, times the packed ternary b (K, N) (bitnet_vnni_pack): out_code and the factors as
- * in `product`. Row blocks are split over `threads` OpenMP threads, each running every panel. Returns nonzero when
- * out of memory, or when the CPU build has no VNNI. */
-int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* packed, int64_t N,
-                          const float* row_scale, const float* col_scale, const float* scale, const void* bias,
-                          int64_t out_code, void* out, int64_t threads) {
+/* a (M, K) int8 times b (K, N) packed with `shift` (bitnet_vnni_pack): out_code and the factors as in `product`. a is
+ * row-major, rows lda apart, when a_sums is NULL; else a is packed group-major (bitnet_vnni_pack_columns) and a_sums
+ * holds its row sums. Row blocks are split over `threads` OpenMP threads, each running every panel. Returns nonzero
+ * when out of memory, or when the CPU build has no VNNI. */
+int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, int64_t M, int64_t K,
+                          const uint8_t* packed, int64_t N, int64_t shift, const float* row_scale,
+                          const float* col_scale, const float* scale, const void* bias, int64_t out_code, void* out,
+                          int64_t threads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    product c = {a, lda, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
+    const int64_t groups = (K + GROUP - 1) / GROUP;
+    /* Packed group-major, a has no tail: its last group is zero past K, as is b's. */
+    product c = a_sums == NULL ? (product){a, lda, GROUP, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out}
+                               : (product){a, GROUP, M * GROUP, M, groups * GROUP, N, NULL, row_scale, col_scale,
+                                           scale, NULL, out_code, out};
     int32_t* row_sums;
     float* b;
-    if (product_setup(&c, bias, threads, &row_sums, &b)) return 1;
-    const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
+    if (product_setup(&c, a_sums, shift, bias, threads, &row_sums, &b)) return 1;
+    const int64_t panels = (N + PANEL - 1) / PANEL;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
@@ -222,8 +297,8 @@ int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, int64_t M, int64_t K, co
     free(b);
     return failed;
 #else
-    (void)a, (void)lda, (void)M, (void)K, (void)packed, (void)N, (void)row_scale, (void)col_scale, (void)scale;
-    (void)bias, (void)out_code, (void)out, (void)threads;
+    (void)a, (void)lda, (void)a_sums, (void)M, (void)K, (void)packed, (void)N, (void)shift, (void)row_scale;
+    (void)col_scale, (void)scale, (void)bias, (void)out_code, (void)out, (void)threads;
     return 1;
 #endif
 }
@@ -237,10 +312,10 @@ int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K,
                              int64_t N, const float* row_scale, const float* col_scale, const float* scale,
                              const void* bias, int64_t out_code, void* out, int64_t threads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    product c = {a, lda, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
+    product c = {a, lda, GROUP, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
     int32_t* row_sums;
     float* b;
-    if (product_setup(&c, bias, threads, &row_sums, &b)) return 1;
+    if (product_setup(&c, NULL, 1, bias, threads, &row_sums, &b)) return 1;
     uint32_t expand[256]; /* four 2-bit two's-complement codes -> four bytes of value + 1 (-1 -> 0, 0 -> 1, 1 -> 2) */
     for (int v = 0; v < 256; ++v) {
         uint32_t e = 0;

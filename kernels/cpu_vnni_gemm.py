@@ -1,11 +1,14 @@
-"""The ternary-operand int8 matmul with AVX-512 VNNI and its epilogue fused (``cpu_vnni_gemm.c``): route ``"vnni"``.
+"""The int8 matmul with AVX-512 VNNI and its epilogue fused (``cpu_vnni_gemm.c``): route ``"vnni"``.
 
 ``torch._int_mm`` writes its int32 product to memory, and the epilogue reads it back to scale it: 6 bytes of traffic
 per output element besides the GEMM, and on a Zen 4 the epilogue of a 2048 x 2816 product cost as much as a copy of
-those bytes (~0.7 ms against a ~14 ms GEMM). This kernel scales each tile while its sums are still in registers.
-The ternary operand is packed for ``vpdpbusd`` on every call, into a per-thread scratch buffer (shifted by one to
-unsigned bytes; the row sums of the other operand undo the shift exactly), and the epilogue is ``cpu_rows.h``'s,
-the reference's float operations. :func:`scaled_mm_i2` reads a 2-bit packed inference weight itself.
+those bytes (~0.7 ms against a ~14 ms GEMM); in a training step, where grad_weight's float32 output is fresh memory,
+the epilogues of the weight gradients alone took ~26 ms. This kernel scales each tile while its sums are still in
+registers. The right operand is packed for ``vpdpbusd`` on every call, into a per-thread scratch buffer (shifted to
+unsigned bytes: by one for a ternary operand, by 128 for a full-range one; the row sums of the left operand undo the
+shift exactly), and the epilogue is ``cpu_rows.h``'s, the reference's float operations. A left operand that is the
+transposed view of a row-major tensor (grad_weight's ``g.T``) is packed too, four values of its reduction at a time.
+:func:`scaled_mm_i2` reads a 2-bit packed inference weight itself.
 
 Built for this CPU on first use (``cpu_build.py``); :func:`available` is false where the build has no VNNI.
 """
@@ -23,8 +26,11 @@ from . import cpu_build
 from .scratch import ThreadScratch
 
 SOURCE = Path(__file__).with_name("cpu_vnni_gemm.c")
-#: This thread's buffer for ``b`` packed for ``vpdpbusd`` (``kernels/scratch.py``).
+#: This thread's buffers for ``b`` and for a transposed ``a`` packed for ``vpdpbusd`` (``kernels/scratch.py``).
 _PACKED = ThreadScratch(torch.uint8)
+_PACKED_A = ThreadScratch(torch.uint8)
+#: What ``b`` is shifted by to unsigned bytes: ternary values by one, full-range int8 by 128.
+_SHIFT = {True: 1, False: 128}
 #: The output codes of the C entry point: cpu_rows.h's dtype codes, and 3 for the raw int32 sums.
 _OUT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
 
@@ -37,9 +43,11 @@ def _library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int64
     library.bitnet_vnni_packed_size.argtypes = [i, i]
     library.bitnet_vnni_packed_size.restype = i
-    library.bitnet_vnni_pack.argtypes = [p, i, i, i, i, p, i]
+    library.bitnet_vnni_pack.argtypes = [p, i, i, i, i, i, p, i]
     library.bitnet_vnni_pack.restype = None
-    library.bitnet_vnni_scaled_mm.argtypes = [p, i, i, i, p, i, p, p, p, p, i, p, i]
+    library.bitnet_vnni_pack_columns.argtypes = [p, i, i, i, p, p, i]
+    library.bitnet_vnni_pack_columns.restype = None
+    library.bitnet_vnni_scaled_mm.argtypes = [p, i, p, i, i, p, i, i, p, p, p, p, i, p, i]
     library.bitnet_vnni_scaled_mm.restype = ctypes.c_int
     library.bitnet_vnni_scaled_mm_i2.argtypes = [p, i, i, i, p, i, i, p, p, p, p, i, p, i]
     library.bitnet_vnni_scaled_mm_i2.restype = ctypes.c_int
@@ -73,18 +81,32 @@ def scaled_mm(
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.int32,
     out: Tensor | None = None,
+    b_ternary: bool = True,
 ) -> Tensor:
     """``reference.scale_output(a @ b, row_scale, col_scale, scale, bias, out_dtype)`` for int8 ``a (M, K)`` and
-    ternary int8 ``b (K, N)`` (any strides); ``out_dtype=torch.int32`` returns the exact sums unscaled (into ``out``
+    int8 ``b (K, N)`` (any strides), exact wherever each sum fits in int32, as ``torch._int_mm``; ``b_ternary``
+    promises ``b`` holds only {-1, 0, 1}. ``out_dtype=torch.int32`` returns the exact sums unscaled (into ``out``
     where given: a contiguous ``(M, N)`` int32 tensor)."""
     library = _loaded()
-    a = _rows(a)
     m, k = a.shape
     n = b.shape[1]
+    threads = torch.get_num_threads()
     packed = _PACKED.get(library.bitnet_vnni_packed_size(k, n))  # read by the GEMM below, then free again
-    library.bitnet_vnni_pack(b.data_ptr(), b.stride(0), b.stride(1), k, n, packed.data_ptr(), torch.get_num_threads())
-    return _run(library.bitnet_vnni_scaled_mm, a, (packed.data_ptr(), n), n, row_scale, col_scale, scale, bias,
-                out_dtype, out)  # fmt: skip
+    library.bitnet_vnni_pack(b.data_ptr(), b.stride(0), b.stride(1), k, n, _SHIFT[b_ternary], packed.data_ptr(),
+                             threads)  # fmt: skip
+    b_args = (packed.data_ptr(), n, _SHIFT[b_ternary])
+    if a.stride(0) == 1 and a.stride(1) >= m and m > 1:
+        # The transposed view of a row-major (K, M) tensor: packed group-major with its row sums.
+        a_packed = _PACKED_A.get(library.bitnet_vnni_packed_size(k, m))
+        a_sums = torch.empty(m, dtype=torch.int32)
+        library.bitnet_vnni_pack_columns(a.data_ptr(), a.stride(1), k, m, a_packed.data_ptr(), a_sums.data_ptr(),
+                                         threads)  # fmt: skip
+        a_args = (a_packed.data_ptr(), 0, a_sums.data_ptr(), m, k)
+    else:
+        a = _rows(a)
+        a_args = (a.data_ptr(), a.stride(0), None, m, k)
+    return _run(library.bitnet_vnni_scaled_mm, a_args, b_args, (m, n), row_scale, col_scale, scale, bias, out_dtype,
+                out)  # fmt: skip
 
 
 def scaled_mm_i2(
@@ -102,9 +124,10 @@ def scaled_mm_i2(
     library = _loaded()
     a = _rows(a)
     b_packed = b_packed.contiguous()
+    m, k = a.shape
     n = b_packed.shape[0]
-    return _run(library.bitnet_vnni_scaled_mm_i2, a, (b_packed.data_ptr(), b_packed.shape[1], n), n, row_scale,
-                col_scale, scale, bias, out_dtype, None)  # fmt: skip
+    return _run(library.bitnet_vnni_scaled_mm_i2, (a.data_ptr(), a.stride(0), m, k), (b_packed.data_ptr(),
+                b_packed.shape[1], n), (m, n), row_scale, col_scale, scale, bias, out_dtype, None)  # fmt: skip
 
 
 def _loaded() -> ctypes.CDLL:
@@ -121,9 +144,9 @@ def _rows(a: Tensor) -> Tensor:
 
 def _run(
     entry,
-    a: Tensor,
+    a_args: tuple,
     b_args: tuple[int, ...],
-    n: int,
+    shape: tuple[int, int],
     row_scale: Tensor | None,
     col_scale: Tensor | None,
     scale: Tensor | None,
@@ -131,9 +154,9 @@ def _run(
     out_dtype: torch.dtype,
     out: Tensor | None,
 ) -> Tensor:
-    """Call a C entry point ``(a, lda, M, K, *b_args, N, row_scale, col_scale, scale, bias, out_code, out,
-    threads)`` and return its output."""
-    m, k = a.shape
+    """Call a C entry point ``(*a_args, *b_args, row_scale, col_scale, scale, bias, out_code, out, threads)`` and
+    return its ``(M, N)`` output."""
+    m, n = shape
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
     scales = [t.float().contiguous() if t is not None else None for t in (row_scale, col_scale, scale)]
@@ -142,10 +165,10 @@ def _run(
     # (the step profile of benchmarks/step_profile.py).
     with torch.profiler.record_function("bitnet_ao.gemm:vnni"):
         failed = entry(
-            a.data_ptr(), a.stride(0), m, k, *b_args,
+            *a_args, *b_args,
             *(t.data_ptr() if t is not None else None for t in scales), bias.data_ptr() if bias is not None else None,
             _OUT_CODES[out_dtype], out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     if failed:
-        raise MemoryError(f"bitnet_ao vnni matmul: out of memory for ({m}, {k}) @ ({k}, {n})")
+        raise MemoryError(f"bitnet_ao vnni matmul: out of memory for a ({m}, K) @ b (K, {n})")
     return out

@@ -1,6 +1,7 @@
-"""The fused ternary GEMM of route ``vnni`` (``kernels/cpu_vnni_gemm.c``): exact int32 sums against float64 products
-and the epilogue's float operations written out (docs/numerics.md#forward), on every small shape and layout, and the
-route itself in a BitNet linear. Skips on CPUs without AVX-512 VNNI (the other routes' tests cover them)."""
+"""The fused GEMM of route ``vnni`` (``kernels/cpu_vnni_gemm.c``): exact int32 sums against float64 products and the
+epilogue's float operations written out (docs/numerics.md#forward), on every small shape and layout of both kinds of
+right operand (ternary, full-range), and the route itself in a BitNet linear. Skips on CPUs without AVX-512 VNNI (the
+other routes' tests cover them)."""
 
 from __future__ import annotations
 
@@ -19,21 +20,43 @@ def _needs_vnni():
         pytest.skip("no AVX-512 VNNI on this CPU (or no C compiler): route vnni is not offered")
 
 
-def _operands(m: int, k: int, n: int, b_layout: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _operands(
+    m: int, k: int, n: int, b_layout: str, seed: int, ternary: bool = True, a_layout: str = "row-major"
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     a = random_int8(m, k, generator=g)
-    b = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
-    b = b.t() if b_layout == "weight.T" else b.t().contiguous()  # the forward's and grad_input's layouts
+    if a_layout == "transposed":  # grad_weight's g.T: the transposed view of a row-major (K, M) tensor
+        a = a.t().contiguous().t()
+    b = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g) if ternary else random_int8(n, k, generator=g)
+    b = b.t() if b_layout == "weight.T" else b.t().contiguous()  # the forward's (and grad_input's, grad_weight's)
     return a, b
 
 
+@pytest.mark.parametrize("a_layout", ["row-major", "transposed"])
+@pytest.mark.parametrize("ternary", [True, False], ids=["ternary", "full-range"])
 @pytest.mark.parametrize("b_layout", ["weight.T", "row-major"])
-def test_sums_are_exact_on_every_small_shape(b_layout):
-    """Rows past a 6-row block, columns past a 64-column panel, reductions past a 4-byte group."""
-    for m, k, n in itertools.product((1, 5, 6, 7, 13), (1, 3, 4, 5, 67), (1, 63, 64, 65, 130)):
-        a, b = _operands(m, k, n, b_layout, m * 1000 + k * 10 + n)
-        out = cpu_vnni_gemm.scaled_mm(a, b)
+def test_sums_are_exact_on_every_small_shape(b_layout, ternary, a_layout):
+    """Rows past a 6-row block, columns past a 64-column panel, reductions past a 4-byte group; both shifts of ``b``
+    and both ways ``a`` is read (its rows, or packed from a transposed view)."""
+    for m, k, n in itertools.product((1, 5, 6, 7, 13, 70), (1, 3, 4, 5, 67), (1, 63, 64, 65, 130)):
+        a, b = _operands(m, k, n, b_layout, m * 1000 + k * 10 + n, ternary, a_layout)
+        out = cpu_vnni_gemm.scaled_mm(a, b, b_ternary=ternary)
         assert out.dtype == torch.int32 and torch.equal(out.long(), (a.double() @ b.double()).long()), (m, k, n)
+
+
+@pytest.mark.parametrize("a_layout", ["row-major", "transposed"])
+def test_full_range_sums_are_exact_where_the_shifted_ones_overflow(a_layout):
+    """127 against 127 over 70001 terms: the exact sum (1.13e9) fits in int32, the shifted one (255 * 127 per term,
+    2.27e9) does not, and the shift must still come back out exactly; and -128 against -128, whose shifted b is 0."""
+    k = 70001
+    a = torch.full((7, k), 127, dtype=torch.int8)
+    a[3] = -128
+    b = torch.full((k, 66), 127, dtype=torch.int8)
+    b[:, 1::2] = -128
+    if a_layout == "transposed":
+        a = a.t().contiguous().t()
+    out = cpu_vnni_gemm.scaled_mm(a, b, b_ternary=False)
+    assert torch.equal(out.long(), (a.double() @ b.double()).long())
 
 
 def test_sums_are_exact_at_the_extremes():
@@ -55,10 +78,11 @@ def test_a_strided_left_operand_is_read_correctly():
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("factors", ["row+scale", "row+col", "row+scale+bias", "scale"])
-def test_the_fused_epilogue_is_the_reference_one(out_dtype, factors):
+@pytest.mark.parametrize("a_layout", ["row-major", "transposed"])
+def test_the_fused_epilogue_is_the_reference_one(out_dtype, factors, a_layout):
     """((acc * row) * col) * scale in float32, rounded to the output dtype, then + bias in that dtype."""
     m, k, n = 13, 200, 130
-    a, b = _operands(m, k, n, "weight.T", 7)
+    a, b = _operands(m, k, n, "weight.T", 7, a_layout=a_layout)
     g = torch.Generator().manual_seed(8)
     row = torch.rand(m, generator=g) if "row" in factors else None
     col = torch.rand(n, generator=g) if "col" in factors else None
