@@ -80,11 +80,7 @@ void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_
             uint32_t* out = dst + g * PANEL;
             const int64_t k0 = g * GROUP;
             if (k0 + GROUP <= K && sk == 1) {
-                for (int64_t j = 0; j < cols; ++j) {
-                    uint32_t v;
-                    memcpy(&v, b + k0 + (p * PANEL + j) * sn, 4);
-                    out[j] = bytes_plus(v, sh);
-                }
+                continue; /* below, a column at a time */
             } else if (k0 + GROUP <= K && sn == 1) {
                 const uint8_t* r0 = (const uint8_t*)b + k0 * sk + p * PANEL;
                 interleave4(r0, r0 + sk, r0 + 2 * sk, r0 + 3 * sk, sh, cols, out);
@@ -98,6 +94,15 @@ void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_
             }
             for (int64_t j = cols; j < PANEL; ++j) out[j] = 0;
         }
+        if (sk == 1) /* contiguous along K (the forward's W.T): each column's whole groups, read in one sweep */
+            for (int64_t j = 0; j < cols; ++j) {
+                const int8_t* col = b + (p * PANEL + j) * sn;
+                for (int64_t g = 0; g < K / GROUP; ++g) {
+                    uint32_t v;
+                    memcpy(&v, col + g * GROUP, 4);
+                    dst[g * PANEL + j] = bytes_plus(v, sh);
+                }
+            }
     }
 }
 
