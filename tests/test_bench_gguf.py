@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_gguf
 from benchmarks.model import KVCache, ModelConfig, Transformer, generate
@@ -139,3 +140,37 @@ def test_llama_decode_loop_continues_its_prompt(tmp_path: Path) -> None:
     assert len(clear) >= 0.75 * len(tokens), f"near-ties at {len(tokens) - len(clear)} of {len(tokens)} positions"
     assert all(agrees for _, agrees in clear), [i for i, agrees in clear if not agrees]
     assert bench_gguf.llama_generate(llm, [7], args.new_tokens) == tokens, "reset() empties the cache"
+
+
+
+class _LinearOutputs(TorchDispatchMode):
+    """The outputs of every C++ decode linear called under it, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.bitnet_ao.packed_linear_cpu.default:
+            self.outputs.append(out.clone())
+        return out
+
+
+def test_the_decode_breakdown_replays_every_block_linear_of_a_token() -> None:
+    """The linears' share is timed on what one decode step calls: the C++ decode linear once per block linear, with
+    the step's own arguments (the replay gives the step's outputs), and nothing else."""
+    from bitnet_ao.kernels import cpu_ops
+
+    if not cpu_ops.available():
+        pytest.skip("no C++ compiler: the decode linear is not registered")
+    config = ModelConfig(vocab_size=256, **bench_gguf.PRESETS["quick"])
+    _, packed = bench_gguf.build_bitnet(config, torch.float32)
+    cache = KVCache(config, 1, torch.float32, "cpu")
+    with torch.inference_mode():
+        packed(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+        with bench_gguf._PackedLinearCalls() as recorded, _LinearOutputs() as seen:
+            packed(torch.ones(1, 1, dtype=torch.long), cache=cache)
+        replayed = [torch.ops.bitnet_ao.packed_linear_cpu(*args) for args in recorded.calls]
+    assert len(recorded.calls) == len(bench_gguf.block_linears(packed)) == len(seen.outputs)
+    assert all(torch.equal(r, o) for r, o in zip(replayed, seen.outputs, strict=True))
