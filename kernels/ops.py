@@ -12,14 +12,15 @@ The math each op must reproduce is in ``reference.py``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from . import cpu_ops, reference, torch_backend
-from .private_api import check, dispatch_mode_active
+from .private_api import check, dense_tensor, dispatch_mode_active, profiler_enabled
 
 _BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
 #: Backend used for a device type when none is forced; devices not listed use "torch".
@@ -63,6 +64,56 @@ def right_operand_either_layout(t: Tensor) -> bool:
     return backend_for(t).right_operand_either_layout(t)
 
 
+class _EagerOp:
+    """A ``torch.library`` custom op that eager code calls without the dispatcher: calling it runs its implementation
+    directly when nothing needs to see the op (eager mode, plain tensors, no dispatch mode, no gradient asked of it),
+    under a profiler inside a range of the op's name, and the op otherwise (torch.compile and torch.export traces, fake
+    tensors, FLOP and communication counters, tensor subclasses).
+
+    Why: the dispatcher's round trip into a Python op costs ~30 µs (its autograd wrapper, the redispatch), and a
+    BitNet linear calls six to eight ops per training step: 4-5 ms of a step of the main job, and in a decode step
+    more than the matmul of a 1024 x 1024 weight. ``op`` is the custom op itself (``opcheck``, fake
+    implementations, ``torch.ops.bitnet_ao``)."""
+
+    def __init__(self, name: str, fn: Callable) -> None:
+        self.op = torch.library.custom_op(name, fn, mutates_args=())
+        self.fn = fn
+        self.profile_name = name
+        functools.update_wrapper(self, fn)
+
+    def register_fake(self, fake: Callable) -> Callable:
+        return self.op.register_fake(fake)
+
+    def __call__(self, *args, **kwargs):
+        if not _runs_directly((*args, *kwargs.values())):
+            return self.op(*args, **kwargs)
+        if profiler_enabled():  # a profile still shows the op by its name
+            with torch.profiler.record_function(self.profile_name):
+                return self.fn(*args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+def _custom_op(name: str) -> Callable[[Callable], _EagerOp]:
+    """``torch.library.custom_op(name, mutates_args=())`` as an :class:`_EagerOp`."""
+    return lambda fn: _EagerOp(name, fn)
+
+
+def _runs_directly(args: tuple) -> bool:
+    """Whether an op may run its implementation on ``args`` without the dispatcher: nothing traces or intercepts
+    it, every tensor is a plain dense one (no subclass, functorch wrapper, functional or meta tensor), and no input
+    needs a gradient (the ops have no autograd formula: the op decides what such a call gets)."""
+    if torch.compiler.is_compiling() or dispatch_mode_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad) or not dense_tensor(a)):
+            return False
+    return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _check_2d(name: str, t: Tensor, what: str) -> None:
     check(t.dim() == 2, lambda: f"bitnet_ao.{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
 
@@ -77,7 +128,7 @@ def _check_float(name: str, t: Tensor, what: str) -> None:
 # --- activations and output gradients: per-row int8 ---------------------------------------------------
 
 
-@torch.library.custom_op("bitnet_ao::quantize_rowwise", mutates_args=())
+@_custom_op("bitnet_ao::quantize_rowwise")
 def quantize_rowwise(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-row int8 quantization: ``(x_q int8 (M, K), s float32 (M,))``, see ``reference.quantize_rowwise``."""
     _check_2d("quantize_rowwise", x, "x")
@@ -101,7 +152,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return backend_for(x).rms_norm(x, weight, eps)
 
 
-@torch.library.custom_op("bitnet_ao::rms_norm_quantize_rowwise", mutates_args=())
+@_custom_op("bitnet_ao::rms_norm_quantize_rowwise")
 def rms_norm_quantize_rowwise(
     x: Tensor, weight: Tensor, norm_eps: float, norm_dtype: torch.dtype, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,7 +174,7 @@ def _(x, weight, norm_eps, norm_dtype, eps):
     )
 
 
-@torch.library.custom_op("bitnet_ao::rms_norm_backward", mutates_args=())
+@_custom_op("bitnet_ao::rms_norm_backward")
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of the RMSNorm for its input and its gain, see ``reference.rms_norm_backward``."""
     _check_2d("rms_norm_backward", x, "x")
@@ -139,7 +190,7 @@ def _(dy, x, weight, rstd):
 # --- weight-gradient operand: grad_output * s_x, per-column int8 ----------------------------------------
 
 
-@torch.library.custom_op("bitnet_ao::quantize_colwise_scaled", mutates_args=())
+@_custom_op("bitnet_ao::quantize_colwise_scaled")
 def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``g * row_scale[:, None]`` quantized per column: ``(g_q int8 (M, N), s float32 (N,))``."""
     _check_2d("quantize_colwise_scaled", g, "g")
@@ -153,7 +204,7 @@ def _(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return g.new_empty(g.shape, dtype=torch.int8), g.new_empty(g.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("bitnet_ao::quantize_grad_output", mutates_args=())
+@_custom_op("bitnet_ao::quantize_grad_output")
 def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`quantize_rowwise` and :func:`quantize_colwise_scaled` of the same ``g`` in one pass: ``(g_q int8
     (M, N), s float32 (M,), g'_q int8 (M, N), s' float32 (N,))``, see ``reference.quantize_grad_output``."""
@@ -173,7 +224,7 @@ def _(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor,
 # --- weights: abs-mean statistics, ternary / binary values ------------------------------------------------
 
 
-@torch.library.custom_op("bitnet_ao::weight_stats", mutates_args=())
+@_custom_op("bitnet_ao::weight_stats")
 def weight_stats(w: Tensor) -> Tensor:
     """``(sum |w|, sum w)`` in float64, shape ``(2,)``: the all-reducible form of the weight scales."""
     _check_float("weight_stats", w, "weight")
@@ -185,7 +236,7 @@ def _(w: Tensor) -> Tensor:
     return w.new_empty(2, dtype=torch.float64)
 
 
-@torch.library.custom_op("bitnet_ao::ternarize", mutates_args=())
+@_custom_op("bitnet_ao::ternarize")
 def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
     """Ternary int8 weight ``clamp(round(w / max(scale, 1e-5)), -1, 1)``; ``transpose`` writes ``(K, N)``."""
     _check_2d("ternarize", w, "weight")
@@ -199,7 +250,7 @@ def _(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
     return w.new_empty(shape, dtype=torch.int8)
 
 
-@torch.library.custom_op("bitnet_ao::binarize", mutates_args=())
+@_custom_op("bitnet_ao::binarize")
 def binarize(w: Tensor, center: Tensor, transpose: bool) -> Tensor:
     """Binary int8 weight ``sign(w - center)`` (0 -> +1); ``transpose`` writes ``(K, N)``."""
     _check_2d("binarize", w, "weight")
@@ -229,7 +280,7 @@ def _check_mm(a: Tensor, b: Tensor) -> None:
     )
 
 
-@torch.library.custom_op("bitnet_ao::scaled_int8_mm", mutates_args=())
+@_custom_op("bitnet_ao::scaled_int8_mm")
 def scaled_int8_mm(
     a: Tensor,
     b: Tensor,
@@ -254,7 +305,7 @@ def _(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=False):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("bitnet_ao::scaled_int8_mm_packed", mutates_args=())
+@_custom_op("bitnet_ao::scaled_int8_mm_packed")
 def scaled_int8_mm_packed(
     a: Tensor,
     b_packed: Tensor,
@@ -328,7 +379,7 @@ def _packed_linear(
     return backend.scaled_int8_mm_packed(x_q, b_packed, k, True, s, None, scale, bias, out_dtype, bits)
 
 
-@torch.library.custom_op("bitnet_ao::packed_linear", mutates_args=())
+@_custom_op("bitnet_ao::packed_linear")
 def packed_linear(
     x: Tensor,
     norm_weight: Tensor | None,
@@ -366,38 +417,28 @@ def run_packed_linear(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """:func:`packed_linear`, calling its implementation directly when nothing needs to see the op: in eager mode,
-    on plain tensors, with no dispatch mode on. Decoding a token calls it once per linear, and the dispatcher's
-    round trip into a Python op (~40 µs) costs more than the decode matmul of a 1024 x 1024 weight (~25 µs)."""
+    """:func:`packed_linear`, through the operator registered in C++ for decode-sized CPU inputs, which compiled
+    code calls without Python (``cpu_ops.cpp``)."""
     args = (x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype)
     if backend_for(x) is torch_backend and torch_backend.decode_linear_applies(x, k, out_dtype) and cpu_ops.available():
-        # Decode on CPU: the operator registered in C++, which compiled code calls without Python (cpu_ops.cpp).
         return torch.ops.bitnet_ao.packed_linear_cpu(*args)
-    tensors = (x, norm_weight, b_packed, scale, bias)
-    direct = not torch.compiler.is_compiling() and not dispatch_mode_active()
-    if direct and all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors):
-        if (
-            x.dim() != 2
-            or b_packed.dim() != 2
-            or x.shape[1] != k
-            or b_packed.shape[1] != reference.packed_columns(k, bits)
-        ):
-            _check_packed(x, b_packed, k, True, bits)  # raises the op's error
-        return _packed_linear(*args)
     return packed_linear(*args)
 
 
 #: Every custom op this module registers, for code that must cover them all (opcheck, docs).
-OPS = (
-    quantize_rowwise,
-    rms_norm_quantize_rowwise,
-    rms_norm_backward,
-    quantize_colwise_scaled,
-    quantize_grad_output,
-    weight_stats,
-    ternarize,
-    binarize,
-    scaled_int8_mm,
-    scaled_int8_mm_packed,
-    packed_linear,
+OPS = tuple(
+    op.op
+    for op in (
+        quantize_rowwise,
+        rms_norm_quantize_rowwise,
+        rms_norm_backward,
+        quantize_colwise_scaled,
+        quantize_grad_output,
+        weight_stats,
+        ternarize,
+        binarize,
+        scaled_int8_mm,
+        scaled_int8_mm_packed,
+        packed_linear,
+    )
 )

@@ -11,6 +11,7 @@ Checked on torch 2.13.0 and Triton 3.9.0 (:data:`CHECKED_ON`).
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections.abc import Callable
@@ -26,6 +27,33 @@ CHECKED_ON = {"torch": "2.13.0", "triton": "3.9.0"}
 #: false, and records the condition as a guard on symbolic sizes, so the ops' input checks also hold inside a
 #: torch.compile trace and in the fake implementations (torch.library's guide for custom ops uses it).
 check = torch._check
+
+
+def dense_tensor(t: Tensor) -> bool:
+    """Whether ``t`` is a plain dense CPU or CUDA tensor, nothing wrapped around or into it: its dispatch keys
+    (torch 2.13.0: ``torch._C._dispatch_keys``) are those of a new tensor of its device, in or out of inference
+    mode. A functorch wrapper (``vmap``, ``grad``), a functional tensor, a meta tensor or a ``__torch_dispatch__``
+    subclass each carry another key, and only the dispatcher handles them."""
+    if t.device.type not in ("cpu", "cuda"):
+        return False
+    keys = torch._C._dispatch_keys(t)
+    return any(keys == plain for plain in _plain_dispatch_keys(t.device.type))
+
+
+@functools.cache
+def _plain_dispatch_keys(device_type: str) -> tuple:
+    """The dispatch keys of a new tensor of ``device_type``, outside and inside inference mode (torch 2.13.0)."""
+    with torch.inference_mode():
+        inference = torch._C._dispatch_keys(torch.empty(0, device=device_type))
+    with torch.inference_mode(False):
+        return torch._C._dispatch_keys(torch.empty(0, device=device_type)), inference
+
+
+def profiler_enabled() -> bool:
+    """Whether a ``torch.profiler`` (or autograd profiler) session is recording on this thread (torch 2.13.0:
+    ``torch.autograd._profiler_enabled``, 0.1 µs): opening a ``record_function`` range costs ~6 µs even with no
+    profiler, so the ops that skip the dispatcher name themselves in a profile only when one records."""
+    return torch.autograd._profiler_enabled()
 
 
 def dispatch_mode_active() -> bool:

@@ -268,6 +268,44 @@ def test_opcheck(op):
     torch.library.opcheck(op, samples[op._name])
 
 
+def test_eager_calls_run_the_implementation_and_anything_that_watches_gets_the_op(monkeypatch):
+    """``kernels.<op>`` in eager mode on plain tensors skips the dispatcher (~30 µs a call) and gives the op's
+    results; a dispatch mode, a meta tensor or an input that needs a gradient still goes through the op, and a
+    profile still names the op (tests/test_private_api.py: which tensors count as plain)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def through_the_op(*args, **kwargs):
+        raise AssertionError("went through the op")
+
+    for name, args in _opcheck_samples().items():
+        direct, dispatched = getattr(kernels, name), getattr(torch.ops.bitnet_ao, name)
+        for got, expected in zip(_as_tuple(direct(*args)), _as_tuple(dispatched(*args)), strict=True):
+            assert torch.equal(got, expected), name
+        monkeypatch.setattr(direct, "op", through_the_op)
+        direct(*args)
+        with Watch(), pytest.raises(AssertionError, match="went through the op"):
+            direct(*args)
+        i = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
+        needs_grad = (*args[:i], args[i].detach().requires_grad_(), *args[i + 1 :])
+        with pytest.raises(AssertionError, match="went through the op"):
+            direct(*needs_grad)
+        meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)  # shapes only: no data
+        with pytest.raises(AssertionError, match="went through the op"):
+            direct(*meta)
+    x = torch.randn(4, 8)
+    with torch.profiler.profile() as prof:
+        kernels.quantize_rowwise(x, 1e-5)
+    assert "bitnet_ao::quantize_rowwise" in {e.name for e in prof.events()}
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
 def test_compiled_path_survives_more_variants_than_dynamos_recompile_limit(monkeypatch):
     """A training process meets many variants of one body (dtypes x eps x layouts); the compiled path must not hit
     dynamo's per-code-object recompile limit (8), which is a hard error under fullgraph."""

@@ -84,6 +84,43 @@ def test_dispatch_mode_active_only_inside_a_mode():
     assert not kernels_private_api.dispatch_mode_active()
 
 
+def test_dense_tensor_is_false_for_everything_the_dispatcher_must_handle():
+    from torch.func import functionalize, grad, vmap
+
+    seen = {}
+
+    def probe(name):
+        def f(x):
+            seen[name] = kernels_private_api.dense_tensor(x)
+            return x.sum()
+
+        return f
+
+    assert kernels_private_api.dense_tensor(torch.randn(2))
+    assert kernels_private_api.dense_tensor(torch.nn.Parameter(torch.randn(2)))
+    assert kernels_private_api.dense_tensor(torch.zeros(2, dtype=torch.int8))
+    with torch.inference_mode():
+        assert kernels_private_api.dense_tensor(torch.randn(2))
+    assert not kernels_private_api.dense_tensor(torch.randn(2, device="meta"))
+    vmap(probe("vmap"))(torch.randn(3, 2))
+    functionalize(probe("functionalize"))(torch.randn(2))
+    grad(probe("grad"))(torch.randn(2))
+    assert seen == {"vmap": False, "functionalize": False, "grad": False}
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.randn(2)
+    assert not kernels_private_api.dense_tensor(fake)
+
+
+def test_profiler_enabled_only_while_a_profiler_records():
+    assert not kernels_private_api.profiler_enabled()
+    with torch.profiler.profile():
+        assert kernels_private_api.profiler_enabled()
+    assert not kernels_private_api.profiler_enabled()
+
+
 def test_disable_torch_function_subclass_bypasses_the_override():
     t = torch.ones(3).as_subclass(_Marked)
     _Marked.calls.clear()
