@@ -142,7 +142,6 @@ def test_llama_decode_loop_continues_its_prompt(tmp_path: Path) -> None:
     assert bench_gguf.llama_generate(llm, [7], args.new_tokens) == tokens, "reset() empties the cache"
 
 
-
 class _LinearOutputs(TorchDispatchMode):
     """The outputs of every C++ decode linear called under it, in order."""
 
