@@ -144,6 +144,9 @@ def bench_quantization(
              functools.partial(torch_backend.scale_output, acc.new_ones(n, k), s_g, None, None, None, torch.float32),
              n * k * 8 + n * 4),
         ]  # fmt: skip
+        x_q = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
+        if kernels.prepacks_operand(x_q, b_ternary=False):  # grad_weight's operand, packed in the forward
+            cases.append(("pack_operand", (m, k), functools.partial(kernels.pack_operand, x_q, False), m * k * 2))
         for name, shape, fn, nbytes in cases:
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
                 continue

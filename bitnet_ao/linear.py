@@ -11,8 +11,9 @@ Backward (straight-through estimator, reference: the fake-quant module ``y = x_f
 
 The function never looks at what kind of weight it got: every weight kind (the master-weight subclass, the FSDP2
 packed all-gather output, ...) implements :class:`BitNetWeight`, and the function only calls its methods.
-Saved for backward (docs/numerics.md#saved-for-backward, :class:`_Saved`): ``x_q`` (int8), ``s_x``, the weight's
-:class:`WeightQuantization` and the weight object itself (the parameter, no copy).
+Saved for backward (docs/numerics.md#saved-for-backward, :class:`_Saved`): ``x_q`` (int8; packed for grad_weight's
+matmul where the device's matmul takes it packed), ``s_x``, the weight's :class:`WeightQuantization` and the weight
+object itself (the parameter, no copy).
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ class _Saved(NamedTuple):
     """What the forward saves for the backward (docs/numerics.md#saved-for-backward), in ``save_for_backward``'s
     order. Tensors only (or ``None``), so that saved-tensor hooks (offloading, checkpointing) see all of them."""
 
+    #: The int8 input, or, where grad_weight's matmul takes its right operand packed ahead of time
+    #: (``kernels.prepacks_operand``), that operand packed in the forward, while ``x_q`` is in cache: read again
+    #: in the backward, ``x_q`` came from memory, and packing it there cost twice the packing here.
     x_q: Tensor
     s_x: Tensor
     #: The parameter itself, no copy: the backward quantizes it again with the saved scale.
@@ -182,8 +186,16 @@ class _BitNetLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, weight.shape[1])
         norm = InputNorm(norm_weight, options.norm_eps) if norm_weight is not None else None
         fwd = _forward(x2, weight, bias=bias, out_dtype=options.out_dtype, norm=norm, gather=options.gather)
+        config = weight.config
+        # One scale per token (no groups), an INT8 grad_weight to come, and a matmul that takes its operand packed.
+        prepacked = (
+            ctx.needs_input_grad[1]
+            and config.int8_grad_weight
+            and fwd.s_x.dim() == 1
+            and kernels.prepacks_operand(fwd.x_q, b_ternary=False)
+        )
         saved = _Saved(
-            x_q=fwd.x_q,
+            x_q=kernels.pack_operand(fwd.x_q, False) if prepacked else fwd.x_q,
             s_x=fwd.s_x,
             weight=weight,
             scale=fwd.q.scale,
@@ -193,7 +205,8 @@ class _BitNetLinearFunction(torch.autograd.Function):
             rstd=fwd.rstd,
         )
         ctx.save_for_backward(*saved)
-        ctx.config = weight.config
+        ctx.config = config
+        ctx.x_prepacked = prepacked
         ctx.x_shape = x.shape
         ctx.norm = norm is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -243,7 +256,13 @@ class _BitNetLinearFunction(torch.autograd.Function):
         if needs_grad_weight:
             # s_x is (M,), or (M, G) for row-parallel groups: then each block of K / G columns has its own.
             groups = s_x.shape[1] if s_x.dim() == 2 else 1
-            if config.int8_grad_weight:
+            if ctx.x_prepacked:
+                g_q, s_g = g_cols or kernels.quantize_colwise_scaled(g, s_x, GRADIENT_EPS)
+                grad_w = kernels.scaled_int8_mm_prepacked(
+                    g_q.t(), x_q, weight.shape[1], row_scale=s_g, col_scale=None, scale=None, bias=None,
+                    out_dtype=weight.dtype, b_ternary=False,
+                )  # fmt: skip
+            elif config.int8_grad_weight:
                 blocks = []
                 per_group = zip(x_q.chunk(groups, dim=1), s_x.reshape(s_x.shape[0], groups).unbind(1), strict=True)
                 for x_q_g, s_x_g in per_group:

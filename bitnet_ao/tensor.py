@@ -70,10 +70,13 @@ T = TypeVar("T")
 
 
 class _StepValues(NamedTuple):
-    """A master weight's quantization and its ``(N, K)`` int8 values."""
+    """A master weight's quantization and its ``(N, K)`` int8 values, or, where the matmul takes its right operand
+    packed (``kernels.prepacks_operand``), both its operands packed: ``W_q`` for ``grad_input`` and ``W_q.T`` for
+    the forward (indexed by ``transpose``), one pass each while the values are in cache."""
 
     q: WeightQuantization
-    values: Tensor
+    values: Tensor | None
+    packed: tuple[Tensor, Tensor] | None
 
 
 class _OptimizerSteps:
@@ -191,6 +194,11 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
         # at the same speed, whichever needs no transposition (a transposing write costs 4-7x a plain one).
         w = self._data
         step = self._step_values()
+        if step is not None and step.q.scale is q.scale and step.packed is not None:  # the forward's, packed
+            return kernels.scaled_int8_mm_prepacked(
+                a, step.packed[transpose], self.shape[0] if transpose else self.shape[1], row_scale=row_scale,
+                col_scale=None, scale=q.scale, bias=bias, out_dtype=out_dtype, b_ternary=True,
+            )  # fmt: skip
         if step is not None and step.q.scale is q.scale:  # the forward's quantization: its values, no new pass
             b = step.values.t() if transpose else step.values
             return scaled_mm_groups(
@@ -226,7 +234,8 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
     def _step_values(self) -> _StepValues | None:
         """The quantization and ``(N, K)`` int8 values of this weight as it is now, made once and shared by the
         forward and ``grad_input`` of every micro-step until the weight changes (:meth:`_version_key`), where one
-        tensor serves both matmuls: a backend that takes either layout of the right operand (``torch._int_mm``).
+        tensor serves both matmuls: a backend that takes either layout of the right operand (``torch._int_mm``), or
+        one that takes it packed (route ``vnni``: both layouts packed once, then no packing in either matmul).
         ``None`` elsewhere, for group scales, while torch.compile traces (it fuses the ternarization), and in
         inference mode (its tensors could not be saved for a later training step's backward)."""
         w = self._data
@@ -240,7 +249,12 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
 
         def build() -> _StepValues:
             q = weight_quantization(w, self.config)
-            return _StepValues(q, quantize_weight(w, q, weights=self.config.weights, transpose=False))
+            values = quantize_weight(w, q, weights=self.config.weights, transpose=False)
+            if kernels.prepacks_operand(values, b_ternary=True):
+                return _StepValues(
+                    q, None, (kernels.pack_operand(values, True), kernels.pack_operand(values.t(), True))
+                )
+            return _StepValues(q, values, None)
 
         return self._per_version("_step", build)
 

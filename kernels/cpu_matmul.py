@@ -285,6 +285,14 @@ def fused_scaled_mm(
         return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary)
 
 
+@torch.compiler.assume_constant_result
+def prepacks(b_ternary: bool) -> bool:
+    """Whether this CPU's route for the kind of ``b`` takes a right operand packed ahead of time (``"vnni"``:
+    ``cpu_vnni_gemm.pack``), which spares its matmul the packing. A constant of compiled graphs, as
+    :func:`right_operand_k_contiguous`."""
+    return routes()["ternary" if b_ternary else "full"] == "vnni"
+
+
 def ternary_layout(b: Tensor, route: str) -> Tensor:
     """The ternary right operand ``b (K, N)`` laid out as the BitNet weight writes it for ``route``: contiguous
     along the reduction (a ``.t()`` view of a row-major ``(N, K)``) or row-major."""

@@ -29,11 +29,6 @@ int bitnet_vnni_available(void) {
 #endif
 }
 
-/* Bytes of the packed b of a (K, N) operand. */
-int64_t bitnet_vnni_packed_size(int64_t K, int64_t N) {
-    return ((N + PANEL - 1) / PANEL) * ((K + GROUP - 1) / GROUP) * PANEL * GROUP;
-}
-
 /* Each byte of x plus shift (1 or 128) modulo 256, without carries between bytes. */
 static inline uint32_t bytes_plus(uint32_t x, uint8_t shift) {
     const uint32_t s = 0x01010101u * shift;
@@ -65,77 +60,102 @@ static inline void interleave4(const uint8_t* r0, const uint8_t* r1, const uint8
                  (uint32_t)(uint8_t)(r2[j] + shift) << 16 | (uint32_t)(uint8_t)(r3[j] + shift) << 24;
 }
 
-/* Pack b (K, N), element (k, n) at b[k * sk + n * sn], plus shift as described above: four bytes (one int32) at a
- * time where b is contiguous along K (the forward's W.T) or along N (grad_input's W, grad_weight's x), else byte by
- * byte. */
+/* Pack b (K, N), element (k, n) at b[k * sk + n * sn], plus shift as described above, reading b along its
+ * contiguous dimension: where b is contiguous along N (grad_input's W, grad_weight's x) threads split the groups of
+ * K and each reads four whole rows into every panel; where it is contiguous along K (the forward's W.T) they split
+ * the panels and each reads a column's groups in one sweep; otherwise byte by byte. */
 void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int64_t shift, uint8_t* packed,
                       int64_t threads) {
     const uint8_t sh = (uint8_t)shift;
     const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
+    uint32_t* const out = (uint32_t*)packed;
+    if (sn == 1 && sk != 1) {
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t k0 = g * GROUP;
+            for (int64_t p = 0; p < panels; ++p) {
+                uint32_t* dst = out + (p * groups + g) * PANEL;
+                const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+                if (k0 + GROUP <= K) {
+                    const uint8_t* r0 = (const uint8_t*)b + k0 * sk + p * PANEL;
+                    interleave4(r0, r0 + sk, r0 + 2 * sk, r0 + 3 * sk, sh, cols, dst);
+                } else {
+                    for (int64_t j = 0; j < cols; ++j) {
+                        uint8_t v[GROUP] = {0};
+                        for (int64_t t = 0; k0 + t < K; ++t) v[t] = (uint8_t)(b[(k0 + t) * sk + p * PANEL + j] + sh);
+                        memcpy(dst + j, v, 4);
+                    }
+                }
+                for (int64_t j = cols; j < PANEL; ++j) dst[j] = 0;
+            }
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads((int)threads)
     for (int64_t p = 0; p < panels; ++p) {
-        uint32_t* dst = (uint32_t*)(packed + p * groups * PANEL * GROUP);
+        uint32_t* dst = out + p * groups * PANEL;
         const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
-        for (int64_t g = 0; g < groups; ++g) {
-            uint32_t* out = dst + g * PANEL;
-            const int64_t k0 = g * GROUP;
-            if (k0 + GROUP <= K && sk == 1) {
-                continue; /* below, a column at a time */
-            } else if (k0 + GROUP <= K && sn == 1) {
-                const uint8_t* r0 = (const uint8_t*)b + k0 * sk + p * PANEL;
-                interleave4(r0, r0 + sk, r0 + 2 * sk, r0 + 3 * sk, sh, cols, out);
-            } else {
-                for (int64_t j = 0; j < cols; ++j) {
-                    uint8_t v[GROUP] = {0};
-                    for (int64_t t = 0; t < GROUP && k0 + t < K; ++t)
-                        v[t] = (uint8_t)(b[(k0 + t) * sk + (p * PANEL + j) * sn] + sh);
-                    memcpy(out + j, v, 4);
-                }
+        const int64_t whole = sk == 1 ? K / GROUP : 0; /* groups read 4 bytes at a time */
+        for (int64_t j = 0; j < cols; ++j) {
+            const int8_t* col = b + (p * PANEL + j) * sn;
+            for (int64_t g = 0; g < whole; ++g) {
+                uint32_t v;
+                memcpy(&v, col + g * GROUP, 4);
+                dst[g * PANEL + j] = bytes_plus(v, sh);
             }
-            for (int64_t j = cols; j < PANEL; ++j) out[j] = 0;
+            for (int64_t g = whole; g < groups; ++g) {
+                uint8_t v[GROUP] = {0};
+                for (int64_t t = 0; t < GROUP && g * GROUP + t < K; ++t) v[t] = (uint8_t)(col[(g * GROUP + t) * sk] + sh);
+                memcpy(dst + g * PANEL + j, v, 4);
+            }
         }
-        if (sk == 1) /* contiguous along K (the forward's W.T): each column's whole groups, read in one sweep */
-            for (int64_t j = 0; j < cols; ++j) {
-                const int8_t* col = b + (p * PANEL + j) * sn;
-                for (int64_t g = 0; g < K / GROUP; ++g) {
-                    uint32_t v;
-                    memcpy(&v, col + g * GROUP, 4);
-                    dst[g * PANEL + j] = bytes_plus(v, sh);
-                }
-            }
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t j = cols; j < PANEL; ++j) dst[g * PANEL + j] = 0;
     }
 }
 
 /* The transpose A (M, K) of a_t (K, M) (rows lda apart) packed group-major for the kernel: for each group of 4 rows of
- * a_t, M int32 (column m's 4 bytes, zero past K); sums[m] = the sum of column m. Threads split the columns. */
-void bitnet_vnni_pack_columns(const int8_t* a_t, int64_t lda, int64_t K, int64_t M, uint8_t* packed, int32_t* sums,
-                              int64_t threads) {
-    enum { CHUNK = 64 };
-    const int64_t groups = (K + GROUP - 1) / GROUP, chunks = (M + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) num_threads((int)threads)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t m0 = c * CHUNK, cols = M - m0 < CHUNK ? M - m0 : CHUNK;
-        int32_t s[CHUNK] = {0};
+ * a_t, M int32 (column m's 4 bytes, zero past K); sums[m] = the sum of column m. Threads split the groups, reading
+ * four whole rows each (every write is sequential too), and add their column sums at the end. Nonzero when out of
+ * memory. */
+int bitnet_vnni_pack_columns(const int8_t* a_t, int64_t lda, int64_t K, int64_t M, uint8_t* packed, int32_t* sums,
+                             int64_t threads) {
+    const int64_t groups = (K + GROUP - 1) / GROUP, nt = threads > 0 ? threads : 1;
+    int32_t* partial = (int32_t*)calloc((size_t)(nt * (M > 0 ? M : 1)), sizeof(int32_t));
+    if (partial == NULL) return 1;
+#pragma omp parallel num_threads((int)nt)
+    {
+        int32_t* s = partial + (int64_t)omp_get_thread_num() * M;
+#pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; ++g) {
-            uint8_t* out = packed + (g * M + m0) * GROUP;
+            uint32_t* dst = (uint32_t*)(packed + g * M * GROUP);
             const int64_t rows = K - g * GROUP < GROUP ? K - g * GROUP : GROUP;
             const int8_t* r[GROUP];
-            for (int t = 0; t < GROUP; ++t) r[t] = a_t + (g * GROUP + (t < rows ? t : 0)) * lda + m0;
+            for (int t = 0; t < GROUP; ++t) r[t] = a_t + (g * GROUP + (t < rows ? t : 0)) * lda;
             if (rows == GROUP) {
-                const uint8_t* const* u = (const uint8_t* const*)r;
-                interleave4(u[0], u[1], u[2], u[3], 0, cols, (uint32_t*)out);
-                for (int64_t j = 0; j < cols; ++j) s[j] += r[0][j] + r[1][j] + r[2][j] + r[3][j];
+                interleave4((const uint8_t*)r[0], (const uint8_t*)r[1], (const uint8_t*)r[2], (const uint8_t*)r[3], 0,
+                            M, dst);
+                for (int64_t m = 0; m < M; ++m) s[m] += r[0][m] + r[1][m] + r[2][m] + r[3][m];
             } else {
-                for (int64_t j = 0; j < cols; ++j)
-                    for (int t = 0; t < GROUP; ++t) {
-                        const int8_t v = t < rows ? r[t][j] : 0;
-                        out[4 * j + t] = (uint8_t)v;
-                        s[j] += v;
+                for (int64_t m = 0; m < M; ++m) {
+                    uint8_t v[GROUP] = {0};
+                    for (int t = 0; t < rows; ++t) {
+                        v[t] = (uint8_t)r[t][m];
+                        s[m] += r[t][m];
                     }
+                    memcpy(dst + m, v, 4);
+                }
             }
         }
-        memcpy(sums + m0, s, (size_t)cols * sizeof(int32_t));
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; ++m) {
+            int32_t total = 0;
+            for (int64_t t = 0; t < nt; ++t) total += partial[t * M + m];
+            sums[m] = total;
+        }
     }
+    free(partial);
+    return 0;
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)

@@ -41,17 +41,24 @@ def _library() -> ctypes.CDLL | None:
     if library is None or not library.bitnet_vnni_available():
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
-    library.bitnet_vnni_packed_size.argtypes = [i, i]
-    library.bitnet_vnni_packed_size.restype = i
     library.bitnet_vnni_pack.argtypes = [p, i, i, i, i, i, p, i]
     library.bitnet_vnni_pack.restype = None
     library.bitnet_vnni_pack_columns.argtypes = [p, i, i, i, p, p, i]
-    library.bitnet_vnni_pack_columns.restype = None
+    library.bitnet_vnni_pack_columns.restype = ctypes.c_int
     library.bitnet_vnni_scaled_mm.argtypes = [p, i, p, i, i, p, i, i, p, p, p, p, i, p, i]
     library.bitnet_vnni_scaled_mm.restype = ctypes.c_int
     library.bitnet_vnni_scaled_mm_i2.argtypes = [p, i, i, i, p, i, i, p, p, p, p, i, p, i]
     library.bitnet_vnni_scaled_mm_i2.restype = ctypes.c_int
     return library
+
+
+#: The packed layout's blocks (cpu_vnni_gemm.c): panels of 64 columns, groups of 4 reduction rows.
+PANEL, GROUP = 64, 4
+
+
+def packed_size(k: int, n: int) -> int:
+    """Bytes of a ``(k, n)`` right operand packed for the kernel (:func:`pack`), padded to whole panels and groups."""
+    return -(-n // PANEL) * PANEL * -(-k // GROUP) * GROUP
 
 
 def available() -> bool:
@@ -87,20 +94,48 @@ def scaled_mm(
     int8 ``b (K, N)`` (any strides), exact wherever each sum fits in int32, as ``torch._int_mm``; ``b_ternary``
     promises ``b`` holds only {-1, 0, 1}. ``out_dtype=torch.int32`` returns the exact sums unscaled (into ``out``
     where given: a contiguous ``(M, N)`` int32 tensor)."""
+    packed = _pack_into(_PACKED.get(packed_size(*b.shape)), b, b_ternary)  # read by the GEMM, then free again
+    return scaled_mm_prepacked(a, packed, b.shape[1], row_scale, col_scale, scale, bias, out_dtype, out, b_ternary)
+
+
+def pack(b: Tensor, b_ternary: bool) -> Tensor:
+    """The right operand ``b (K, N)`` (any strides) packed for :func:`scaled_mm_prepacked`, in a tensor of its own:
+    the packing :func:`scaled_mm` does on every call, done once where an operand serves several products or is at
+    hand in cache long before its product runs (the weight of a training step, the activations grad_weight reads)."""
+    return _pack_into(torch.empty(packed_size(*b.shape), dtype=torch.uint8), b, b_ternary)
+
+
+def _pack_into(packed: Tensor, b: Tensor, b_ternary: bool) -> Tensor:
+    k, n = b.shape
+    _loaded().bitnet_vnni_pack(b.data_ptr(), b.stride(0), b.stride(1), k, n, _SHIFT[b_ternary], packed.data_ptr(),
+                               torch.get_num_threads())  # fmt: skip
+    return packed
+
+
+def scaled_mm_prepacked(
+    a: Tensor,
+    b_packed: Tensor,
+    n: int,
+    row_scale: Tensor | None = None,
+    col_scale: Tensor | None = None,
+    scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.int32,
+    out: Tensor | None = None,
+    b_ternary: bool = True,
+) -> Tensor:
+    """:func:`scaled_mm` of ``a (M, K)`` and the ``(K, n)`` operand ``b_packed`` that :func:`pack` made of it."""
     library = _loaded()
     m, k = a.shape
-    n = b.shape[1]
     threads = torch.get_num_threads()
-    packed = _PACKED.get(library.bitnet_vnni_packed_size(k, n))  # read by the GEMM below, then free again
-    library.bitnet_vnni_pack(b.data_ptr(), b.stride(0), b.stride(1), k, n, _SHIFT[b_ternary], packed.data_ptr(),
-                             threads)  # fmt: skip
-    b_args = (packed.data_ptr(), n, _SHIFT[b_ternary])
+    b_args = (b_packed.data_ptr(), n, _SHIFT[b_ternary])
     if a.stride(0) == 1 and a.stride(1) >= m and m > 1:
         # The transposed view of a row-major (K, M) tensor: packed group-major with its row sums.
-        a_packed = _PACKED_A.get(library.bitnet_vnni_packed_size(k, m))
+        a_packed = _PACKED_A.get(packed_size(k, m))
         a_sums = torch.empty(m, dtype=torch.int32)
-        library.bitnet_vnni_pack_columns(a.data_ptr(), a.stride(1), k, m, a_packed.data_ptr(), a_sums.data_ptr(),
-                                         threads)  # fmt: skip
+        if library.bitnet_vnni_pack_columns(a.data_ptr(), a.stride(1), k, m, a_packed.data_ptr(), a_sums.data_ptr(),
+                                            threads):  # fmt: skip
+            raise MemoryError(f"bitnet_ao vnni matmul: out of memory packing a ({m}, {k})")
         a_args = (a_packed.data_ptr(), 0, a_sums.data_ptr(), m, k)
     else:
         a = _rows(a)

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import cpu_ops, reference, torch_backend
+from . import cpu_ops, cpu_vnni_gemm, reference, torch_backend
 from .private_api import check, dense_tensor, dispatch_mode_active, profiler_enabled
 
 _BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
@@ -112,6 +112,14 @@ def _runs_directly(args: tuple) -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def prepacks_operand(t: Tensor, b_ternary: bool) -> bool:
+    """Whether the matmul for ``t``'s device takes a right operand of this kind (ternary or full range) packed ahead
+    of time (:func:`pack_operand`, :func:`scaled_int8_mm_prepacked`): AVX-512 VNNI CPUs, where packing is part of
+    every product and a weight or an activation can be packed once, while it is in cache."""
+    fn = getattr(backend_for(t), "prepacks_operand", None)
+    return fn is not None and fn(t, b_ternary)
 
 
 def _check_2d(name: str, t: Tensor, what: str) -> None:
@@ -353,6 +361,69 @@ def _(a, b_packed, k, transpose_b, row_scale, col_scale, scale, bias, out_dtype,
     return a.new_empty((a.shape[0], n), dtype=out_dtype)
 
 
+# --- the matmul with its right operand packed ahead of time ---------------------------------------------------
+
+
+@_custom_op("bitnet_ao::pack_operand")
+def pack_operand(b: Tensor, b_ternary: bool) -> Tensor:
+    """The right operand ``b (K, N)`` of :func:`scaled_int8_mm` packed the way this device's matmul reads it, for
+    :func:`scaled_int8_mm_prepacked`: a flat uint8 tensor. Only where :func:`prepacks_operand` says so."""
+    _check_2d("pack_operand", b, "b")
+    check(b.dtype == torch.int8, lambda: f"bitnet_ao.pack_operand: b must be int8, got {b.dtype}")
+    check(
+        prepacks_operand(b, b_ternary),
+        lambda: (
+            f"bitnet_ao.pack_operand: the matmul for {b.device.type} tensors takes no packed operand "
+            "(see prepacks_operand)"
+        ),
+    )
+    return backend_for(b).pack_operand(b, b_ternary)
+
+
+@pack_operand.register_fake
+def _(b: Tensor, b_ternary: bool) -> Tensor:
+    _check_2d("pack_operand", b, "b")
+    return b.new_empty(cpu_vnni_gemm.packed_size(*b.shape), dtype=torch.uint8)
+
+
+@_custom_op("bitnet_ao::scaled_int8_mm_prepacked")
+def scaled_int8_mm_prepacked(
+    a: Tensor,
+    b_packed: Tensor,
+    n: int,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    b_ternary: bool,
+) -> Tensor:
+    """:func:`scaled_int8_mm` of ``a (M, K)`` and the ``(K, n)`` operand that :func:`pack_operand` packed into
+    ``b_packed`` (with the same ``b_ternary``)."""
+    _check_prepacked(a, b_packed, n)
+    return backend_for(a).scaled_int8_mm_prepacked(a, b_packed, n, row_scale, col_scale, scale, bias, out_dtype,
+                                                   b_ternary)  # fmt: skip
+
+
+def _check_prepacked(a: Tensor, b_packed: Tensor, n: int) -> None:
+    _check_2d("scaled_int8_mm_prepacked", a, "a")
+    check(a.dtype == torch.int8, lambda: f"bitnet_ao.scaled_int8_mm_prepacked: a must be int8, got {a.dtype}")
+    size = cpu_vnni_gemm.packed_size(a.shape[1], n)
+    check(
+        b_packed.dtype == torch.uint8 and b_packed.dim() == 1 and b_packed.shape[0] == size,
+        lambda: (
+            f"bitnet_ao.scaled_int8_mm_prepacked: b_packed must be the uint8 ({size},) pack_operand makes of a "
+            f"({a.shape[1]}, {n}) operand, got {b_packed.dtype} {tuple(b_packed.shape)}"
+        ),
+    )
+
+
+@scaled_int8_mm_prepacked.register_fake
+def _(a, b_packed, n, row_scale, col_scale, scale, bias, out_dtype, b_ternary):
+    _check_prepacked(a, b_packed, n)
+    return a.new_empty((a.shape[0], n), dtype=out_dtype)
+
+
 # --- the whole inference forward of a packed linear -------------------------------------------------------
 
 
@@ -439,6 +510,8 @@ OPS = tuple(
         binarize,
         scaled_int8_mm,
         scaled_int8_mm_packed,
+        pack_operand,
+        scaled_int8_mm_prepacked,
         packed_linear,
     )
 )

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import cpu_gemv, cpu_matmul, cpu_passes, reference
+from . import cpu_gemv, cpu_matmul, cpu_passes, cpu_vnni_gemm, reference
 from .private_api import int_mm, with_own_code_object
 from .reference import ACTIVATION_EPS
 
@@ -179,6 +179,37 @@ def scaled_int8_mm(
         if fused is not None:
             return fused
     return scale_output(_int8_mm(a, b, b_ternary), row_scale, col_scale, scale, bias, out_dtype)
+
+
+def prepacks_operand(t: Tensor, b_ternary: bool) -> bool:
+    """Whether a right operand of ``t``'s device and kind may be packed ahead of its product
+    (:func:`pack_operand`): on CPUs whose route for that kind is ``"vnni"``."""
+    return t.device.type == "cpu" and cpu_matmul.prepacks(b_ternary)
+
+
+def pack_operand(b: Tensor, b_ternary: bool) -> Tensor:
+    return cpu_vnni_gemm.pack(b, b_ternary)
+
+
+def scaled_int8_mm_prepacked(
+    a: Tensor,
+    b_packed: Tensor,
+    n: int,
+    row_scale: Tensor | None,
+    col_scale: Tensor | None,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    b_ternary: bool,
+) -> Tensor:
+    # The fused epilogue where it applies, else the int32 sums from the same kernel and this backend's epilogue.
+    if cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype):
+        return cpu_vnni_gemm.scaled_mm_prepacked(
+            a, b_packed, n, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary
+        )
+    acc = cpu_vnni_gemm.scaled_mm_prepacked(a, b_packed, n, out=cpu_matmul.accumulator(a.shape[0], n),
+                                            b_ternary=b_ternary)  # fmt: skip
+    return scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
 
 
 def scale_output(

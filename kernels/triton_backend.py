@@ -32,8 +32,14 @@ def right_operand_either_layout(t: Tensor) -> bool:
     return False
 
 
+def prepacks_operand(t: Tensor, b_ternary: bool) -> bool:
+    """Never: the Triton matmuls read their operands as they are."""
+    return False
+
+
 __all__ = [
     "binarize",
+    "prepacks_operand",
     "quantize_colwise_scaled",
     "quantize_grad_output",
     "quantize_rowwise",

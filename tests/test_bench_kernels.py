@@ -79,7 +79,7 @@ def _pass_names_of_a_training_step(monkeypatch: pytest.MonkeyPatch, layer: nn.Mo
             fn = getattr(torch_backend, name)
             own = callable(fn) and getattr(fn, "__module__", None) == torch_backend.__name__
             # Not the layout queries, nor run_fused: the compile helper the fused passes go through, not a pass.
-            if own and not name.startswith(("_", "right_operand_")) and name != "run_fused":
+            if own and not name.startswith(("_", "right_operand_", "prepacks_")) and name != "run_fused":
                 patch.setattr(torch_backend, name, recorder(name, fn))
         torch.manual_seed(0)
         x = torch.randn(M, K, requires_grad=True)
@@ -96,7 +96,8 @@ def test_tables_at_a_tiny_size(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     normed = NormedLinear.from_linear(nn.Linear(K, N), eps=1e-6)
     quantize_(normed, bitnet_training())
     runs = _pass_names_of_a_training_step(monkeypatch, plain) | _pass_names_of_a_training_step(monkeypatch, normed)
-    assert {"scaled_int8_mm", "quantize_grad_output", "rms_norm_quantize_rowwise", "rms_norm_backward"} <= runs
+    matmuls = {"scaled_int8_mm", "scaled_int8_mm_prepacked"}  # the second where the route takes packed operands
+    assert {"quantize_grad_output", "rms_norm_quantize_rowwise", "rms_norm_backward"} <= runs and runs & matmuls
 
     tables = bench_kernels.main([*TINY, "--dtype", "bfloat16"])
     out = capsys.readouterr().out
@@ -112,7 +113,7 @@ def test_tables_at_a_tiny_size(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
 
     passes = {row[0]: row for row in tables["passes"]}
     assert len(passes) == len(tables["passes"]), "one row per pass at one (K, N)"
-    missing = runs - {"scaled_int8_mm"} - set(passes)
+    missing = runs - matmuls - set(passes)
     assert not missing, f"passes a BitNet linear runs without a row in the table: {sorted(missing)}"
     weight_passes = ("weight_stats", "ternarize (K, N)", "ternarize (N, K)", "scale_output (grad_weight)")
     for name, row in passes.items():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import bench_linear, hardware
+from bitnet_ao import kernels
 
 SHAPES = [(64, 128, 96), (32, 96, 64)]  # (M, K, N)
 BITNET = ["bitnet_ao (defaults)", "bitnet_ao (high-precision backward)", "bitnet_ao during quantization warmup"]
@@ -38,7 +39,11 @@ def test_every_variant_and_the_saved_bytes(dtype: torch.dtype, capsys: pytest.Ca
     for (m, k, _), shape in zip(SHAPES, shapes, strict=True):
         saved = {r["variant"]: r["saved_bytes"] for r in rows if r["shape"] == shape}
         assert saved[dense] == m * k * dtype.itemsize, "the dense layer (no bias) keeps its input only"
-        # x_q (int8, M x K) and s_x (float32, one per token); the weight's scalar scale may be its own 4 bytes.
-        bitnet = m * k + 4 * m
+        # x_q (int8, M x K) and s_x (float32, one per token); the weight's scalar scale may be its own 4 bytes. Where
+        # grad_weight's matmul takes its operand packed (AVX-512 VNNI), x_q is saved packed: whole groups of 4 tokens
+        # and panels of 64 columns.
+        x_q = -(-m // 4) * 4 * -(-k // 64) * 64 if kernels.prepacks_operand(torch.empty(0), b_ternary=False) else m * k
+        bitnet = x_q + 4 * m
         assert bitnet <= saved["bitnet_ao (defaults)"] <= bitnet + 4
-        assert saved["bitnet_ao (defaults)"] / saved[dense] == pytest.approx((1 + 4 / k) / dtype.itemsize, abs=4 / 1e3)
+        assert saved["bitnet_ao (defaults)"] / saved[dense] == pytest.approx((x_q / (m * k) + 4 / k) / dtype.itemsize,
+                                                                            abs=4 / 1e3)  # fmt: skip

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import quantize_
 
-from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training
+from bitnet_ao import BitNetTrainingLinearWeight, bitnet_training, kernels
 from bitnet_ao.kernels import torch_backend
 from tests.conftest import fit
 from tests.spec_reference import FakeQuantBitLinear, act_quant, snr_db, ternary_weight
@@ -249,7 +249,10 @@ def test_saved_for_backward_is_int8_activation_scales_and_the_parameter():
     others = [t for t in saved if t is not layer.weight]
     assert len(others) < len(saved), "the master weight (the parameter itself, no copy) should be saved"
     described = sorted((str(t.dtype), tuple(t.shape)) for t in others)
-    assert described == [("torch.float32", ()), ("torch.float32", (35,)), ("torch.int8", (35, 64))]
+    # The int8 activation, or, where grad_weight's matmul takes it packed (AVX-512 VNNI), the same bytes packed in
+    # groups of 4 tokens and panels of 64 columns: 36 x 64.
+    x_q = ("torch.uint8", (36 * 64,)) if kernels.prepacks_operand(x, b_ternary=False) else ("torch.int8", (35, 64))
+    assert described == sorted([("torch.float32", ()), ("torch.float32", (35,)), x_q])
 
 
 def test_empty_batch():

@@ -213,7 +213,49 @@ def _opcheck_samples() -> dict[str, tuple]:
         "packed_linear": (x.bfloat16(), torch.rand(12) + 0.5, 1e-6, packed, 12, 2, s, torch.randn(10), torch.bfloat16),
         "rms_norm_quantize_rowwise": (x.bfloat16(), torch.rand(12) + 0.5, 1e-6, torch.bfloat16, 1e-5),
         "rms_norm_backward": (torch.randn(9, 12), x, torch.rand(12) + 0.5, torch.rand(9, 1) + 0.5),
+        "pack_operand": (b, False),
+        "scaled_int8_mm_prepacked": (a, _packed_operand(b), 10, torch.rand(9), None, s, None, torch.float32, False),
     }
+
+
+#: The ops that exist only where the matmul takes a packed operand (``kernels.prepacks_operand``: AVX-512 VNNI).
+PREPACKED_OPS = ("pack_operand", "scaled_int8_mm_prepacked")
+
+
+def _prepacks() -> bool:
+    return kernels.prepacks_operand(torch.empty(0, dtype=torch.int8), b_ternary=False)
+
+
+def _packed_operand(b: torch.Tensor) -> torch.Tensor:
+    """``b`` packed where this machine packs, else bytes of the right size (the ops' samples are then skipped)."""
+    if _prepacks():
+        return kernels.pack_operand(b, False)
+    k, n = b.shape
+    return torch.zeros(-(-k // 4) * 4 * -(-n // 64) * 64, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("ternary", [True, False], ids=["ternary", "full-range"])
+def test_prepacked_matmul_is_the_exact_product(cpu_route, ternary):
+    """``scaled_int8_mm_prepacked`` of ``pack_operand(b)``: the float64 product, scaled, on shapes past a 64-column
+    panel and a 4-row group, b in both layouts; where the route packs nothing, ``pack_operand`` says so."""
+    g = torch.Generator().manual_seed(3)
+    b = random_int8(70, 67, low=-1, high=2, generator=g) if ternary else random_int8(70, 67, generator=g)
+    if not kernels.prepacks_operand(b, ternary):
+        with pytest.raises(RuntimeError, match="takes no packed operand"):
+            kernels.pack_operand(b, ternary)
+        return
+    for m, b_layout in ((1, b), (13, b.t().contiguous().t()), (40, b)):
+        a = random_int8(m, 70, generator=g)
+        row, scale = torch.rand(m, generator=g), torch.rand(1, generator=g)
+        out = kernels.scaled_int8_mm_prepacked(
+            a, kernels.pack_operand(b_layout, ternary), 67, row, None, scale, None, torch.float32, ternary
+        )
+        expected = ((a.double() @ b.double()).float() * row[:, None]) * scale  # exact sums below 2**24
+        assert torch.equal(out, expected), (m, b_layout.stride())
+        raw = kernels.scaled_int8_mm_prepacked(
+            a, kernels.pack_operand(b_layout, ternary), 67, row.double(), None, None, None, torch.float64, ternary
+        )  # no fused epilogue for float64: the int32 sums, then the backend's epilogue
+        assert torch.equal(raw, (a.double() @ b.double()) * row.double()[:, None]), m
 
 
 @pytest.mark.parametrize("m", [1, 40])  # the fused C call and the composed path
@@ -265,6 +307,8 @@ def test_opcheck(op):
     samples = _opcheck_samples()
     if op._name not in samples:
         pytest.fail(f"no opcheck sample for bitnet_ao::{op._name}: add one to _opcheck_samples")
+    if op._name in PREPACKED_OPS and not _prepacks():
+        pytest.skip("this machine's matmul takes no packed operand (no AVX-512 VNNI)")
     torch.library.opcheck(op, samples[op._name])
 
 
@@ -282,6 +326,8 @@ def test_eager_calls_run_the_implementation_and_anything_that_watches_gets_the_o
         raise AssertionError("went through the op")
 
     for name, args in _opcheck_samples().items():
+        if name in PREPACKED_OPS and not _prepacks():
+            continue
         direct, dispatched = getattr(kernels, name), getattr(torch.ops.bitnet_ao, name)
         for got, expected in zip(_as_tuple(direct(*args)), _as_tuple(dispatched(*args)), strict=True):
             assert torch.equal(got, expected), name
@@ -289,10 +335,11 @@ def test_eager_calls_run_the_implementation_and_anything_that_watches_gets_the_o
         direct(*args)
         with Watch(), pytest.raises(AssertionError, match="went through the op"):
             direct(*args)
-        i = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
-        needs_grad = (*args[:i], args[i].detach().requires_grad_(), *args[i + 1 :])
-        with pytest.raises(AssertionError, match="went through the op"):
-            direct(*needs_grad)
+        i = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if i is not None:  # an op with a floating-point input
+            needs_grad = (*args[:i], args[i].detach().requires_grad_(), *args[i + 1 :])
+            with pytest.raises(AssertionError, match="went through the op"):
+                direct(*needs_grad)
         meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)  # shapes only: no data
         with pytest.raises(AssertionError, match="went through the op"):
             direct(*meta)
