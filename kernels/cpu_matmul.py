@@ -53,6 +53,7 @@ from .private_api import (
     onednn_int8_linear_available,
     onednn_isa_below_vnni,
     outside_dispatch_modes,
+    profiler_range,
 )
 from .scratch import ThreadScratch
 
@@ -355,7 +356,7 @@ def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | N
         if route == "signadd":
             # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
             # profile of benchmarks/step_profile.py).
-            with torch.profiler.record_function("bitnet_ao.gemm:signadd"):
+            with profiler_range("bitnet_ao.gemm:signadd"):
                 return cpu_sign_gemm.ternary_mm(a, b, out)
         if route == "reference":
             return reference.int8_mm(a, b)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_ops, cpu_vnni_gemm, reference, torch_backend
-from .private_api import check, dense_tensor, dispatch_mode_active, profiler_enabled
+from .private_api import check, dense_tensor, dispatch_mode_active, profiler_range
 
 _BACKENDS: dict[str, ModuleType] = {"torch": torch_backend}
 #: Backend used for a device type when none is forced; devices not listed use "torch".
@@ -87,10 +87,8 @@ class _EagerOp:
     def __call__(self, *args, **kwargs):
         if not _runs_directly((*args, *kwargs.values())):
             return self.op(*args, **kwargs)
-        if profiler_enabled():  # a profile still shows the op by its name
-            with torch.profiler.record_function(self.profile_name):
-                return self.fn(*args, **kwargs)
-        return self.fn(*args, **kwargs)
+        with profiler_range(self.profile_name):  # a profile still shows the op by its name
+            return self.fn(*args, **kwargs)
 
 
 def _custom_op(name: str) -> Callable[[Callable], _EagerOp]:

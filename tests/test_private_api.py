@@ -116,9 +116,14 @@ def test_dense_tensor_is_false_for_everything_the_dispatcher_must_handle():
 
 def test_profiler_enabled_only_while_a_profiler_records():
     assert not kernels_private_api.profiler_enabled()
-    with torch.profiler.profile():
+    with torch.profiler.profile() as prof:
         assert kernels_private_api.profiler_enabled()
+        with kernels_private_api.profiler_range("bitnet_ao.test_range"):
+            torch.ones(2).sum()
     assert not kernels_private_api.profiler_enabled()
+    assert "bitnet_ao.test_range" in {e.name for e in prof.events()}
+    with kernels_private_api.profiler_range("nothing records it") as nothing:
+        assert nothing is None  # the do-nothing context
 
 
 def test_disable_torch_function_subclass_bypasses_the_override():
