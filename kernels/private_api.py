@@ -24,6 +24,7 @@ from torch import Tensor
 #: The releases every entry below was checked on.
 CHECKED_ON = {"torch": "2.13.0", "triton": "3.9.0"}
 
+
 def check(cond: Any, message: Callable[[], str]) -> None:
     """``torch._check(cond, message)`` (torch 2.13.0): raises ``RuntimeError`` with ``message()`` when ``cond`` is
     false, and records the condition as a guard on symbolic sizes, so the ops' input checks also hold inside a
