@@ -86,6 +86,11 @@ PROBE_SHAPES = {
 }
 #: Timed runs of each candidate on each probe shape (after one warm-up); the median counts.
 PROBE_REPEATS = 3
+#: Routes whose scaled matmul never writes its int32 product (the epilogue in registers), and the margin within
+#: which one of them wins against a faster measured route (:func:`fastest`); the probe's run-to-run spread on a
+#: Zen 4 is a few percent.
+FUSED_ROUTES = ("vnni",)
+PROBE_TIE = 0.05
 
 
 def _onednn_available() -> bool:
@@ -189,9 +194,19 @@ def _measured_choice(kind: str) -> dict:
         return {**cached, "how": "cached"}
     with outside_dispatch_modes():  # real tensors, also when a torch.compile trace asks first
         gops = measure(kind)
-    entry = {"route": max(gops, key=gops.get), "gops": gops}
+    entry = {"route": fastest(gops), "gops": gops}
     _store(key, entry)
     return {**entry, "how": "measured"}
+
+
+def fastest(gops: dict[str, float]) -> str:
+    """The route to take from measured GOPS: the fastest, except that a route fusing its epilogue (:data:`FUSED_ROUTES`)
+    wins a tie within :data:`PROBE_TIE`. The probe keeps its operands, output and int32 scratch in cache from run to
+    run, where training finds them out of cache and pays for the int32 product a route writes and its epilogue reads
+    back; the fused route also lets training pack grad_weight's operand in the forward (``pack_operand``)."""
+    best = max(gops, key=gops.get)
+    fused = [r for r in FUSED_ROUTES if r in gops and gops[r] >= gops[best] * (1 - PROBE_TIE)]
+    return fused[0] if fused else best
 
 
 def _store(key: str, entry: dict) -> None:

@@ -165,6 +165,16 @@ def test_routes_are_measured_and_the_fastest_kept_and_cached(monkeypatch, fresh_
     assert torch.equal(cpu_matmul.int8_mm(a, b, b_ternary=False).double(), _exact(a, b))
 
 
+def test_a_route_that_fuses_its_epilogue_wins_a_near_tie():
+    """Within PROBE_TIE of the fastest, vnni is taken (the probe's cached operands cannot show the int32 round trip
+    it saves); beyond it, the fastest."""
+    tie = 1 - cpu_matmul.PROBE_TIE
+    assert cpu_matmul.fastest({"int_mm": 800.0, "vnni": 800.0 * tie + 1, "fp32": 150.0}) == "vnni"
+    assert cpu_matmul.fastest({"int_mm": 800.0, "vnni": 800.0 * tie - 1, "fp32": 150.0}) == "int_mm"
+    assert cpu_matmul.fastest({"int_mm": 700.0, "vnni": 800.0}) == "vnni"
+    assert cpu_matmul.fastest({"onednn": 400.0, "fp32": 150.0}) == "onednn"
+
+
 def test_measuring_times_every_candidate(fresh_routes):
     """The real measurement, on small shapes: a speed for every candidate, and the choice is one of them."""
     for kind, shape in (("ternary", (64, 256, 128)), ("full", (128, 64, 256))):
