@@ -104,12 +104,16 @@ def _runs_directly(args: tuple) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN or (grad and a.requires_grad) or not dense_tensor(a)):
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN or (grad and a.requires_grad) or not dense_tensor(a):
+                return False
+        elif a is not None and not isinstance(a, _SCALARS):  # an FX proxy, a SymInt: the op records or traces it
             return False
     return True
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_SCALARS = (bool, int, float, torch.dtype)
 
 
 def prepacks_operand(t: Tensor, b_ternary: bool) -> bool:

@@ -343,6 +343,13 @@ def test_eager_calls_run_the_implementation_and_anything_that_watches_gets_the_o
         meta = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)  # shapes only: no data
         with pytest.raises(AssertionError, match="went through the op"):
             direct(*meta)
+    monkeypatch.undo()
+
+    def traced(x):
+        return kernels.quantize_rowwise(x, 1e-5)[0]
+
+    graph = torch.fx.symbolic_trace(traced).graph  # FX proxies are no tensors: the op records itself
+    assert [n.target for n in graph.nodes if n.op == "call_function"][0] is torch.ops.bitnet_ao.quantize_rowwise.default
     x = torch.randn(4, 8)
     with torch.profiler.profile() as prof:
         kernels.quantize_rowwise(x, 1e-5)
