@@ -61,6 +61,7 @@ elif __name__ == "bitnet_ao.kernels":
         scaled_int8_mm_packed,
         scaled_int8_mm_prepacked,
         ternarize,
+        ternarize_packed,
         use_backend,
         weight_stats,
     )
@@ -94,6 +95,7 @@ elif __name__ == "bitnet_ao.kernels":
         "scaled_int8_mm_packed",
         "scaled_int8_mm_prepacked",
         "ternarize",
+        "ternarize_packed",
         "use_backend",
         "weight_stats",
     ]

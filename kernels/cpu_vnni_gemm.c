@@ -158,6 +158,77 @@ int bitnet_vnni_pack_columns(const int8_t* a_t, int64_t lda, int64_t K, int64_t 
     return 0;
 }
 
+/* reference.ternarize of w (N, K) of dtype w_code, clamp(round(w / max(scale, eps)), -1, 1), written straight into
+ * the two right operands of a BitNet linear as bitnet_vnni_pack packs them with shift 1: fwd, W.T (K, N) for the
+ * forward, and gi, W (N, K) for grad_input, byte for byte the same; one read of the master weight instead of a
+ * ternarization and two packings. Threads split blocks of 64 rows of w: one panel of fwd, 16 groups of gi each.
+ * Nonzero when out of memory. */
+int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, double eps, int64_t N, int64_t K,
+                                 uint8_t* fwd, uint8_t* gi, int64_t threads) {
+    const float s = scale < (float)eps ? (float)eps : scale;
+    const int64_t blocks = (N + PANEL - 1) / PANEL, groups_k = (K + GROUP - 1) / GROUP;
+    const int64_t panels_k = (K + PANEL - 1) / PANEL, groups_n = (N + GROUP - 1) / GROUP;
+    uint32_t *const f = (uint32_t*)fwd, *const g = (uint32_t*)gi;
+    int failed = 0;
+#pragma omp parallel num_threads((int)threads)
+    {
+        float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
+        int8_t* rows = (int8_t*)calloc((size_t)PANEL * (size_t)(K > 0 ? K : 1), 1); /* rows past N stay 0 */
+        if (y == NULL || rows == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; ++b) {
+            if (y == NULL || rows == NULL) continue;
+            const int64_t n0 = b * PANEL, count = N - n0 < PANEL ? N - n0 : PANEL;
+            for (int64_t j = 0; j < count; ++j) {
+                load_row(w, (n0 + j) * K, K, w_code, y);
+                quantize_span(y, 1.0f, NULL, s, K, -1.0f, 1.0f, rows + j * K);
+            }
+            /* fwd: panel b, row j of w is column j, its groups of 4 values along K */
+            uint32_t* panel = f + b * groups_k * PANEL;
+            for (int64_t j = 0; j < PANEL; ++j) {
+                const int8_t* row = rows + j * K;
+                for (int64_t gk = 0; gk < groups_k; ++gk) {
+                    uint32_t v = 0;
+                    if (j < count && gk * GROUP + GROUP <= K) {
+                        memcpy(&v, row + gk * GROUP, 4);
+                        v = bytes_plus(v, 1);
+                    } else if (j < count) {
+                        uint8_t t[GROUP] = {0};
+                        for (int64_t i = 0; gk * GROUP + i < K; ++i) t[i] = (uint8_t)(row[gk * GROUP + i] + 1);
+                        memcpy(&v, t, 4);
+                    }
+                    panel[gk * PANEL + j] = v;
+                }
+            }
+            /* gi: groups 16b .. of every panel along K, four rows of w interleaved */
+            for (int64_t gn = b * (PANEL / GROUP); gn < groups_n && gn < (b + 1) * (PANEL / GROUP); ++gn) {
+                const int64_t r0 = gn * GROUP - n0, valid = N - gn * GROUP < GROUP ? N - gn * GROUP : GROUP;
+                for (int64_t pk = 0; pk < panels_k; ++pk) {
+                    uint32_t* dst = g + (pk * groups_n + gn) * PANEL;
+                    const int64_t cols = K - pk * PANEL < PANEL ? K - pk * PANEL : PANEL;
+                    const uint8_t* r = (const uint8_t*)rows + r0 * K + pk * PANEL;
+                    if (valid == GROUP) {
+                        interleave4(r, r + K, r + 2 * K, r + 3 * K, 1, cols, dst);
+                    } else {
+                        for (int64_t j = 0; j < cols; ++j) {
+                            uint8_t t[GROUP] = {0};
+                            for (int64_t i = 0; i < valid; ++i) t[i] = (uint8_t)(r[i * K + j] + 1);
+                            memcpy(dst + j, t, 4);
+                        }
+                    }
+                    for (int64_t j = cols; j < PANEL; ++j) dst[j] = 0;
+                }
+            }
+        }
+        free(y);
+        free(rows);
+    }
+    return failed;
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* The int32 sums of ROWS rows of a (r: their first groups, each next group step bytes on) against the first `groups`
  * groups of one panel, into tile (ROWS x PANEL, row-major), each minus its row's shifted sum (sums: ROWS values). The 24 accumulators are named one by one: with an

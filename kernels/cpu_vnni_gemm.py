@@ -46,6 +46,8 @@ def _library() -> ctypes.CDLL | None:
     library.bitnet_vnni_pack.restype = None
     library.bitnet_vnni_pack_columns.argtypes = [p, i, i, i, p, p, i]
     library.bitnet_vnni_pack_columns.restype = ctypes.c_int
+    library.bitnet_vnni_ternarize_packed.argtypes = [p, i, ctypes.c_float, ctypes.c_double, i, i, p, p, i]
+    library.bitnet_vnni_ternarize_packed.restype = ctypes.c_int
     library.bitnet_vnni_scaled_mm.argtypes = [p, i, p, i, i, p, i, i, p, p, p, p, i, p, i]
     library.bitnet_vnni_scaled_mm.restype = ctypes.c_int
     library.bitnet_vnni_scaled_mm_i2.argtypes = [p, i, i, i, p, i, i, p, p, p, p, i, p, i]
@@ -104,6 +106,24 @@ def pack(b: Tensor, b_ternary: bool) -> Tensor:
     the packing :func:`scaled_mm` does on every call, done once where an operand serves several products or is at
     hand in cache long before its product runs (the weight of a training step, the activations grad_weight reads)."""
     return _pack_into(torch.empty(packed_size(*b.shape), dtype=torch.uint8), b, b_ternary)
+
+
+#: The dtype codes of cpu_rows.h for the master weight.
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def ternarize_packed(w: Tensor, scale: float, eps: float) -> tuple[Tensor, Tensor]:
+    """``reference.ternarize(w, scale)`` of a weight ``w (N, K)`` (float32, bfloat16 or float16) packed as
+    :func:`pack` packs its two operands: ``(pack(W_q), pack(W_q.T))``, for ``grad_input`` and the forward, in one
+    read of ``w``."""
+    w = w.contiguous()
+    n, k = w.shape
+    gi, fwd = torch.empty(packed_size(n, k), dtype=torch.uint8), torch.empty(packed_size(k, n), dtype=torch.uint8)
+    failed = _loaded().bitnet_vnni_ternarize_packed(w.data_ptr(), _CODES[w.dtype], scale, eps, n, k, fwd.data_ptr(),
+                                                    gi.data_ptr(), torch.get_num_threads())  # fmt: skip
+    if failed:
+        raise MemoryError(f"bitnet_ao vnni ternarize: out of memory for a ({n}, {k}) weight")
+    return gi, fwd
 
 
 def _pack_into(packed: Tensor, b: Tensor, b_ternary: bool) -> Tensor:

@@ -388,6 +388,31 @@ def _(b: Tensor, b_ternary: bool) -> Tensor:
     return b.new_empty(cpu_vnni_gemm.packed_size(*b.shape), dtype=torch.uint8)
 
 
+@_custom_op("bitnet_ao::ternarize_packed")
+def ternarize_packed(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`ternarize` of ``w (N, K)`` (``transpose=False``) as the two right operands :func:`pack_operand` makes
+    of it: ``(W_q, W_q.T)`` packed, for ``grad_input`` and the forward of a BitNet linear, in one pass over ``w``.
+    Only where :func:`prepacks_operand` says so."""
+    _check_2d("ternarize_packed", w, "weight")
+    _check_float("ternarize_packed", w, "weight")
+    check(
+        prepacks_operand(w, True),
+        lambda: (
+            f"bitnet_ao.ternarize_packed: the matmul for {w.device.type} tensors takes no packed operand "
+            "(see prepacks_operand)"
+        ),
+    )
+    return backend_for(w).ternarize_packed(w, scale)
+
+
+@ternarize_packed.register_fake
+def _(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    _check_2d("ternarize_packed", w, "weight")
+    n, k = w.shape
+    sizes = cpu_vnni_gemm.packed_size(n, k), cpu_vnni_gemm.packed_size(k, n)
+    return w.new_empty(sizes[0], dtype=torch.uint8), w.new_empty(sizes[1], dtype=torch.uint8)
+
+
 @_custom_op("bitnet_ao::scaled_int8_mm_prepacked")
 def scaled_int8_mm_prepacked(
     a: Tensor,
@@ -513,6 +538,7 @@ OPS = tuple(
         scaled_int8_mm,
         scaled_int8_mm_packed,
         pack_operand,
+        ternarize_packed,
         scaled_int8_mm_prepacked,
         packed_linear,
     )

@@ -191,6 +191,18 @@ def pack_operand(b: Tensor, b_ternary: bool) -> Tensor:
     return cpu_vnni_gemm.pack(b, b_ternary)
 
 
+def ternarize_packed(w: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    # One read of the master weight where the C kernel takes its dtype and scale; else ternarize, then pack.
+    if (
+        scale.numel() == 1
+        and scale.dtype == torch.float32
+        and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        return cpu_vnni_gemm.ternarize_packed(w, float(scale), reference.WEIGHT_EPS)
+    q = ternarize(w, scale, False)
+    return cpu_vnni_gemm.pack(q, True), cpu_vnni_gemm.pack(q.t(), True)
+
+
 def scaled_int8_mm_prepacked(
     a: Tensor,
     b_packed: Tensor,

@@ -115,7 +115,13 @@ def test_tables_at_a_tiny_size(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     assert len(passes) == len(tables["passes"]), "one row per pass at one (K, N)"
     missing = runs - matmuls - set(passes)
     assert not missing, f"passes a BitNet linear runs without a row in the table: {sorted(missing)}"
-    weight_passes = ("weight_stats", "ternarize (K, N)", "ternarize (N, K)", "scale_output (grad_weight)")
+    weight_passes = (
+        "weight_stats",
+        "ternarize (K, N)",
+        "ternarize (N, K)",
+        "ternarize_packed",
+        "scale_output (grad_weight)",
+    )
     for name, row in passes.items():
         assert row[1] == (f"{N}x{K}" if name in weight_passes else f"{M}x{N if 'output' in name else K}"), row
         assert float(row[2]) > 0 and float(row[4]) > 0, row  # the pass's time, the copy's bandwidth

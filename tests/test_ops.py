@@ -214,12 +214,13 @@ def _opcheck_samples() -> dict[str, tuple]:
         "rms_norm_quantize_rowwise": (x.bfloat16(), torch.rand(12) + 0.5, 1e-6, torch.bfloat16, 1e-5),
         "rms_norm_backward": (torch.randn(9, 12), x, torch.rand(12) + 0.5, torch.rand(9, 1) + 0.5),
         "pack_operand": (b, False),
+        "ternarize_packed": (w, s),
         "scaled_int8_mm_prepacked": (a, _packed_operand(b), 10, torch.rand(9), None, s, None, torch.float32, False),
     }
 
 
 #: The ops that exist only where the matmul takes a packed operand (``kernels.prepacks_operand``: AVX-512 VNNI).
-PREPACKED_OPS = ("pack_operand", "scaled_int8_mm_prepacked")
+PREPACKED_OPS = ("pack_operand", "ternarize_packed", "scaled_int8_mm_prepacked")
 
 
 def _prepacks() -> bool:
@@ -232,6 +233,26 @@ def _packed_operand(b: torch.Tensor) -> torch.Tensor:
         return kernels.pack_operand(b, False)
     k, n = b.shape
     return torch.zeros(-(-k // 4) * 4 * -(-n // 64) * 64, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ternarize_packed_is_the_ternary_values_packed(dtype):
+    """One pass over the master weight gives the bytes of ``pack_operand`` of the spec's ternary values and of their
+    transpose, on shapes past a 64-row panel, a 4-row group and a 4-value group along K; and the forward's product
+    through them is the spec's."""
+    if not _prepacks():
+        pytest.skip("this machine's matmul takes no packed operand (no AVX-512 VNNI)")
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((1, 1), (3, 5), (65, 130), (130, 67), (257, 9)):
+        w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+        values, scale = ternary_weight(w)  # the spec's W_q and scale, independent of the kernels
+        values = values.to(torch.int8)
+        gi, fwd = kernels.ternarize_packed(w, scale)
+        assert torch.equal(gi, kernels.pack_operand(values, True)), (n, k)
+        assert torch.equal(fwd, kernels.pack_operand(values.t(), True)), (n, k)
+        a = random_int8(7, k, generator=g)
+        out = kernels.scaled_int8_mm_prepacked(a, fwd, n, None, None, None, None, torch.float32, True)
+        assert torch.equal(out, (a.double() @ values.double().t()).float()), (n, k)
 
 
 @pytest.mark.parametrize("ternary", [True, False], ids=["ternary", "full-range"])
