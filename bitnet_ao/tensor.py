@@ -249,10 +249,11 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
 
         def build() -> _StepValues:
             q = weight_quantization(w, self.config)
-            if self.config.weights == "ternary" and kernels.prepacks_operand(w, b_ternary=True):
+            packs = kernels.prepacks_operand(w, b_ternary=True)
+            if packs and self.config.weights == "ternary":
                 return _StepValues(q, None, kernels.ternarize_packed(w, q.scale))  # one pass over the master weight
             values = quantize_weight(w, q, weights=self.config.weights, transpose=False)
-            if kernels.prepacks_operand(values, b_ternary=True):  # binary values
+            if packs:  # binary values
                 return _StepValues(
                     q, None, (kernels.pack_operand(values, True), kernels.pack_operand(values.t(), True))
                 )

@@ -32,7 +32,7 @@ _PACKED = ThreadScratch(torch.uint8)
 _PACKED_A = ThreadScratch(torch.uint8)
 #: What ``b`` is shifted by to unsigned bytes: ternary values by one, full-range int8 by 128.
 _SHIFT = {True: 1, False: 128}
-#: The output codes of the C entry point: cpu_rows.h's dtype codes, and 3 for the raw int32 sums.
+#: cpu_rows.h's dtype codes, of the outputs (and 3 for the raw int32 sums) and of the weight ternarize_packed reads.
 _OUT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
 
 
@@ -108,10 +108,6 @@ def pack(b: Tensor, b_ternary: bool) -> Tensor:
     return _pack_into(torch.empty(packed_size(*b.shape), dtype=torch.uint8), b, b_ternary)
 
 
-#: The dtype codes of cpu_rows.h for the master weight.
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
 def ternarize_packed(w: Tensor, scale: float, eps: float) -> tuple[Tensor, Tensor]:
     """``reference.ternarize(w, scale)`` of a weight ``w (N, K)`` (float32, bfloat16 or float16) packed as
     :func:`pack` packs its two operands: ``(pack(W_q), pack(W_q.T))``, for ``grad_input`` and the forward, in one
@@ -119,7 +115,7 @@ def ternarize_packed(w: Tensor, scale: float, eps: float) -> tuple[Tensor, Tenso
     w = w.contiguous()
     n, k = w.shape
     gi, fwd = torch.empty(packed_size(n, k), dtype=torch.uint8), torch.empty(packed_size(k, n), dtype=torch.uint8)
-    failed = _loaded().bitnet_vnni_ternarize_packed(w.data_ptr(), _CODES[w.dtype], scale, eps, n, k, fwd.data_ptr(),
+    failed = _loaded().bitnet_vnni_ternarize_packed(w.data_ptr(), _OUT_CODES[w.dtype], scale, eps, n, k, fwd.data_ptr(),
                                                     gi.data_ptr(), torch.get_num_threads())  # fmt: skip
     if failed:
         raise MemoryError(f"bitnet_ao vnni ternarize: out of memory for a ({n}, {k}) weight")
