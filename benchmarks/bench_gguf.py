@@ -114,14 +114,15 @@ def build_bitnet(config: ModelConfig, dtype: torch.dtype) -> tuple[nn.Module, nn
 
 
 class _PackedLinearCalls(TorchDispatchMode):
-    """Records the arguments of every call of bitnet_ao's C++ packed decode linear that runs under it."""
+    """Records the arguments of every call of the op bitnet_ao::packed_linear that runs under it (on a decode step:
+    its C++ kernel, one C call per block linear)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.bitnet_ao.packed_linear_cpu.default:
+        if func is torch.ops.bitnet_ao.packed_linear.default:
             self.calls.append(tuple(a.clone() if isinstance(a, Tensor) else a for a in args))
         return func(*args, **(kwargs or {}))
 
@@ -131,8 +132,8 @@ def decode_breakdown(model: nn.Module, step: Callable, dtype: torch.dtype, token
     """Milliseconds per decoded token, wall clock and no profiler (whose own cost per operator call would land in the
     share outside the matmuls), split three ways:
 
-    - ``packed_linears``: the C++ decode linear (norm, quantization, matmul, epilogue) of every block linear: one
-      token's calls replayed back to back, with the arguments an eager step passed them;
+    - ``packed_linears``: the packed linear (norm, quantization, matmul, epilogue: its C++ kernel) of every block
+      linear: one token's calls replayed back to back, with the arguments an eager step passed them;
     - ``other_ops``: the rest of ``step`` (attention, RoPE, residual adds, cache writes, the head, the runner);
     - ``python``: the generation loop around the step (argmax, the cache bookkeeping).
 
@@ -144,7 +145,7 @@ def decode_breakdown(model: nn.Module, step: Callable, dtype: torch.dtype, token
     with _PackedLinearCalls() as recorded:
         model(token, cache=cache)  # one eager decode step, for its linears' arguments
     token = step(token, cache)[:, -1:].argmax(-1)  # warm
-    linear = torch.ops.bitnet_ao.packed_linear_cpu
+    linear = torch.ops.bitnet_ao.packed_linear
     seconds: dict[str, list[float]] = {"step": [], "loop": [], "packed_linears": []}
     for _ in range(tokens):
         t0 = time.perf_counter()

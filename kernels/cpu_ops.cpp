@@ -1,16 +1,21 @@
-// Operators registered in C++ for decoding on CPU: the packed decode linear (torch.ops.bitnet_ao.packed_linear_cpu),
-// and one query's attention over a KV cache (torch.ops.bitnet_ao.decode_attention).
+// The CPU kernels registered in C++ for decoding: the kernel of the op bitnet_ao::packed_linear for CPU tensors
+// (its schema, fake and other devices' kernels are Python's: kernels/ops.py), and one query's attention over a KV
+// cache (torch.ops.bitnet_ao.decode_attention, defined here).
 //
-// The packed decode linear is the computation the Python op bitnet_ao::packed_linear takes for decode-sized CPU
-// inputs (cpu_gemv.c's bitnet_packed_linear behind torch_backend.packed_linear), with no Python on the way.
-// torch.compile's C++ wrapper and AOTInductor call an operator whose kernel is C++ directly; a Python kernel would
-// take the GIL and run Python on every call, which costs more than the matmul of a decode step. The fake (meta)
-// implementations are in cpu_ops.py.
+// torch.compile's C++ wrapper and AOTInductor call an operator through the dispatcher; a kernel in Python would take
+// the GIL and run Python on every call, which costs more than the matmul of a decode step. With this library loaded a
+// packed linear on CPU runs with no Python on the way for decode-sized inputs: the one C call of cpu_gemv.c
+// (bitnet_packed_linear), exactly where the Python implementation takes the same call
+// (torch_backend.decode_linear_applies, whose limits arrive here as build-time defines). Larger inputs (prefill)
+// compose the ops bitnet_ao::quantize_rowwise / rms_norm_quantize_rowwise and scaled_int8_mm_packed through the
+// dispatcher, as the Python implementation does: a GEMM of milliseconds, for which their Python costs nothing.
+// Fake (meta) implementations are Python's (ops.py, cpu_ops.py).
 //
 // The norm's one reduction, rstd, is the eager ATen expression of reference.rms_norm_rstd
 // (rsqrt(mean(x.float() ** 2) + eps)), the one the Python path computes for these sizes: the same float.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,24 +46,51 @@ int64_t code_of(at::ScalarType t) {
     }
 }
 
-// The per-row activation eps of reference.quantize_rowwise (ACTIVATION_EPS), passed by the Python side at build time.
+// Constants of the Python side, passed at build time (cpu_ops.py): the per-row activation eps of
+// reference.quantize_rowwise (ACTIVATION_EPS), and the inputs that take the one C call (torch_backend.
+// decode_linear_applies): at most cpu_gemv.MAX_M rows, 0 < k <= cpu_gemv.MAX_K, fewer elements than
+// torch_backend.COMPILE_MIN_NUMEL (the training forward quantizes those eagerly, and the C repeats the eager floats).
 constexpr double kActivationEps = BITNET_AO_ACTIVATION_EPS;
+constexpr int64_t kDecodeMaxM = BITNET_AO_DECODE_MAX_M, kDecodeMaxK = BITNET_AO_DECODE_MAX_K;
+constexpr int64_t kCompileMinNumel = BITNET_AO_COMPILE_MIN_NUMEL;
 
-at::Tensor packed_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& norm_weight, double norm_eps,
-                             const at::Tensor& b_packed, int64_t k, int64_t bits, const at::Tensor& scale,
-                             const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
-    TORCH_CHECK(x.device().is_cpu() && b_packed.device().is_cpu(), "bitnet_ao.packed_linear_cpu: CPU tensors only, got ",
-                x.device(), " and ", b_packed.device());
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "bitnet_ao.packed_linear_cpu: x must be (M, ", k, "), got ", x.sizes());
-    TORCH_CHECK(bits == 1 || bits == 2, "bitnet_ao.packed_linear_cpu: bits must be 1 or 2, got ", bits);
+bool one_call_applies(const at::Tensor& x, int64_t k, at::ScalarType out_dtype) {
+    return x.size(0) > 0 && x.size(0) <= kDecodeMaxM && k > 0 && k <= kDecodeMaxK && x.numel() < kCompileMinNumel &&
+           code_of(x.scalar_type()) >= 0 && code_of(out_dtype) >= 0;
+}
+
+// The op `name` (an op of ops.py) called through the dispatcher on `stack`; its outputs.
+std::vector<c10::IValue> call_op(const char* name, std::vector<c10::IValue> stack) {
+    c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(&stack);
+    return stack;
+}
+
+// The packed linear of ops._packed_linear composed of ops: (RMSNorm +) per-row quantization, the packed matmul.
+at::Tensor composed_packed_linear(const at::Tensor& x, const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                                  const at::Tensor& b_packed, int64_t k, int64_t bits, const at::Tensor& scale,
+                                  const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+    const std::vector<c10::IValue> quantized =
+        norm_weight.has_value()
+            ? call_op("bitnet_ao::rms_norm_quantize_rowwise", {x, *norm_weight, norm_eps, out_dtype, kActivationEps})
+            : call_op("bitnet_ao::quantize_rowwise", {x, kActivationEps});
+    return call_op("bitnet_ao::scaled_int8_mm_packed", {quantized[0], b_packed, k, true, quantized[1], c10::IValue(),
+                                                       scale, bias, out_dtype, bits})[0]
+        .toTensor();
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const std::optional<at::Tensor>& norm_weight, double norm_eps,
+                         const at::Tensor& b_packed, int64_t k, int64_t bits, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "bitnet_ao.packed_linear: x must be (M, ", k, "), got ", x.sizes());
+    TORCH_CHECK(bits == 1 || bits == 2, "bitnet_ao.packed_linear: bits must be 1 or 2, got ", bits);
     const int64_t per_byte = bits == 2 ? 4 : 8, kp = (k + per_byte - 1) / per_byte;
     TORCH_CHECK(b_packed.dim() == 2 && b_packed.size(1) == kp && b_packed.scalar_type() == at::kChar,
-                "bitnet_ao.packed_linear_cpu: b_packed must be int8 (N, ", kp, ") for k=", k, ", bits=", bits, ", got ",
+                "bitnet_ao.packed_linear: b_packed must be int8 (N, ", kp, ") for k=", k, ", bits=", bits, ", got ",
                 b_packed.scalar_type(), " ", b_packed.sizes());
-    TORCH_CHECK(scale.numel() == 1, "bitnet_ao.packed_linear_cpu: scale must hold one value, got ", scale.sizes());
+    TORCH_CHECK(scale.numel() == 1, "bitnet_ao.packed_linear: scale must hold one value, got ", scale.sizes());
+    if (!one_call_applies(x, k, out_dtype))
+        return composed_packed_linear(x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype);
     const int64_t x_code = code_of(x.scalar_type()), out_code = code_of(out_dtype);
-    TORCH_CHECK(x_code >= 0 && out_code >= 0, "bitnet_ao.packed_linear_cpu: x and the output must be float32, bfloat16 "
-                "or float16, got ", x.scalar_type(), " and ", out_dtype);
     // Every conversion below is skipped where the tensor already is what the C code reads: each is an operator call.
     const at::Tensor xc = x.contiguous();
     std::optional<at::Tensor> xf, rstd, gain;
@@ -79,7 +111,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor
         x_data, xf ? 0 : x_code, rstd ? rstd->data_ptr<float>() : nullptr, gain ? gain->data_ptr<float>() : nullptr,
         x_code, out_code, kActivationEps, reinterpret_cast<const uint8_t*>(packed.const_data_ptr<int8_t>()), w_scale,
         b ? b->data_ptr<float>() : nullptr, out_code, out.data_ptr(), m, n, k, kp, bits, at::get_num_threads());
-    TORCH_CHECK(!failed, "bitnet_ao.packed_linear_cpu: out of memory for (", m, ", ", k, ") @ (", n, ", ", k, ").T");
+    TORCH_CHECK(!failed, "bitnet_ao.packed_linear: out of memory for (", m, ", ", k, ") @ (", n, ", ", k, ").T");
     return out;
 }
 
@@ -157,13 +189,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bitnet_ao, m) {
-    m.def(
-        "packed_linear_cpu(Tensor x, Tensor? norm_weight, float norm_eps, Tensor b_packed, int k, int bits, "
-        "Tensor scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
     m.def("decode_attention(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bitnet_ao, CPU, m) {
-    m.impl("packed_linear_cpu", &packed_linear_cpu);
+    m.impl("packed_linear", &packed_linear);
     m.impl("decode_attention", &decode_attention);
 }

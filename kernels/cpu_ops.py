@@ -1,12 +1,12 @@
-"""Operators registered in C++ (``cpu_ops.cpp``), built against this torch on first use: the packed decode linear
-``torch.ops.bitnet_ao.packed_linear_cpu`` and one query's attention over a KV cache
-``torch.ops.bitnet_ao.decode_attention``, which compiled code (inductor's C++ wrapper, AOTInductor) calls without
-Python. Their fake implementations are here, so that ``torch.compile`` and ``torch.export`` trace them.
+"""The CPU kernels registered in C++ (``cpu_ops.cpp``), built against this torch on first use: the CPU kernel of the
+op ``torch.ops.bitnet_ao.packed_linear`` (defined in ``ops.py``) and one query's attention over a KV cache,
+``torch.ops.bitnet_ao.decode_attention``, which compiled code (inductor's C++ wrapper, AOTInductor) and the eager
+dispatcher call without Python. ``decode_attention``'s fake implementation is here (``packed_linear``'s is in
+``ops.py``), so that ``torch.compile`` and ``torch.export`` trace them.
 
 :func:`available` builds and loads the library (and is what a process must call before it loads a package that
-uses them). ``kernels.run_packed_linear`` calls the decode linear where it is available and
-``torch_backend.decode_linear_applies`` holds; elsewhere the Python op ``bitnet_ao::packed_linear`` runs, whose CPU
-kernel calls the same C through ctypes where that holds too.
+uses them: until then ``packed_linear``'s Python implementation serves CPU tensors, calling the same C through ctypes
+for decode-sized inputs, with the same bits).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import cpu_build, cpu_gemv, reference
+from . import cpu_build, cpu_gemv, reference, torch_backend
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
@@ -31,27 +31,17 @@ def available() -> bool:
 
 @functools.cache
 def _load() -> bool:
-    defines = {"BITNET_AO_ACTIVATION_EPS": repr(reference.ACTIVATION_EPS)}
+    defines = {
+        "BITNET_AO_ACTIVATION_EPS": repr(reference.ACTIVATION_EPS),
+        "BITNET_AO_DECODE_MAX_M": str(cpu_gemv.MAX_M),
+        "BITNET_AO_DECODE_MAX_K": str(cpu_gemv.MAX_K),
+        "BITNET_AO_COMPILE_MIN_NUMEL": str(torch_backend.COMPILE_MIN_NUMEL),
+    }
     if cpu_build.load_torch_library(SOURCE, (cpu_gemv.SOURCE,), defines) is None:
         return False
-    torch.library.register_fake("bitnet_ao::packed_linear_cpu")(_packed_linear_fake)
     torch.library.register_fake("bitnet_ao::decode_attention")(_decode_attention_fake)
     return True
 
 
 def _decode_attention_fake(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
     return q.new_empty(q.shape[:2] + (1, q.shape[3]))
-
-
-def _packed_linear_fake(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_eps: float,
-    b_packed: Tensor,
-    k: int,
-    bits: int,
-    scale: Tensor,
-    bias: Tensor | None,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    return x.new_empty((x.shape[0], b_packed.shape[0]), dtype=out_dtype)

@@ -75,14 +75,14 @@ class _EagerOp:
     more than the matmul of a 1024 x 1024 weight. ``op`` is the custom op itself (``opcheck``, fake
     implementations, ``torch.ops.bitnet_ao``)."""
 
-    def __init__(self, name: str, fn: Callable) -> None:
-        self.op = torch.library.custom_op(name, fn, mutates_args=())
+    def __init__(self, op: Callable, name: str, fn: Callable) -> None:
+        self.op = op
         self.fn = fn
         self.profile_name = name
         functools.update_wrapper(self, fn)
 
     def register_fake(self, fake: Callable) -> Callable:
-        return self.op.register_fake(fake)
+        return torch.library.register_fake(self.profile_name)(fake)
 
     def __call__(self, *args, **kwargs):
         if not _runs_directly((*args, *kwargs.values())):
@@ -93,7 +93,27 @@ class _EagerOp:
 
 def _custom_op(name: str) -> Callable[[Callable], _EagerOp]:
     """``torch.library.custom_op(name, mutates_args=())`` as an :class:`_EagerOp`."""
-    return lambda fn: _EagerOp(name, fn)
+    return lambda fn: _EagerOp(torch.library.custom_op(name, fn, mutates_args=()), name, fn)
+
+
+#: The library of the ops defined without ``torch.library.custom_op`` (:func:`_no_grad_op`).
+_LIBRARY = torch.library.Library("bitnet_ao", "FRAGMENT")
+
+
+def _no_grad_op(name: str) -> Callable[[Callable], _EagerOp]:
+    """An :class:`_EagerOp` for an op nothing differentiates, defined with torch.library's low-level API: the schema
+    ``custom_op`` would infer, the implementation as the kernel of every device (``CompositeExplicitAutograd``), and
+    no autograd kernel. Why: ``custom_op`` registers an autograd kernel in Python that every dispatcher call crosses,
+    in grad mode or not, compiled code included; without one, a device whose kernel is C++ (``cpu_ops.cpp``
+    registers the CPU kernel of ``packed_linear``) runs the op with no Python on the way."""
+
+    def define(fn: Callable) -> _EagerOp:
+        namespace, opname = name.split("::")
+        _LIBRARY.define(opname + torch.library.infer_schema(fn, mutates_args=()))
+        _LIBRARY.impl(opname, fn, "CompositeExplicitAutograd")
+        return _EagerOp(getattr(getattr(torch.ops, namespace), opname).default, name, fn)
+
+    return define
 
 
 def _runs_directly(args: tuple) -> bool:
@@ -477,7 +497,7 @@ def _packed_linear(
     return backend.scaled_int8_mm_packed(x_q, b_packed, k, True, s, None, scale, bias, out_dtype, bits)
 
 
-@_custom_op("bitnet_ao::packed_linear")
+@_no_grad_op("bitnet_ao::packed_linear")
 def packed_linear(
     x: Tensor,
     norm_weight: Tensor | None,
@@ -515,17 +535,18 @@ def run_packed_linear(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """:func:`packed_linear`, through the operator registered in C++ for decode-sized CPU inputs, which compiled
-    code calls without Python (``cpu_ops.cpp``)."""
+    """:func:`packed_linear`, through the dispatcher where its CPU kernel is C++ (``cpu_ops.cpp``) and the input
+    is decode-sized: a call of a few microseconds where the op's Python implementation takes tens."""
     args = (x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype)
     if backend_for(x) is torch_backend and torch_backend.decode_linear_applies(x, k, out_dtype) and cpu_ops.available():
-        return torch.ops.bitnet_ao.packed_linear_cpu(*args)
+        return packed_linear.op(*args)
     return packed_linear(*args)
 
 
-#: Every custom op this module registers, for code that must cover them all (opcheck, docs).
+#: Every op this module registers (``torch.ops.bitnet_ao.<name>.default``), for code that must cover them all
+#: (opcheck, docs).
 OPS = tuple(
-    op.op
+    getattr(torch.ops.bitnet_ao, op.profile_name.removeprefix("bitnet_ao::")).default
     for op in (
         quantize_rowwise,
         rms_norm_quantize_rowwise,

@@ -151,7 +151,7 @@ class _LinearOutputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.bitnet_ao.packed_linear_cpu.default:
+        if func is torch.ops.bitnet_ao.packed_linear.default:
             self.outputs.append(out.clone())
         return out
 
@@ -170,6 +170,6 @@ def test_the_decode_breakdown_replays_every_block_linear_of_a_token() -> None:
         packed(torch.zeros(1, 3, dtype=torch.long), cache=cache)
         with bench_gguf._PackedLinearCalls() as recorded, _LinearOutputs() as seen:
             packed(torch.ones(1, 1, dtype=torch.long), cache=cache)
-        replayed = [torch.ops.bitnet_ao.packed_linear_cpu(*args) for args in recorded.calls]
+        replayed = [torch.ops.bitnet_ao.packed_linear(*args) for args in recorded.calls]
     assert len(recorded.calls) == len(bench_gguf.block_linears(packed)) == len(seen.outputs)
     assert all(torch.equal(r, o) for r, o in zip(replayed, seen.outputs, strict=True))
