@@ -7,7 +7,8 @@ supports). The rest is the same for every kind and lives here:
 - ``F.linear`` on the weight runs :func:`~bitnet_ao.linear.bitnet_linear` (``__torch_function__``); every other
   torch function runs as for a plain tensor and reaches the kind's ``__torch_dispatch__``.
 - torch.compile's AOT autograd cache key (``_stable_hash_for_caching``): the metadata a compiled graph specializes
-  on, never data. A kind adds its layout metadata (:meth:`BitNetWeightTensor._cache_key_layout`).
+  on, never data, and the fingerprint of this library's code (:func:`implementation_fingerprint`). A kind adds its
+  layout metadata (:meth:`BitNetWeightTensor._cache_key_layout`).
 - Pickling (``torch.save`` of a weight or a whole module): the kind says how to rebuild itself
   (:meth:`BitNetWeightTensor._rebuild_args`, and the ``rebuild`` class keyword when its constructor is not the
   rebuild function). Every kind and its rebuild function are registered as safe globals when the class is
@@ -16,16 +17,37 @@ supports). The rest is the same for every kind and lives here:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .config import BitNetTrainingConfig
 from .linear import bitnet_linear
 from .private_api import disable_torch_function_subclass, stable_hash_for_caching
+
+
+@functools.cache
+def implementation_fingerprint() -> str:
+    """A digest of bitnet_ao's own code: every Python, C and C++ source of the package and of ``bitnet_ao.kernels``.
+
+    Why it is part of the compile cache key: a graph compiled for a model with BitNet weights holds what the
+    weight's code traced into (which ops, in which order, with which arguments), and torch's AOT autograd cache
+    keys it on the dynamo graph, which only says ``F.linear``. Without the fingerprint a process running another
+    version of bitnet_ao would load the graph compiled with the old one from the on-disk cache: a crash where an op
+    was renamed, wrong numbers without a word where a formula changed. Read once per process (~400 KB)."""
+    roots = {Path(__file__).parent, Path(kernels.__file__).parent}
+    files = sorted({f for root in roots for f in root.rglob("*") if f.suffix in (".py", ".c", ".cpp", ".h")})
+    digest = hashlib.blake2b(digest_size=16)
+    for f in files:
+        digest.update(f"{f.parent.name}/{f.name}".encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
 
 
 class BitNetWeightTensor(Tensor):
@@ -63,6 +85,7 @@ class BitNetWeightTensor(Tensor):
     def _stable_hash_for_caching(self) -> str:
         # Key for torch.compile's AOT autograd cache: everything a compiled graph specializes on, no data.
         meta = (
+            implementation_fingerprint(),
             tuple(self.shape),
             *self._cache_key_layout(),
             self.dtype,

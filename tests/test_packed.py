@@ -187,3 +187,31 @@ def test_packing_is_the_public_layout():
     assert torch.equal(unpack_i2_in_i8(weight.packed, K).float(), spec_reference.ternary_weight(w)[0])
     binary, w = _packed("binary")
     assert torch.equal(unpack_i1_in_i8(binary.packed, K).float(), spec_reference.binary_weight(w)[0])
+
+
+def test_a_compiled_graph_cached_by_another_version_of_the_code_is_not_loaded(monkeypatch, tmp_path):
+    """torch.compile's on-disk AOT autograd cache keys a graph on the dynamo graph, which says only ``F.linear``, and
+    on the weight's ``_stable_hash_for_caching``: the same model compiled again hits the cache, and with bitnet_ao's
+    code changed (its fingerprint) misses it, instead of running what the old code traced."""
+    from torch._dynamo.utils import counters
+
+    from bitnet_ao import weight_base
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
+    weight, _ = _packed()
+    x = torch.randn(3, K)
+
+    def compile_and_count() -> tuple[int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad():
+            out = torch.compile(lambda x: F.linear(x, weight), fullgraph=True)(x)
+            assert torch.equal(out, F.linear(x, weight))
+        return counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"]
+
+    assert compile_and_count() == (0, 1)
+    assert compile_and_count() == (1, 0)
+    monkeypatch.setattr(weight_base, "implementation_fingerprint", lambda: "another version of bitnet_ao")
+    assert compile_and_count() == (0, 1)
+    torch._dynamo.reset()
