@@ -198,7 +198,6 @@ def test_a_compiled_graph_cached_by_another_version_of_the_code_is_not_loaded(mo
     from bitnet_ao import weight_base
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
     weight, _ = _packed()
     x = torch.randn(3, K)
 
@@ -210,8 +209,10 @@ def test_a_compiled_graph_cached_by_another_version_of_the_code_is_not_loaded(mo
             assert torch.equal(out, F.linear(x, weight))
         return counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"]
 
-    assert compile_and_count() == (0, 1)
-    assert compile_and_count() == (1, 0)
-    monkeypatch.setattr(weight_base, "implementation_fingerprint", lambda: "another version of bitnet_ao")
-    assert compile_and_count() == (0, 1)
+    # config.patch, not monkeypatch: undoing a monkeypatched config entry deletes it for every later test
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        assert compile_and_count() == (0, 1)
+        assert compile_and_count() == (1, 0)
+        monkeypatch.setattr(weight_base, "implementation_fingerprint", lambda: "another version of bitnet_ao")
+        assert compile_and_count() == (0, 1)
     torch._dynamo.reset()
