@@ -28,18 +28,40 @@ int bitnet_quantize_rows(const void* x, int64_t x_code, const float* rstd, const
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = row_buffer(K, &failed);
+        float* y = rstd != NULL ? row_buffer(K, &failed) : NULL;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
-            if (y == NULL) continue;
-            const float s = row_scale_of(
-                load_normed_row(x, m * K, K, x_code, rstd != NULL ? rstd + m : NULL, gain, norm_code, y), eps_f);
-            quantize_span(y, 1.0f, NULL, s, K, -128.0f, 127.0f, q + m * K);
-            scale[m] = s;
+            if (rstd == NULL) { /* straight from x */
+                scale[m] = row_scale_of(absmax_of(x, x_code, m * K, K), eps_f);
+                quantize_span(x, x_code, m * K, 1.0f, NULL, scale[m], NULL, K, -128.0f, 127.0f, q + m * K);
+            } else if (y != NULL) {
+                scale[m] = row_scale_of(load_normed_row(x, m * K, K, x_code, rstd + m, gain, norm_code, y), eps_f);
+                quantize_span(y, 0, 0, 1.0f, NULL, scale[m], NULL, K, -128.0f, 127.0f, q + m * K);
+            }
         }
         free(y);
     }
     return failed;
+}
+
+/* m[n] = max(m[n], |g[off + n] * r|) for n < N, on the bit patterns (absmax's rule), g of dtype code. */
+static void column_absmax(const void* g, int64_t code, int64_t off, int64_t N, float r, uint32_t* m) {
+    int64_t n = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 vr = _mm512_set1_ps(r);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    for (; n + 16 <= N; n += 16) {
+        const __m512i u = _mm512_and_si512(_mm512_castps_si512(_mm512_mul_ps(load16(g, off + n, code), vr)), magnitude);
+        _mm512_storeu_si512(m + n, _mm512_max_epu32(_mm512_loadu_si512(m + n), u));
+    }
+#endif
+    for (; n < N; ++n) {
+        const float v = load_value(g, off + n, code) * r;
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        u &= 0x7fffffffu;
+        m[n] = u > m[n] ? u : m[n];
+    }
 }
 
 /* reference.quantize_grad_output of g (M, N): the per-row quantization (g_q, s_g) and the per-column one of
@@ -50,25 +72,21 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
     const float eps_f = (float)eps;
     const int64_t nt = threads > 0 ? threads : 1;
     uint32_t* col_max = (uint32_t*)calloc((size_t)(nt * (N > 0 ? N : 1)), sizeof(uint32_t));
-    if (col_max == NULL) return 1;
-    int failed = 0;
+    float* inv_gc = (float*)malloc((size_t)(N > 0 ? N : 1) * sizeof(float)); /* 1 / s_gc, quantize_span's inv_s */
+    if (col_max == NULL || inv_gc == NULL) {
+        free(col_max);
+        free(inv_gc);
+        return 1;
+    }
+    int divide = 0;
 #pragma omp parallel num_threads((int)nt)
     {
-        float* y = row_buffer(N, &failed);
         uint32_t* mine = col_max + (int64_t)omp_get_thread_num() * N;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
-            if (y == NULL) continue;
-            s_g[m] = row_scale_of(load_normed_row(g, m * N, N, g_code, NULL, NULL, 0, y), eps_f);
-            quantize_span(y, 1.0f, NULL, s_g[m], N, -128.0f, 127.0f, g_q + m * N);
-            const float r = row_scale[m];
-            for (int64_t n = 0; n < N; ++n) {
-                const float v = y[n] * r;
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                u &= 0x7fffffffu;
-                mine[n] = u > mine[n] ? u : mine[n];
-            }
+            s_g[m] = row_scale_of(absmax_of(g, g_code, m * N, N), eps_f);
+            quantize_span(g, g_code, m * N, 1.0f, NULL, s_g[m], NULL, N, -128.0f, 127.0f, g_q + m * N);
+            column_absmax(g, g_code, m * N, N, row_scale[m], mine);
         }
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; ++n) {
@@ -77,19 +95,20 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
             float a;
             memcpy(&a, &u, 4);
             s_gc[n] = (a < eps_f ? eps_f : a) / 127.0f;
+            inv_gc[n] = 1.0f / s_gc[n];
+            if (!(s_gc[n] >= BITNET_RECIPROCAL_MIN && s_gc[n] <= BITNET_RECIPROCAL_MAX)) {
+#pragma omp atomic write
+                divide = 1;
+            }
         }
+        const float* inv = divide ? NULL : inv_gc; /* read after the loop's barrier */
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) {
-            if (y == NULL) continue;
-            load_row(g, m * N, N, g_code, y);
-            const float r = row_scale[m];
-            int8_t* row = g_qc + m * N;
-            quantize_span(y, r, s_gc, 0.0f, N, -128.0f, 127.0f, row);
-        }
-        free(y);
+        for (int64_t m = 0; m < M; ++m)
+            quantize_span(g, g_code, m * N, row_scale[m], s_gc, 0.0f, inv, N, -128.0f, 127.0f, g_qc + m * N);
     }
     free(col_max);
-    return failed;
+    free(inv_gc);
+    return 0;
 }
 
 /* reference.scale_output: ((acc * row_scale[m]) * col_scale[n]) * scale in float32 (each factor optional), rounded
@@ -160,25 +179,22 @@ int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
         int8_t* block = (int8_t*)malloc((size_t)TILE * (size_t)(K > 0 ? K : 1));
-        if (y == NULL || block == NULL) {
+        if (block == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += TILE) {
-            if (y == NULL || block == NULL) continue;
+            if (block == NULL) continue;
             const int64_t rows = n0 + TILE < N ? TILE : N - n0;
             for (int64_t i = 0; i < rows; ++i) {
-                load_row(w, (n0 + i) * K, K, w_code, y);
                 int8_t* out = transpose ? block + i * K : q + (n0 + i) * K;
-                quantize_span(y, 1.0f, NULL, s, K, -1.0f, 1.0f, out);
+                quantize_span(w, w_code, (n0 + i) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, out);
             }
             if (transpose) /* the block's rows are columns n0 .. n0 + rows of the (K, N) output */
                 transpose_bytes(block, rows, K, q + n0, N);
         }
-        free(y);
         free(block);
     }
     return failed;

@@ -115,48 +115,6 @@ static inline int8_t quantize_value(float v, float s, float lo, float hi) {
     return (int8_t)q;
 }
 
-/* quantize_value(y[k] * r, s[k] (or s0 when s is NULL), lo, hi) for k < K: the hot loop of every quantization,
- * written with intrinsics because the compiler's own vector code for the clamp and the narrowing spends more time
- * on mask registers than on the arithmetic (2-3x slower on a Zen 4). The same IEEE division, rounding and clamp:
- * the same values (a NaN, whose int8 value torch leaves undefined, may differ). */
-static inline void quantize_span(const float* y, float r, const float* s, float s0, int64_t K, float lo, float hi,
-                                 int8_t* q) {
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    const __m512 vr = _mm512_set1_ps(r), vs0 = _mm512_set1_ps(s0), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-    for (; k + 16 <= K; k += 16) {
-        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(y + k), vr);
-        __m512 t = _mm512_div_ps(v, s != NULL ? _mm512_loadu_ps(s + k) : vs0);
-        t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-        _mm_storeu_si128((__m128i*)(q + k), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
-    }
-#elif defined(__AVX2__)
-    const __m256 vr = _mm256_set1_ps(r), vs0 = _mm256_set1_ps(s0), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-    for (; k + 8 <= K; k += 8) {
-        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(y + k), vr);
-        __m256 t = _mm256_div_ps(v, s != NULL ? _mm256_loadu_ps(s + k) : vs0);
-        t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        t = _mm256_min_ps(_mm256_max_ps(t, vlo), vhi);
-        const __m256i i = _mm256_cvttps_epi32(t);
-        const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-        _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(h, h));
-    }
-#endif
-    for (; k < K; ++k) q[k] = quantize_value(y[k] * r, s != NULL ? s[k] : s0, lo, hi);
-}
-
-/* The per-row activation scale of reference.quantize_rowwise for the row's absmax m: max(m, eps) / 127 (clamp(min=eps)
- * keeps a NaN, as torch's). */
-static inline float row_scale_of(float m, float eps) { return (m < eps ? eps : m) / 127.0f; }
-
-/* reference.quantize_rowwise of one float row y: writes its int8 values to q and returns its scale. */
-static inline float quantize_row(const float* y, int64_t K, float eps, int8_t* q) {
-    const float s = row_scale_of(absmax(y, K), eps);
-    quantize_span(y, 1.0f, NULL, s, K, -128.0f, 127.0f, q);
-    return s;
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 /* Elements p[off .. off + 16) of dtype code as floats. */
 static inline __m512 load16(const void* p, int64_t off, int64_t code) {
@@ -166,7 +124,145 @@ static inline __m512 load16(const void* p, int64_t off, int64_t code) {
     if (code == 2) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off)));
     return _mm512_loadu_ps((const float*)p + off);
 }
+#endif
 
+/* The multiply-by-the-reciprocal shortcut of quantize_span is taken where t = v * inv, inv = 1/s rounded, lies
+ * farther than 2^-15 from every half-integer. Where |v / s| <= 129 the true quotient rounded, v / s in IEEE
+ * arithmetic, is within |v / s| * (3 * 2^-24 + 2^-48) < 2.31e-5 of t (two roundings in t, one in the quotient;
+ * plus at most 2^-148 where a product is subnormal), so both round to the same integer; where |v / s| > 129 both
+ * clamp alike. Elsewhere (true ties, near-ties) the lane is divided. The bound needs inv a normal float, hence
+ * s within [2^-125, 2^125]; outside it every lane is divided. */
+#define BITNET_RECIPROCAL_MIN 0x1p-125f
+#define BITNET_RECIPROCAL_MAX 0x1p125f
+#define BITNET_NEAR_TIE (0.5f - 0x1p-15f)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+/* round(v * inv) of 16 lanes as int32, with inv = 1/s rounded, and the lanes where that may differ from round(v / s)
+ * (see BITNET_NEAR_TIE) added to *near. The distance to the nearest integer as t - roundscale(t): vreduceps, which
+ * gives it in one instruction, made the pass 40% slower on a Zen 4. */
+static inline __m512 round_product16(__m512 v, __m512 inv, __mmask16* near) {
+    const __m512 t = _mm512_mul_ps(v, inv);
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    *near |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(t, n)), _mm512_set1_ps(BITNET_NEAR_TIE), _CMP_GT_OQ);
+    return n;
+}
+#endif
+
+/* clamp(round(v_k / s_k), lo, hi) as int8 for k < K, with v_k = element off + k of src (dtype code) times r (when
+ * r != 1) and s_k = s[k] (s0 when s is NULL); inv_s, when not NULL, holds 1/s[k] rounded, each s[k] within
+ * [BITNET_RECIPROCAL_MIN, BITNET_RECIPROCAL_MAX] (callers pass NULL otherwise). The hot loop of every quantization:
+ * the values of quantize_value, the IEEE division included. With AVX-512 in one pass over src that divides only
+ * the blocks of 64 with a lane near a rounding tie (BITNET_NEAR_TIE; one block in ten on bf16 activations); with
+ * AVX2 with intrinsics, because the compiler's own vector code for the clamp and the narrowing spends more time on
+ * mask registers than on the arithmetic. A NaN, whose int8 value torch leaves undefined, may differ. With hi = 127
+ * the clamp is the narrowing's saturation, and |v_k / s_k| must stay below 2^31: the scale of an absmax
+ * quantization, which every caller with hi = 127 passes, keeps it below 128. */
+static inline void quantize_span(const void* src, int64_t code, int64_t off, float r, const float* s, float s0,
+                                 const float* inv_s, int64_t K, float lo, float hi, int8_t* q) {
+    int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+    const int reciprocal = s != NULL ? inv_s != NULL : s0 >= BITNET_RECIPROCAL_MIN && s0 <= BITNET_RECIPROCAL_MAX;
+    if (reciprocal) {
+        const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        const __m512 vr = _mm512_set1_ps(r), vs0 = _mm512_set1_ps(s0), vinv0 = _mm512_set1_ps(1.0f / s0);
+        const __m512 vhi = _mm512_set1_ps(hi);
+        const __m512i vlo = _mm512_set1_epi8((char)lo), zero = _mm512_setzero_si512();
+        /* The saturating packs below interleave 128-bit lanes; these permutes restore the order, of elements
+         * loaded in order, or of bfloat16 widened by unpacking (which interleaves them the other way: with one
+         * scale for the span only, per-element scales being in order). */
+        const int unpack = code == 1 && s == NULL;
+        const __m512i order = unpack ? _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)
+                                        : _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        for (; k + 64 <= K; k += 64) {
+            __m512 v[4], n[4];
+            __mmask16 near = 0;
+            for (int j = 0; j < 4; ++j) {
+                if (!unpack) {
+                    v[j] = load16(src, off + k + 16 * j, code);
+                } else if (j % 2 == 0) { /* bfloat16 to float: the 16 bits above 16 zero bits, in-lane */
+                    const __m512i h = _mm512_loadu_si512((const uint16_t*)src + off + k + 16 * j);
+                    v[j] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
+                    v[j + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
+                }
+            }
+            for (int j = 0; j < 4; ++j) {
+                if (r != 1.0f) v[j] = _mm512_mul_ps(v[j], vr);
+                n[j] = round_product16(v[j], s != NULL ? _mm512_loadu_ps(inv_s + k + 16 * j) : vinv0, &near);
+            }
+            if (near)
+                for (int j = 0; j < 4; ++j)
+                    n[j] = _mm512_roundscale_ps(
+                        _mm512_div_ps(v[j], s != NULL ? _mm512_loadu_ps(s + k + 16 * j) : vs0), nearest);
+            __m512i i32[4];
+            for (int j = 0; j < 4; ++j) /* min(hi, n): a NaN stays NaN, INT32_MIN, -128 like the portable code */
+                i32[j] = _mm512_cvttps_epi32(hi < 127.0f ? _mm512_min_ps(vhi, n[j]) : n[j]);
+            const __m512i w16 = _mm512_packs_epi16(_mm512_packs_epi32(i32[0], i32[1]), _mm512_packs_epi32(i32[2], i32[3]));
+            __m512i w8 = _mm512_permutexvar_epi32(order, w16);
+            if (lo > -128.0f) w8 = _mm512_max_epi8(w8, vlo);
+            _mm512_storeu_si512(q + k, w8);
+        }
+    }
+#endif
+#if defined(__AVX2__)
+    const __m256 vr = _mm256_set1_ps(r), vs0 = _mm256_set1_ps(s0), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    for (; k + 8 <= K; k += 8) {
+        __m256 v;
+        if (code == 1)
+            v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)src + off + k))), 16));
+        else if (code == 2)
+            v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)src + off + k)));
+        else
+            v = _mm256_loadu_ps((const float*)src + off + k);
+        if (r != 1.0f) v = _mm256_mul_ps(v, vr);
+        __m256 t = _mm256_div_ps(v, s != NULL ? _mm256_loadu_ps(s + k) : vs0);
+        t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm256_min_ps(_mm256_max_ps(t, vlo), vhi);
+        const __m256i i = _mm256_cvttps_epi32(t);
+        const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(h, h));
+    }
+#endif
+    for (; k < K; ++k) {
+        float v = load_value(src, off + k, code);
+        if (r != 1.0f) v = v * r;
+        q[k] = quantize_value(v, s != NULL ? s[k] : s0, lo, hi);
+    }
+}
+
+/* max |element| of src[off .. off + K) of dtype code, as absmax: for bfloat16 and float16, whose non-negative
+ * values order as their bit patterns too, on the 16-bit patterns, without widening. */
+static inline float absmax_of(const void* src, int64_t code, int64_t off, int64_t K) {
+    if (code == 0) return absmax((const float*)src + off, K);
+    const uint16_t* h = (const uint16_t*)src + off;
+    uint16_t m = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        const uint16_t u = (uint16_t)(h[k] & 0x7fffu);
+        m = u > m ? u : m;
+    }
+    if (code == 2) {
+        _Float16 v;
+        memcpy(&v, &m, 2);
+        return (float)v;
+    }
+    const uint32_t u = (uint32_t)m << 16;
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+/* The per-row activation scale of reference.quantize_rowwise for the row's absmax m: max(m, eps) / 127 (clamp(min=eps)
+ * keeps a NaN, as torch's). */
+static inline float row_scale_of(float m, float eps) { return (m < eps ? eps : m) / 127.0f; }
+
+/* reference.quantize_rowwise of one float row y: writes its int8 values to q and returns its scale. */
+static inline float quantize_row(const float* y, int64_t K, float eps, int8_t* q) {
+    const float s = row_scale_of(absmax(y, K), eps);
+    quantize_span(y, 0, 0, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
+    return s;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 /* 16 floats as bfloat16 bits (round_to: to nearest even, a NaN to the quiet NaN 0x7fc0). */
 static inline __m256i bf16_bits16(__m512 v) {
 #if defined(__AVX512BF16__)

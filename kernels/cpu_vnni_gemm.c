@@ -172,19 +172,17 @@ int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, dou
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
         int8_t* rows = (int8_t*)calloc((size_t)PANEL * (size_t)(K > 0 ? K : 1), 1); /* rows past N stay 0 */
-        if (y == NULL || rows == NULL) {
+        if (rows == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {
-            if (y == NULL || rows == NULL) continue;
+            if (rows == NULL) continue;
             const int64_t n0 = b * PANEL, count = N - n0 < PANEL ? N - n0 : PANEL;
             for (int64_t j = 0; j < count; ++j) {
-                load_row(w, (n0 + j) * K, K, w_code, y);
-                quantize_span(y, 1.0f, NULL, s, K, -1.0f, 1.0f, rows + j * K);
+                quantize_span(w, w_code, (n0 + j) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, rows + j * K);
             }
             /* fwd: panel b, row j of w is column j, its groups of 4 values along K */
             uint32_t* panel = f + b * groups_k * PANEL;
@@ -223,7 +221,6 @@ int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, dou
                 }
             }
         }
-        free(y);
         free(rows);
     }
     return failed;

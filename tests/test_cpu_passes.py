@@ -66,6 +66,51 @@ def test_quantize_grad_output_is_both_quantizations(shape, dtype):
     assert torch.equal(g_qc, (folded / s_col).round().clamp(-128, 127).to(torch.int8))
 
 
+def _near_ties(scale: torch.Tensor, ulps: int = 3) -> torch.Tensor:
+    """Values within ``ulps`` float32 steps of every (n + 1/2) * scale, n in -129..128: where a quotient taken as a
+    product by the reciprocal, rather than divided, would round the other way."""
+    ties = (torch.arange(-129, 129, dtype=torch.float32) + 0.5) * scale
+    steps, up, down = [ties], ties, ties
+    for _ in range(ulps):
+        up, down = torch.nextafter(up, up * 2), torch.nextafter(down, down * 0)
+        steps += [up, down]
+    return torch.cat(steps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantizations_are_exact_at_and_near_every_rounding_tie(dtype):
+    """The AVX-512 kernels multiply by the reciprocal of the scale and divide only near a rounding tie
+    (``BITNET_NEAR_TIE`` in cpu_rows.h): every value of the dtype in a row against the spec, every half-integer
+    quotient, and float32 values a few steps either side of one, on each quantization that divides."""
+    finite = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    finite = finite[finite.isfinite() & (finite.abs() <= 2.0) & (finite.abs() >= 2.0**-20)]
+    rows = []
+    for top in (2.0, 1.984375, 1.5, 1.0 + 2**-7, 1.25):  # 1.984375 = 254 / 128: every odd step is a tie
+        row = finite[finite.abs() <= top]
+        rows.append(torch.cat([row, torch.tensor([top])]))
+    width = max(r.numel() for r in rows)
+    x = torch.stack([torch.nn.functional.pad(r, (0, width - r.numel())) for r in rows]).to(dtype)
+    q, s = cpu_passes.quantize_rows(x, 1e-5)
+    q_ref, s_ref = act_quant(x)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref.to(torch.int8))
+
+    absmax = torch.tensor(1.7)
+    near = _near_ties(absmax / 127)
+    near = torch.cat([near[near.abs() <= absmax], absmax[None]]).to(dtype)
+    q, s = cpu_passes.quantize_rows(near[None], 1e-5)
+    q_ref, s_ref = act_quant(near[None])
+    assert torch.equal(q, q_ref.to(torch.int8))
+
+    scale = torch.tensor(0.0123)
+    w = _near_ties(scale).to(dtype)[None].expand(3, -1).contiguous()
+    assert torch.equal(cpu_passes.ternarize(w, scale, False), (w.float() / scale).round().clamp(-1, 1).to(torch.int8))
+
+    g = torch.stack([near, near.abs().max().expand(near.numel())])  # every column's scale is the row's
+    _, _, g_qc, s_gc = cpu_passes.quantize_grad_output(g, torch.ones(2), 1e-30)
+    s_col = g.float().abs().amax(dim=0).clamp(min=1e-30) / 127
+    assert torch.equal(s_gc, s_col) and torch.equal(g_qc, (g.float() / s_col).round().clamp(-128, 127).to(torch.int8))
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("factors", ["row+scale+bias", "row+col", "row", "float acc"])
