@@ -126,6 +126,16 @@ static inline __m512 load16(const void* p, int64_t off, int64_t code) {
 }
 #endif
 
+#if defined(__AVX2__)
+/* Elements p[off .. off + 8) of dtype code as floats. */
+static inline __m256 load8(const void* p, int64_t off, int64_t code) {
+    const __m128i* h = (const __m128i*)((const uint16_t*)p + off);
+    if (code == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16));
+    if (code == 2) return _mm256_cvtph_ps(_mm_loadu_si128(h));
+    return _mm256_loadu_ps((const float*)p + off);
+}
+#endif
+
 /* The multiply-by-the-reciprocal shortcut of quantize_span is taken where t = v * inv, inv = 1/s rounded, lies
  * farther than 2^-15 from every half-integer. Where |v / s| <= 129 the true quotient rounded, v / s in IEEE
  * arithmetic, is within |v / s| * (3 * 2^-24 + 2^-48) < 2.31e-5 of t (two roundings in t, one in the quotient;
@@ -151,20 +161,22 @@ static inline __m512 round_product16(__m512 v, __m512 inv, __mmask16* near) {
 /* clamp(round(v_k / s_k), lo, hi) as int8 for k < K, with v_k = element off + k of src (dtype code) times r (when
  * r != 1) and s_k = s[k] (s0 when s is NULL); inv_s, when not NULL, holds 1/s[k] rounded, each s[k] within
  * [BITNET_RECIPROCAL_MIN, BITNET_RECIPROCAL_MAX] (callers pass NULL otherwise). The hot loop of every quantization:
- * the values of quantize_value, the IEEE division included. With AVX-512 in one pass over src that divides only
- * the blocks of 64 with a lane near a rounding tie (BITNET_NEAR_TIE; one block in ten on bf16 activations); with
- * AVX2 with intrinsics, because the compiler's own vector code for the clamp and the narrowing spends more time on
- * mask registers than on the arithmetic. A NaN, whose int8 value torch leaves undefined, may differ. With hi = 127
+ * the values of quantize_value, the IEEE division included. In one pass over src that divides only the blocks
+ * (64 values with AVX-512, 32 with AVX2) with a lane near a rounding tie (BITNET_NEAR_TIE; one block in ten on bf16
+ * activations); written with intrinsics, because the compiler's own vector code for the clamp and the narrowing
+ * spends more time on mask registers than on the arithmetic. A NaN, whose int8 value torch leaves undefined, may
+ * differ. With hi = 127
  * the clamp is the narrowing's saturation, and |v_k / s_k| must stay below 2^31: the scale of an absmax
  * quantization, which every caller with hi = 127 passes, keeps it below 128. */
 static inline void quantize_span(const void* src, int64_t code, int64_t off, float r, const float* s, float s0,
                                  const float* inv_s, int64_t K, float lo, float hi, int8_t* q) {
     int64_t k = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
     const int reciprocal = s != NULL ? inv_s != NULL : s0 >= BITNET_RECIPROCAL_MIN && s0 <= BITNET_RECIPROCAL_MAX;
+    const float inv0 = reciprocal && s == NULL ? 1.0f / s0 : 0.0f;
+    const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
     if (reciprocal) {
-        const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        const __m512 vr = _mm512_set1_ps(r), vs0 = _mm512_set1_ps(s0), vinv0 = _mm512_set1_ps(1.0f / s0);
+        const __m512 vr = _mm512_set1_ps(r), vs0 = _mm512_set1_ps(s0), vinv0 = _mm512_set1_ps(inv0);
         const __m512 vhi = _mm512_set1_ps(hi);
         const __m512i vlo = _mm512_set1_epi8((char)lo), zero = _mm512_setzero_si512();
         /* The saturating packs below interleave 128-bit lanes; these permutes restore the order, of elements
@@ -205,23 +217,44 @@ static inline void quantize_span(const void* src, int64_t code, int64_t off, flo
 #endif
 #if defined(__AVX2__)
     const __m256 vr = _mm256_set1_ps(r), vs0 = _mm256_set1_ps(s0), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    if (reciprocal) { /* the AVX-512 loop's method in blocks of 32: compares into vectors, the clamp as above */
+        const __m256 vinv0 = _mm256_set1_ps(inv0), near_tie = _mm256_set1_ps(BITNET_NEAR_TIE);
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), vlo8 = _mm256_set1_epi8((char)lo);
+        for (; k + 32 <= K; k += 32) {
+            __m256 v[4], n[4], near = _mm256_setzero_ps();
+            for (int j = 0; j < 4; ++j) {
+                v[j] = load8(src, off + k + 8 * j, code);
+                if (r != 1.0f) v[j] = _mm256_mul_ps(v[j], vr);
+                const __m256 t = _mm256_mul_ps(v[j], s != NULL ? _mm256_loadu_ps(inv_s + k + 8 * j) : vinv0);
+                n[j] = _mm256_round_ps(t, nearest);
+                const __m256 frac = _mm256_and_ps(_mm256_sub_ps(t, n[j]), magnitude);
+                near = _mm256_or_ps(near, _mm256_cmp_ps(frac, near_tie, _CMP_GT_OQ));
+            }
+            if (!_mm256_testz_ps(near, near))
+                for (int j = 0; j < 4; ++j)
+                    n[j] = _mm256_round_ps(_mm256_div_ps(v[j], s != NULL ? _mm256_loadu_ps(s + k + 8 * j) : vs0), nearest);
+            __m256i i32[4];
+            for (int j = 0; j < 4; ++j) i32[j] = _mm256_cvttps_epi32(hi < 127.0f ? _mm256_min_ps(vhi, n[j]) : n[j]);
+            const __m256i w16 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+            __m256i w8 = _mm256_permutevar8x32_epi32(w16, order);
+            if (lo > -128.0f) w8 = _mm256_max_epi8(w8, vlo8);
+            _mm256_storeu_si256((__m256i*)(q + k), w8);
+        }
+    }
     for (; k + 8 <= K; k += 8) {
-        __m256 v;
-        if (code == 1)
-            v = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)src + off + k))), 16));
-        else if (code == 2)
-            v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)src + off + k)));
-        else
-            v = _mm256_loadu_ps((const float*)src + off + k);
+        __m256 v = load8(src, off + k, code);
         if (r != 1.0f) v = _mm256_mul_ps(v, vr);
         __m256 t = _mm256_div_ps(v, s != NULL ? _mm256_loadu_ps(s + k) : vs0);
-        t = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm256_round_ps(t, nearest);
         t = _mm256_min_ps(_mm256_max_ps(t, vlo), vhi);
         const __m256i i = _mm256_cvttps_epi32(t);
         const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
         _mm_storel_epi64((__m128i*)(q + k), _mm_packs_epi16(h, h));
     }
+#else
+    (void)inv0;
+    (void)nearest;
 #endif
     for (; k < K; ++k) {
         float v = load_value(src, off + k, code);
