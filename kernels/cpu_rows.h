@@ -165,9 +165,8 @@ static inline __m512 round_product16(__m512 v, __m512 inv, __mmask16* near) {
  * (64 values with AVX-512, 32 with AVX2) with a lane near a rounding tie (BITNET_NEAR_TIE; one block in ten on bf16
  * activations); written with intrinsics, because the compiler's own vector code for the clamp and the narrowing
  * spends more time on mask registers than on the arithmetic. A NaN, whose int8 value torch leaves undefined, may
- * differ. With hi = 127
- * the clamp is the narrowing's saturation, and |v_k / s_k| must stay below 2^31: the scale of an absmax
- * quantization, which every caller with hi = 127 passes, keeps it below 128. */
+ * differ. With hi = 127 the clamp is the narrowing's saturation, and |v_k / s_k| must stay below 2^31: the scale of
+ * an absmax quantization, which every caller with hi = 127 passes, keeps it below 128. */
 static inline void quantize_span(const void* src, int64_t code, int64_t off, float r, const float* s, float s0,
                                  const float* inv_s, int64_t K, float lo, float hi, int8_t* q) {
     int64_t k = 0;
