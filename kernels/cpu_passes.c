@@ -35,7 +35,7 @@ int bitnet_quantize_rows(const void* x, int64_t x_code, const float* rstd, const
                 scale[m] = row_scale_of(absmax_of(x, x_code, m * K, K), eps_f);
                 quantize_span(x, x_code, m * K, 1.0f, NULL, scale[m], NULL, K, -128.0f, 127.0f, q + m * K);
             } else if (y != NULL) {
-                scale[m] = row_scale_of(load_normed_row(x, m * K, K, x_code, rstd + m, gain, norm_code, y), eps_f);
+                scale[m] = row_scale_of(load_normed_row(x, m * K, K, x_code, rstd[m], gain, norm_code, y), eps_f);
                 quantize_span(y, 0, 0, 1.0f, NULL, scale[m], NULL, K, -128.0f, 127.0f, q + m * K);
             }
         }

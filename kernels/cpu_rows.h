@@ -376,23 +376,21 @@ static inline void scale_row(const void* acc, int64_t acc_float, const float* ro
     store_row(y, rest, out_code, out, out_off + n);
 }
 
-/* Row x[off .. off + K) of dtype x_code as floats in y, and with r (a row's rstd; NULL: no norm) that of the RMSNorm
- * x * r * gain[k] rounded to x's dtype and then to norm_code's (reference.rms_norm_quantize_rowwise). Returns the
- * absmax of y (absmax's NaN rule). With AVX-512 in one pass in registers; the portable loops make one pass each. */
-static inline float load_normed_row(const void* x, int64_t off, int64_t K, int64_t x_code, const float* r,
-                                    const float* gain, int64_t norm_code, float* y) {
+/* The RMSNorm of row x[off .. off + K) of dtype x_code, x * r * gain[k] with r the row's rstd, rounded to x's dtype
+ * and then to norm_code's (reference.rms_norm_quantize_rowwise), as floats in y. Returns the absmax of y (absmax's
+ * NaN rule). With AVX-512 in one pass in registers; the portable loops make one pass each. */
+static inline float load_normed_row(const void* x, int64_t off, int64_t K, int64_t x_code, float r, const float* gain,
+                                    int64_t norm_code, float* y) {
     int64_t k = 0;
     uint32_t m = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    const __m512 vr = _mm512_set1_ps(r != NULL ? *r : 0.0f);
+    const __m512 vr = _mm512_set1_ps(r);
     const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
     __m512i vm = _mm512_setzero_si512();
     for (; k + 16 <= K; k += 16) {
-        __m512 v = load16(x, off + k, x_code);
-        if (r != NULL) {
-            v = round16(_mm512_mul_ps(_mm512_mul_ps(v, vr), _mm512_loadu_ps(gain + k)), x_code);
-            if (norm_code != x_code) v = round16(v, norm_code); /* rounding twice to one dtype is rounding once */
-        }
+        __m512 v = round16(_mm512_mul_ps(_mm512_mul_ps(load16(x, off + k, x_code), vr), _mm512_loadu_ps(gain + k)),
+                           x_code);
+        if (norm_code != x_code) v = round16(v, norm_code); /* rounding twice to one dtype is rounding once */
         _mm512_storeu_ps(y + k, v);
         vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(v), magnitude));
     }
@@ -402,11 +400,9 @@ static inline float load_normed_row(const void* x, int64_t off, int64_t K, int64
         const int64_t rest = K - k;
         float* t = y + k;
         load_row(x, off + k, rest, x_code, t);
-        if (r != NULL) {
-            for (int64_t j = 0; j < rest; ++j) t[j] = t[j] * *r * gain[k + j];
-            round_row(t, rest, x_code);
-            round_row(t, rest, norm_code);
-        }
+        for (int64_t j = 0; j < rest; ++j) t[j] = t[j] * r * gain[k + j];
+        round_row(t, rest, x_code);
+        round_row(t, rest, norm_code);
         const float tail = absmax(t, rest);
         uint32_t u;
         memcpy(&u, &tail, 4);

@@ -79,7 +79,7 @@ def _near_ties(scale: torch.Tensor, ulps: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantizations_are_exact_at_and_near_every_rounding_tie(dtype):
-    """The AVX-512 kernels multiply by the reciprocal of the scale and divide only near a rounding tie
+    """The AVX-512 and AVX2 kernels multiply by the reciprocal of the scale and divide only near a rounding tie
     (``BITNET_NEAR_TIE`` in cpu_rows.h): every value of the dtype in a row against the spec, every half-integer
     quotient, and float32 values a few steps either side of one, on each quantization that divides."""
     finite = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
