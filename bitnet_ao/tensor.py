@@ -147,10 +147,19 @@ class BitNetTrainingLinearWeight(BitNetWeightTensor, rebuild=_rebuild_bitnet_wei
             weight.quantization_strength = inner["quantization_strength"]
         return weight
 
-    def _cache_key_layout(self) -> tuple[tuple[int, ...], bool]:
+    def _cache_key_layout(self) -> tuple:
         # The master weight's strides: the matmul layouts are chosen from them. Warming up or not: the blend or
-        # the INT8 path.
-        return (self._data.stride(), self.quantization_strength is not None)
+        # the INT8 path. The backend's operand choices for this device (on CPU: the int8 routes, measured or
+        # forced): constants of the traced graph, which packs or transposes for one route what another cannot read.
+        data = self._data
+        return (
+            data.stride(),
+            self.quantization_strength is not None,
+            kernels.prepacks_operand(data, True),
+            kernels.prepacks_operand(data, False),
+            kernels.right_operand_k_contiguous(data),
+            kernels.right_operand_either_layout(data),
+        )
 
     def _rewrap(self, data: Tensor) -> BitNetTrainingLinearWeight:
         """``data`` (this weight copied, viewed or moved) as a weight with this recipe and, during quantization

@@ -204,3 +204,31 @@ def test_an_empty_linear_is_refused_naming_it(shape):
         ValueError, match=rf"nn.Linear\(in_features={shape[0]}, out_features={shape[1]}\) has no weights"
     ):
         quantize_(nn.Linear(*shape), bitnet_training())
+
+
+def test_a_compiled_graph_traced_under_other_cpu_routes_is_not_loaded(force_routes, monkeypatch, tmp_path):
+    """The weight's layout choices come from the CPU's int8 routes (measured per machine, or forced with
+    ``BITNET_AO_CPU_INT8_ROUTE``) and are constants of a compiled graph: the on-disk AOT autograd cache hits for the
+    same routes and misses under routes that lay the operands out otherwise (``int_mm`` takes the ternary operand
+    either way, ``fp32`` contiguous along K), instead of running a graph traced for the other route."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = _quantized()
+    weight, x = model[0].weight, torch.randn(4, 16)
+
+    def compile_and_count() -> tuple[int, int]:
+        torch._dynamo.reset()
+        counters.clear()
+        out = torch.compile(lambda x: torch.nn.functional.linear(x, weight), fullgraph=True)(x)
+        out.sum().backward()
+        assert torch.equal(out, torch.nn.functional.linear(x, weight))
+        return counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"]
+
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        force_routes("int_mm", "fp32")
+        assert compile_and_count() == (0, 1)
+        assert compile_and_count() == (1, 0)
+        force_routes("fp32", "fp32")
+        assert compile_and_count() == (0, 1)
+    torch._dynamo.reset()
