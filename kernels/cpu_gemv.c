@@ -270,17 +270,15 @@ void bitnet_unpack(const uint8_t* packed, int8_t* out, int64_t N, int64_t K, int
 
 /* --- the whole inference forward of a packed linear for a few rows (decode) -------------------------------
  * y = ((acc * s_x[m]) * s_w) rounded to the output dtype, + bias, where acc is the exact int32 product of the
- * per-row int8 activation and the packed weight, and the activation is x, or x normalized by an RMSNorm whose
- * rstd the caller computed (with torch, so it is the same float as the training forward's). Every float
- * operation is the one bitnet_ao.kernels.reference performs, in the same order and rounding (built with
- * -ffp-contract=off), so the outputs equal the training forward's bit for bit. Dtype codes: 0 float32,
- * 1 bfloat16, 2 float16. x is stored in x_in_code's dtype (read exactly as float), x_code is the dtype the norm's
- * output is rounded to first (x's own, where x was given converted to float32). */
+ * per-row int8 activation and the packed weight, and the activation is x, or x normalized by an RMSNorm
+ * (norm_weight, norm_eps; rounded to x's dtype, then to norm_code's). Every float operation is the one
+ * bitnet_ao.kernels.reference performs, in the same order and rounding (built with -ffp-contract=off), and the row
+ * is quantized by the training forward's own C (cpu_rows.h quantize_input_row), so the outputs equal the training
+ * forward's bit for bit. Dtype codes: 0 float32, 1 bfloat16, 2 float16. */
 
-int bitnet_packed_linear(const void* x, int64_t x_in_code, const float* rstd, const float* norm_weight,
-                         int64_t x_code, int64_t norm_code, double eps, const uint8_t* packed, float w_scale,
-                         const float* bias, int64_t out_code, void* out, int64_t M, int64_t N, int64_t K, int64_t kp,
-                         int64_t bits, int64_t threads) {
+int bitnet_packed_linear(const void* x, int64_t x_code, const float* norm_weight, double norm_eps, int64_t norm_code,
+                         double eps, const uint8_t* packed, float w_scale, const float* bias, int64_t out_code,
+                         void* out, int64_t M, int64_t N, int64_t K, int64_t kp, int64_t bits, int64_t threads) {
     int8_t* x_q = (int8_t*)malloc((size_t)(M * K > 0 ? M * K : 1));
     float* s_x = (float*)malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
     float* y = (float*)malloc((size_t)(K > 0 ? K : 1) * sizeof(float));
@@ -288,13 +286,9 @@ int bitnet_packed_linear(const void* x, int64_t x_in_code, const float* rstd, co
     int failed = x_q == NULL || s_x == NULL || y == NULL || acc == NULL;
     const float eps_f = (float)eps;
     for (int64_t m = 0; m < M && !failed; ++m) {
-        load_row(x, m * K, K, x_in_code, y);
-        if (rstd != NULL) {
-            for (int64_t k = 0; k < K; ++k) y[k] = y[k] * rstd[m] * norm_weight[k];
-            round_row(y, K, x_code);
-            round_row(y, K, norm_code);
-        }
-        s_x[m] = quantize_row(y, K, eps_f, x_q + m * K);
+        float rstd;
+        s_x[m] = quantize_input_row(x, x_code, m * K, K, norm_weight, (float)norm_eps, norm_code, eps_f, y, x_q + m * K,
+                                    &rstd);
     }
     if (!failed) failed = bitnet_packed_gemv(x_q, packed, acc, M, N, K, kp, bits, threads);
     for (int64_t m = 0; m < M && !failed; ++m) {

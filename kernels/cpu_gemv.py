@@ -41,7 +41,7 @@ def _library() -> ctypes.CDLL | None:
     library.bitnet_unpack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
     library.bitnet_unpack.restype = None
     f = library.bitnet_packed_linear
-    f.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int64]
     f.argtypes += [ctypes.c_double, ctypes.c_void_p, ctypes.c_float]
     f.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
     f.restype = ctypes.c_int
@@ -102,10 +102,9 @@ def unpack(b_packed: Tensor, k: int, bits: int) -> Tensor | None:
 
 
 def packed_linear(
-    xf: Tensor,
-    rstd: Tensor | None,
+    x: Tensor,
     norm_weight: Tensor | None,
-    x_dtype: torch.dtype,
+    norm_eps: float,
     norm_dtype: torch.dtype,
     eps: float,
     b_packed: Tensor,
@@ -115,23 +114,22 @@ def packed_linear(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor | None:
-    """The inference forward of a packed linear in one call (``cpu_gemv.c`` ``bitnet_packed_linear``): the float32
-    input ``xf`` (normalized with ``rstd`` and ``norm_weight``, rounded to ``x_dtype`` then ``norm_dtype``, when
-    given), quantized per row, times ``B``, scaled, plus ``bias``. ``None`` when the kernel could not be built or
-    a dtype has no code."""
+    """The inference forward of a packed linear in one call (``cpu_gemv.c`` ``bitnet_packed_linear``): ``x``
+    (normalized with ``norm_weight`` and ``norm_eps``, rounded to ``x``'s dtype then ``norm_dtype``, when given),
+    quantized per row, times ``B``, scaled, plus ``bias``. ``None`` when the kernel could not be built or a dtype
+    has no code."""
     library = _library()
-    codes = [_DTYPE_CODES.get(d) for d in (x_dtype, norm_dtype, out_dtype)]
+    codes = [_DTYPE_CODES.get(d) for d in (x.dtype, norm_dtype, out_dtype)]
     if library is None or None in codes:
         return None
-    xf = xf.contiguous()
+    x = x.contiguous()
     b_packed = b_packed.contiguous()
-    m, n = xf.shape[0], b_packed.shape[0]
+    m, n = x.shape[0], b_packed.shape[0]
     out = torch.empty((m, n), dtype=out_dtype)
-    rstd = rstd.contiguous() if rstd is not None else None
     norm_weight = norm_weight.float().contiguous() if norm_weight is not None else None
     bias = bias.float().contiguous() if bias is not None else None
     failed = library.bitnet_packed_linear(
-        xf.data_ptr(), 0, _ptr(rstd), _ptr(norm_weight), codes[0], codes[1], eps, b_packed.data_ptr(), float(scale),
+        x.data_ptr(), codes[0], _ptr(norm_weight), norm_eps, codes[1], eps, b_packed.data_ptr(), float(scale),
         _ptr(bias), codes[2], out.data_ptr(), m, n, k, packed_columns(k, bits), bits, torch.get_num_threads(),
     )  # fmt: skip
     if failed:

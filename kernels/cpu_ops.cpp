@@ -10,9 +10,6 @@
 // compose the ops bitnet_ao::quantize_rowwise / rms_norm_quantize_rowwise and scaled_int8_mm_packed through the
 // dispatcher, as the Python implementation does: a GEMM of milliseconds, for which their Python costs nothing.
 // Fake (meta) implementations are Python's (ops.py, cpu_ops.py).
-//
-// The norm's one reduction, rstd, is the eager ATen expression of reference.rms_norm_rstd
-// (rsqrt(mean(x.float() ** 2) + eps)), the one the Python path computes for these sizes: the same float.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -25,10 +22,10 @@
 #include <optional>
 #include <vector>
 
-extern "C" int bitnet_packed_linear(const void* x, int64_t x_in_code, const float* rstd, const float* norm_weight,
-                                    int64_t x_code, int64_t norm_code, double eps, const uint8_t* packed,
-                                    float w_scale, const float* bias, int64_t out_code, void* out, int64_t M,
-                                    int64_t N, int64_t K, int64_t kp, int64_t bits, int64_t threads);
+extern "C" int bitnet_packed_linear(const void* x, int64_t x_code, const float* norm_weight, double norm_eps,
+                                    int64_t norm_code, double eps, const uint8_t* packed, float w_scale,
+                                    const float* bias, int64_t out_code, void* out, int64_t M, int64_t N, int64_t K,
+                                    int64_t kp, int64_t bits, int64_t threads);
 
 namespace {
 
@@ -48,15 +45,13 @@ int64_t code_of(at::ScalarType t) {
 
 // Constants of the Python side, passed at build time (cpu_ops.py): the per-row activation eps of
 // reference.quantize_rowwise (ACTIVATION_EPS), and the inputs that take the one C call (torch_backend.
-// decode_linear_applies): at most cpu_gemv.MAX_M rows, 0 < k <= cpu_gemv.MAX_K, fewer elements than
-// torch_backend.COMPILE_MIN_NUMEL (the training forward quantizes those eagerly, and the C repeats the eager floats).
+// decode_linear_applies): at most cpu_gemv.MAX_M rows, 0 < k <= cpu_gemv.MAX_K.
 constexpr double kActivationEps = BITNET_AO_ACTIVATION_EPS;
 constexpr int64_t kDecodeMaxM = BITNET_AO_DECODE_MAX_M, kDecodeMaxK = BITNET_AO_DECODE_MAX_K;
-constexpr int64_t kCompileMinNumel = BITNET_AO_COMPILE_MIN_NUMEL;
 
 bool one_call_applies(const at::Tensor& x, int64_t k, at::ScalarType out_dtype) {
-    return x.size(0) > 0 && x.size(0) <= kDecodeMaxM && k > 0 && k <= kDecodeMaxK && x.numel() < kCompileMinNumel &&
-           code_of(x.scalar_type()) >= 0 && code_of(out_dtype) >= 0;
+    return x.size(0) > 0 && x.size(0) <= kDecodeMaxM && k > 0 && k <= kDecodeMaxK && code_of(x.scalar_type()) >= 0 &&
+           code_of(out_dtype) >= 0;
 }
 
 // The op `name` (an op of ops.py) called through the dispatcher on `stack`; its outputs.
@@ -93,12 +88,8 @@ at::Tensor packed_linear(const at::Tensor& x, const std::optional<at::Tensor>& n
     const int64_t x_code = code_of(x.scalar_type()), out_code = code_of(out_dtype);
     // Every conversion below is skipped where the tensor already is what the C code reads: each is an operator call.
     const at::Tensor xc = x.contiguous();
-    std::optional<at::Tensor> xf, rstd, gain;
-    if (norm_weight.has_value()) {
-        xf = xc.to(at::kFloat);
-        rstd = at::rsqrt(xf->pow(2).mean(-1, /*keepdim=*/true) + norm_eps).contiguous();
-        gain = norm_weight->to(at::kFloat).contiguous();
-    }
+    const std::optional<at::Tensor> gain =
+        norm_weight.has_value() ? std::optional<at::Tensor>(norm_weight->to(at::kFloat).contiguous()) : std::nullopt;
     const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
                                                          : std::nullopt;
     const at::Tensor packed = b_packed.contiguous();
@@ -106,11 +97,10 @@ at::Tensor packed_linear(const at::Tensor& x, const std::optional<at::Tensor>& n
                                                                              : scale.item<float>();
     const int64_t m = x.size(0), n = packed.size(0);
     at::Tensor out = at::empty({m, n}, x.options().dtype(out_dtype));
-    const void* x_data = xf ? xf->const_data_ptr() : xc.const_data_ptr();
     const int failed = bitnet_packed_linear(
-        x_data, xf ? 0 : x_code, rstd ? rstd->data_ptr<float>() : nullptr, gain ? gain->data_ptr<float>() : nullptr,
-        x_code, out_code, kActivationEps, reinterpret_cast<const uint8_t*>(packed.const_data_ptr<int8_t>()), w_scale,
-        b ? b->data_ptr<float>() : nullptr, out_code, out.data_ptr(), m, n, k, kp, bits, at::get_num_threads());
+        xc.const_data_ptr(), x_code, gain ? gain->data_ptr<float>() : nullptr, norm_eps, out_code, kActivationEps,
+        reinterpret_cast<const uint8_t*>(packed.const_data_ptr<int8_t>()), w_scale, b ? b->data_ptr<float>() : nullptr,
+        out_code, out.data_ptr(), m, n, k, kp, bits, at::get_num_threads());
     TORCH_CHECK(!failed, "bitnet_ao.packed_linear: out of memory for (", m, ", ", k, ") @ (", n, ", ", k, ").T");
     return out;
 }

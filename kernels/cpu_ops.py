@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import cpu_build, cpu_gemv, reference, torch_backend
+from . import cpu_build, cpu_gemv, reference
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 
@@ -35,7 +35,6 @@ def _load() -> bool:
         "BITNET_AO_ACTIVATION_EPS": repr(reference.ACTIVATION_EPS),
         "BITNET_AO_DECODE_MAX_M": str(cpu_gemv.MAX_M),
         "BITNET_AO_DECODE_MAX_K": str(cpu_gemv.MAX_K),
-        "BITNET_AO_COMPILE_MIN_NUMEL": str(torch_backend.COMPILE_MIN_NUMEL),
     }
     if cpu_build.load_torch_library(SOURCE, (cpu_gemv.SOURCE,), defines) is None:
         return False

@@ -2,8 +2,8 @@
  * reads the whole tensor two or three times: the per-row int8 quantization of an activation (also through the fused
  * RMSNorm), both quantizations of the output gradient, the scaled epilogue of an int8 matmul, and the weight's
  * ternary values. Each is the function of the same name in bitnet_ao.kernels.reference, float operation for float
- * operation (cpu_rows.h), so the results are torch's bit for bit; the one reduction whose order matters, the
- * RMSNorm's rstd, comes from torch. Rows are split over `threads` OpenMP threads. Every function returns nonzero
+ * operation (cpu_rows.h), so the results are torch's bit for bit (the RMSNorm's rstd, a sum, in float64: see
+ * row_rstd). Rows are split over `threads` OpenMP threads. Every function returns nonzero
  * when it runs out of memory. */
 #include <omp.h>
 #include <stdlib.h>
@@ -20,25 +20,21 @@ static float* row_buffer(int64_t n, int* failed) {
     return y;
 }
 
-/* reference.quantize_rowwise of x (M, K) of dtype code x_code; with rstd and gain, of the RMSNorm of x first
- * (reference.rms_norm_quantize_rowwise: x * rstd[m] * gain[k] rounded to x's dtype, then to norm_code's). */
-int bitnet_quantize_rows(const void* x, int64_t x_code, const float* rstd, const float* gain, int64_t norm_code,
-                         int64_t M, int64_t K, double eps, int8_t* q, float* scale, int64_t threads) {
-    const float eps_f = (float)eps;
+/* reference.quantize_rowwise of x (M, K) of dtype code x_code; with gain, of the RMSNorm of x first
+ * (reference.rms_norm_quantize_rowwise: x * rstd[m] * gain[k] rounded to x's dtype, then to norm_code's), each
+ * row's rstd (reference.rms_norm_rstd, with norm_eps) written to rstd. */
+int bitnet_quantize_rows(const void* x, int64_t x_code, const float* gain, double norm_eps, int64_t norm_code,
+                         int64_t M, int64_t K, double eps, int8_t* q, float* scale, float* rstd, int64_t threads) {
+    const float eps_f = (float)eps, norm_eps_f = (float)norm_eps;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = rstd != NULL ? row_buffer(K, &failed) : NULL;
+        float* y = gain != NULL ? row_buffer(K, &failed) : NULL;
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; ++m) {
-            if (rstd == NULL) { /* straight from x */
-                scale[m] = row_scale_of(absmax_of(x, x_code, m * K, K), eps_f);
-                quantize_span(x, x_code, m * K, 1.0f, NULL, scale[m], NULL, K, -128.0f, 127.0f, q + m * K);
-            } else if (y != NULL) {
-                scale[m] = row_scale_of(load_normed_row(x, m * K, K, x_code, rstd[m], gain, norm_code, y), eps_f);
-                quantize_span(y, 0, 0, 1.0f, NULL, scale[m], NULL, K, -128.0f, 127.0f, q + m * K);
-            }
-        }
+        for (int64_t m = 0; m < M; ++m)
+            if (gain == NULL || y != NULL)
+                scale[m] = quantize_input_row(x, x_code, m * K, K, gain, norm_eps_f, norm_code, eps_f, y, q + m * K,
+                                              rstd != NULL ? rstd + m : NULL);
         free(y);
     }
     return failed;

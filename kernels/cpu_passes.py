@@ -34,7 +34,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i, d = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     signatures = {
-        "bitnet_quantize_rows": [p, i, p, p, i, i, i, d, p, p, i],
+        "bitnet_quantize_rows": [p, i, p, d, i, i, i, d, p, p, p, i],
         "bitnet_quantize_grad_output": [p, i, p, i, i, d, p, p, p, p, i],
         "bitnet_scale_output": [p, i, p, p, p, p, i, p, i, i, i],
         "bitnet_ternarize": [p, i, ctypes.c_float, d, i, p, i, i, i],
@@ -63,28 +63,28 @@ def _check(failed: int, what: str) -> None:
 
 
 def quantize_rows(
-    x: Tensor, eps: float, norm: tuple[Tensor, Tensor, torch.dtype] | None = None
-) -> tuple[Tensor, Tensor] | None:
-    """``reference.quantize_rowwise(x, eps)``; with ``norm = (rstd, gain, norm_dtype)`` that of
-    ``reference.rms_norm(x, gain)`` (with this ``rstd``, ``(M, 1)`` float32) rounded to ``norm_dtype``, as
-    ``reference.rms_norm_quantize_rowwise``. ``None`` where the kernel does not apply."""
+    x: Tensor, eps: float, norm: tuple[Tensor, float, torch.dtype] | None = None
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor] | None:
+    """``reference.quantize_rowwise(x, eps)``: ``(x_q, s)``; with ``norm = (gain, norm_eps, norm_dtype)``
+    ``reference.rms_norm_quantize_rowwise(x, gain, norm_eps, norm_dtype, eps)``: ``(x_q, s, rstd)``. ``None`` where
+    the kernel does not apply."""
     library = _usable(x)
     if library is None or (norm is not None and norm[2] not in _CODES):
         return None
     x = x.contiguous()
     m, k = x.shape
     q, scale = torch.empty((m, k), dtype=torch.int8), torch.empty(m, dtype=torch.float32)
-    rstd = gain = None
-    norm_code = 0
+    gain = rstd = None
+    norm_eps, norm_code = 0.0, 0
     if norm is not None:
-        rstd, gain = norm[0].float().contiguous(), norm[1].float().contiguous()
-        norm_code = _CODES[norm[2]]
+        gain, norm_eps, norm_code = norm[0].float().contiguous(), norm[1], _CODES[norm[2]]
+        rstd = torch.empty((m, 1), dtype=torch.float32)
     failed = library.bitnet_quantize_rows(
-        x.data_ptr(), _CODES[x.dtype], _ptr(rstd), _ptr(gain), norm_code, m, k, eps, q.data_ptr(), scale.data_ptr(),
-        torch.get_num_threads(),
+        x.data_ptr(), _CODES[x.dtype], _ptr(gain), norm_eps, norm_code, m, k, eps, q.data_ptr(), scale.data_ptr(),
+        _ptr(rstd), torch.get_num_threads(),
     )  # fmt: skip
     _check(failed, "quantize_rowwise")
-    return q, scale
+    return (q, scale) if rstd is None else (q, scale, rstd)
 
 
 def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:

@@ -287,13 +287,6 @@ static inline float absmax_of(const void* src, int64_t code, int64_t off, int64_
  * keeps a NaN, as torch's). */
 static inline float row_scale_of(float m, float eps) { return (m < eps ? eps : m) / 127.0f; }
 
-/* reference.quantize_rowwise of one float row y: writes its int8 values to q and returns its scale. */
-static inline float quantize_row(const float* y, int64_t K, float eps, int8_t* q) {
-    const float s = row_scale_of(absmax(y, K), eps);
-    quantize_span(y, 0, 0, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
-    return s;
-}
-
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 /* 16 floats as bfloat16 bits (round_to: to nearest even, a NaN to the quiet NaN 0x7fc0). */
 static inline __m256i bf16_bits16(__m512 v) {
@@ -376,41 +369,122 @@ static inline void scale_row(const void* acc, int64_t acc_float, const float* ro
     store_row(y, rest, out_code, out, out_off + n);
 }
 
+/* reference.rms_norm_rstd of row x[off .. off + K) of dtype code: 1 / sqrt(float(sum(x^2) / K) + eps). Each square
+ * of a float is exact in double and the sum runs in double, so its order (lanes here, torch's or inductor's) moves
+ * only double-precision last bits, which the rounding to float absorbs (docs/numerics.md#rmsnorm). */
+static inline float row_rstd(const void* x, int64_t code, int64_t off, int64_t K, float eps) {
+    int64_t k = 0;
+    double sum = 0.0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+    __m512d a[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+    for (; k + 32 <= K; k += 32) /* four chains of fused multiply-adds: their latency, not their number, bounds a row */
+        for (int j = 0; j < 2; ++j) {
+            const __m512 v = load16(x, off + k + 16 * j, code);
+            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+            a[2 * j] = _mm512_fmadd_pd(lo, lo, a[2 * j]); /* the product is exact: one rounding, as a + lo * lo */
+            a[2 * j + 1] = _mm512_fmadd_pd(hi, hi, a[2 * j + 1]);
+        }
+    sum = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a[0], a[1]), _mm512_add_pd(a[2], a[3])));
+#elif defined(__AVX2__)
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = load8(x, off + k, code);
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        a0 = _mm256_add_pd(a0, _mm256_mul_pd(lo, lo));
+        a1 = _mm256_add_pd(a1, _mm256_mul_pd(hi, hi));
+    }
+    const __m256d a = _mm256_add_pd(a0, a1);
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    sum = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#endif
+    for (; k < K; ++k) {
+        const double v = (double)load_value(x, off + k, code);
+        sum += v * v;
+    }
+    return 1.0f / sqrtf((float)(sum / (double)K) + eps);
+}
+
 /* The RMSNorm of row x[off .. off + K) of dtype x_code, x * r * gain[k] with r the row's rstd, rounded to x's dtype
- * and then to norm_code's (reference.rms_norm_quantize_rowwise), as floats in y. Returns the absmax of y (absmax's
- * NaN rule). With AVX-512 in one pass in registers; the portable loops make one pass each. */
-static inline float load_normed_row(const void* x, int64_t off, int64_t K, int64_t x_code, float r, const float* gain,
-                                    int64_t norm_code, float* y) {
+ * and then to norm_code's (reference.rms_norm_quantize_rowwise), written to y in the dtype of *y_code: norm_code's
+ * with AVX-512 (in registers, one pass: bfloat16 and float16 rows take half the bytes to read back), float32 in the
+ * portable loops (one pass each). y holds K floats. Returns the absmax of the row (absmax's NaN rule). */
+static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t x_code, float r, const float* gain,
+                                  int64_t norm_code, float* y, int64_t* y_code) {
     int64_t k = 0;
     uint32_t m = 0;
+    *y_code = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+    *y_code = norm_code;
     const __m512 vr = _mm512_set1_ps(r);
-    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
-    __m512i vm = _mm512_setzero_si512();
-    for (; k + 16 <= K; k += 16) {
-        __m512 v = round16(_mm512_mul_ps(_mm512_mul_ps(load16(x, off + k, x_code), vr), _mm512_loadu_ps(gain + k)),
-                           x_code);
-        if (norm_code != x_code) v = round16(v, norm_code); /* rounding twice to one dtype is rounding once */
-        _mm512_storeu_ps(y + k, v);
-        vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(v), magnitude));
-    }
-    m = (uint32_t)_mm512_reduce_max_epu32(vm);
+    if (norm_code == 0) {
+        const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+        __m512i vm = _mm512_setzero_si512();
+        for (; k + 16 <= K; k += 16) {
+            const __m512 v = round16(_mm512_mul_ps(_mm512_mul_ps(load16(x, off + k, x_code), vr), _mm512_loadu_ps(gain + k)),
+                                     x_code);
+            _mm512_storeu_ps(y + k, v);
+            vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(v), magnitude));
+        }
+        m = (uint32_t)_mm512_reduce_max_epu32(vm);
+    } else { /* 16-bit patterns, whose magnitudes order as the values (absmax_of) */
+        uint16_t* h = (uint16_t*)y;
+        const __m256i magnitude = _mm256_set1_epi16(0x7fff);
+        __m256i vm = _mm256_setzero_si256();
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(load16(x, off + k, x_code), vr), _mm512_loadu_ps(gain + k));
+            if (x_code != norm_code) v = round16(v, x_code); /* rounding twice to one dtype is rounding once */
+#if defined(__AVX512BF16__) /* a NaN keeps a NaN's pattern of its own: only the quantization reads these */
+            const __m256i b = norm_code == 1 ? (__m256i)_mm512_cvtneps_pbh(v)
+                                             : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+            const __m256i b = norm_code == 1 ? bf16_bits16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
-    if (k < K) {
-        const int64_t rest = K - k;
-        float* t = y + k;
-        load_row(x, off + k, rest, x_code, t);
-        for (int64_t j = 0; j < rest; ++j) t[j] = t[j] * r * gain[k + j];
-        round_row(t, rest, x_code);
-        round_row(t, rest, norm_code);
-        const float tail = absmax(t, rest);
+            _mm256_storeu_si256((__m256i*)(h + k), b);
+            vm = _mm256_max_epu16(vm, _mm256_and_si256(b, magnitude));
+        }
+        uint16_t lanes[16], top = 0;
+        _mm256_storeu_si256((__m256i*)lanes, vm);
+        for (int j = 0; j < 16; ++j) top = lanes[j] > top ? lanes[j] : top;
+        const float head = absmax_of(&top, norm_code, 0, 1);
+        memcpy(&m, &head, 4);
+    }
+    for (; k < K; ++k) {
+        const float v = round_to(round_to(load_value(x, off + k, x_code) * r * gain[k], x_code), norm_code);
+        store(y, k, v, norm_code);
         uint32_t u;
-        memcpy(&u, &tail, 4);
+        memcpy(&u, &v, 4);
+        u &= 0x7fffffffu;
         m = u > m ? u : m;
     }
+#else
+    (void)norm_code;
+    load_row(x, off, K, x_code, y);
+    for (; k < K; ++k) y[k] = y[k] * r * gain[k];
+    round_row(y, K, x_code);
+    round_row(y, K, norm_code);
+    const float all = absmax(y, K);
+    memcpy(&m, &all, 4);
+#endif
     float v;
     memcpy(&v, &m, 4);
     return v;
+}
+
+/* One row of reference.quantize_rowwise of x[off .. off + K) (dtype x_code), or with gain of
+ * reference.rms_norm_quantize_rowwise (its rstd written to *rstd; y: K floats of scratch): the int8 values to q,
+ * the scale returned. */
+static inline float quantize_input_row(const void* x, int64_t x_code, int64_t off, int64_t K, const float* gain,
+                                       float norm_eps, int64_t norm_code, float eps, float* y, int8_t* q, float* rstd) {
+    if (gain == NULL) {
+        const float s = row_scale_of(absmax_of(x, x_code, off, K), eps);
+        quantize_span(x, x_code, off, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
+        return s;
+    }
+    int64_t y_code;
+    *rstd = row_rstd(x, x_code, off, K, norm_eps);
+    const float s = row_scale_of(normalize_row(x, off, K, x_code, *rstd, gain, norm_code, y, &y_code), eps);
+    quantize_span(y, y_code, 0, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
+    return s;
 }
 
 #endif

@@ -49,8 +49,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def rms_norm_rstd(xf: Tensor, eps: float) -> Tensor:
-    """``1 / rms`` of each row of the float32 ``xf``, shape ``(M, 1)``: the one reduction of :func:`rms_norm`."""
-    return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    """``1 / rms`` of each row of the float32 ``xf``, shape ``(M, 1)``: the one reduction of :func:`rms_norm`.
+    The squares (exact in float64) are summed in float64, so that the order of the sum, which every implementation
+    picks for itself, does not reach the float32 mean (docs/numerics.md#rmsnorm)."""
+    mean_square = (xf.double().pow(2).sum(-1, keepdim=True) / xf.shape[-1]).float()
+    return torch.rsqrt(mean_square + eps)
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:

@@ -96,13 +96,8 @@ def rms_norm_quantize_rowwise(
 ) -> tuple[Tensor, Tensor, Tensor]:
     # The norm's output is rounded to x.dtype and then to norm_dtype; either may be narrower than float32.
     narrowing = min(x.dtype.itemsize, norm_dtype.itemsize) < torch.float32.itemsize
-    if x.device.type == "cpu":
-        # The C pass reads each row once; the rstd reduction, whose summation order fixes its last bit, is torch's.
-        rstd = run_fused(_rms_norm_rstd, x.numel(), x, norm_eps)
-        done = cpu_passes.quantize_rows(x, eps, norm=(rstd, weight, norm_dtype))
-        if done is not None:
-            return (*done, rstd)
-    return run_fused(
+    # One C pass per row: the rstd, the norm, the absmax, the int8 values.
+    return cpu_passes.quantize_rows(x, eps, norm=(weight, norm_eps, norm_dtype)) or run_fused(
         reference.rms_norm_quantize_rowwise,
         x.numel(),
         x,
@@ -112,11 +107,6 @@ def rms_norm_quantize_rowwise(
         eps,
         keep_narrowing_casts=narrowing,
     )
-
-
-def _rms_norm_rstd(x: Tensor, eps: float) -> Tensor:
-    """``reference.rms_norm_rstd`` of ``x`` in any dtype: the one reduction of the fused norm."""
-    return reference.rms_norm_rstd(x.float(), eps)
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,10 +268,9 @@ def scaled_int8_mm_packed(
 
 def decode_linear_applies(x: Tensor, k: int, out_dtype: torch.dtype) -> bool:
     """Whether the packed linear of ``x`` runs as one C call (:func:`packed_linear`, or the same C behind the
-    operator registered in C++, ``cpu_ops.cpp``): a decode-sized CPU input (``cpu_gemv.applies``) whose training
-    forward runs its quantization eagerly (below ``COMPILE_MIN_NUMEL``: the C repeats the eager reference's float
-    operations), in and out of dtypes the C code has."""
-    return cpu_gemv.applies(x, k, True) and x.numel() < COMPILE_MIN_NUMEL and cpu_gemv.has_codes(x.dtype, out_dtype)
+    operator registered in C++, ``cpu_ops.cpp``): a decode-sized CPU input (``cpu_gemv.applies``), in and out of
+    dtypes the C code has."""
+    return cpu_gemv.applies(x, k, True) and cpu_gemv.has_codes(x.dtype, out_dtype)
 
 
 def packed_linear(
@@ -296,13 +285,10 @@ def packed_linear(
     out_dtype: torch.dtype,
 ) -> Tensor | None:
     """``ops.packed_linear`` in one C call for decode-sized inputs, or ``None`` (the op then composes the
-    quantization and ``scaled_int8_mm_packed``). Only where the training forward of the same shape runs its
-    quantization eagerly (below ``COMPILE_MIN_NUMEL``): the C code repeats the eager reference's float
-    operations, and the norm's one reduction (rstd) is computed here by the same torch expression."""
+    quantization and ``scaled_int8_mm_packed``). The C quantizes each row as the training forward's C pass does
+    (``cpu_rows.h``), so the outputs are the training forward's bit for bit."""
     if not decode_linear_applies(x, k, out_dtype):
         return None
-    xf = x.float()
-    rstd = reference.rms_norm_rstd(xf, norm_eps) if norm_weight is not None else None
     return cpu_gemv.packed_linear(
-        xf, rstd, norm_weight, x.dtype, out_dtype, ACTIVATION_EPS, b_packed, k, bits, scale, bias, out_dtype
+        x, norm_weight, norm_eps, out_dtype, ACTIVATION_EPS, b_packed, k, bits, scale, bias, out_dtype
     )

@@ -5,6 +5,9 @@ Tests compare the library against these functions, never against the library's o
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +32,14 @@ def binary_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.sign(w.float() - alpha)
     q[q == 0] = 1
     return q, w.double().abs().mean().float()
+
+
+def rms_norm_rstd(x: Tensor, eps: float) -> Tensor:
+    """The RMSNorm's ``1 / rms`` per row, shape ``(M, 1)`` float32: the exact sum of squares (``math.fsum``, no
+    summation order at all), its mean rounded to float32, ``1 / sqrt(mean + eps)`` in float32 arithmetic (numpy)."""
+    k = x.shape[-1]
+    mean = np.array([math.fsum(v * v for v in row) / k for row in x.double().tolist()]).astype(np.float32)
+    return torch.from_numpy(np.float32(1) / np.sqrt(mean + np.float32(eps)))[:, None]
 
 
 class FakeQuantBitLinear(nn.Linear):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from bitnet_ao.kernels import cpu_gemv, reference
 from tests.conftest import random_int8
-from tests.spec_reference import act_quant
+from tests.spec_reference import act_quant, rms_norm_rstd
 
 #: (M, K, N): one value; M = 1 and M not a multiple of 4; K below, around and above one 32-byte chunk, odd, and
 #: multiples of 8 that end in a partial chunk (the scalar tail then holds real values, not padding).
@@ -138,10 +138,10 @@ def test_packed_linear_is_the_spec_forward(bits, norm, dtype):
     scale = torch.tensor(0.037)
     bias = torch.randn(n, generator=g)
     gain = torch.rand(k, generator=g) + 0.5 if norm else None
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) if norm else None
+    rstd = rms_norm_rstd(x, 1e-5) if norm else None
     norm_dtype = torch.bfloat16 if norm else dtype  # an autocast dtype other than x's
     for b in (bias, None):
-        out = cpu_gemv.packed_linear(x.float(), rstd, gain, dtype, norm_dtype, 1e-5, packed, k, bits, scale, b, dtype)
+        out = cpu_gemv.packed_linear(x, gain, 1e-5, norm_dtype, 1e-5, packed, k, bits, scale, b, dtype)
         expected = _spec_linear(x, gain, rstd, w, scale, b, norm_dtype, dtype)
         assert out.dtype == dtype and torch.equal(out, expected), (out - expected).abs().max()
 
@@ -158,8 +158,7 @@ def test_every_small_shape_is_exact():
         w = _weight(n, k, bits, g)
         packed, a, x = _pack(w, bits, g), _activations(m, k, g), torch.randn(m, k, generator=g)
         scale, bias = torch.tensor(0.37), torch.randn(n, generator=g)
-        y = cpu_gemv.packed_linear(x, None, None, torch.float32, torch.float32, 1e-5, packed, k, bits, scale, bias,
-                                   torch.float32)  # fmt: skip
+        y = cpu_gemv.packed_linear(x, None, 0.0, torch.float32, 1e-5, packed, k, bits, scale, bias, torch.float32)
         checks = {
             "matmul": torch.equal(cpu_gemv.packed_gemv(a, packed, k, bits).double(), _exact(a, w)),
             "unpack": m > 1 or torch.equal(cpu_gemv.unpack(packed, k, bits), w),
@@ -174,8 +173,8 @@ def test_packed_linear_rounds_activations_half_to_even():
     g = torch.Generator().manual_seed(5)
     x = torch.tensor([[127.0, 2.5, -0.5, 1.5, -126.5, 0.0, 3.0]])
     w = _weight(4, 7, 2, g)
-    out = cpu_gemv.packed_linear(x, None, None, torch.float32, torch.float32, 1e-5, _pack(w, 2, g), 7, 2,
-                                 torch.tensor(1.0), None, torch.float32)  # fmt: skip
+    out = cpu_gemv.packed_linear(x, None, 0.0, torch.float32, 1e-5, _pack(w, 2, g), 7, 2, torch.tensor(1.0), None,
+                                 torch.float32)  # fmt: skip
     q = torch.tensor([[127.0, 2, 0, 2, -126, 0, 3]])
     assert torch.equal(out.double(), _exact(q, w))
 
@@ -195,7 +194,7 @@ def test_unbuilt_kernel_and_dtypes_without_a_code_give_none(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w = _weight(3, 10, 2, g)
     packed, x = _pack(w, 2, g), torch.randn(2, 10)
-    args = (None, None, torch.float32, torch.float32, 1e-5, packed, 10, 2, torch.tensor(1.0), None)
+    args = (None, 0.0, torch.float32, 1e-5, packed, 10, 2, torch.tensor(1.0), None)
     assert cpu_gemv.packed_linear(x, *args, torch.float64) is None
     monkeypatch.setattr(cpu_gemv, "_library", lambda: None)
     assert not cpu_gemv.available()

@@ -15,7 +15,7 @@ from torchao.quantization import quantize_
 from bitnet_ao import bitnet_inference, bitnet_training, kernels
 from bitnet_ao.kernels import cpu_gemv, cpu_ops, ops, reference, torch_backend
 from tests.conftest import random_int8
-from tests.spec_reference import act_quant
+from tests.spec_reference import act_quant, rms_norm_rstd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,8 +42,7 @@ def _spec(x, gain, w, scale, bias, out_dtype):
     linear's input under autocast), act_quant, the float64 product, ((acc * s_x) * s_w) rounded, + bias."""
     h = x.float()
     if gain is not None:
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-        h = (h * rstd * gain).to(x.dtype).to(out_dtype)
+        h = (h * rms_norm_rstd(x, 1e-6) * gain).to(x.dtype).to(out_dtype)
     q, s = act_quant(h)
     y = ((q.double() @ w.double().t()).float() * s[:, None] * scale).to(out_dtype)
     return y + bias.to(out_dtype) if bias is not None else y

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitnet_ao.kernels import cpu_passes
-from tests.spec_reference import act_quant
+from tests.spec_reference import act_quant, rms_norm_rstd
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 17), (33, 100), (257, 1031)]  # the last one is past COMPILE_MIN_NUMEL: both threads
@@ -45,8 +45,8 @@ def test_quantize_rows_is_act_quant(shape, dtype):
 def test_quantize_rows_through_the_norm(shape, dtype, norm_dtype):
     x = _input(shape, dtype, 1)
     gain = torch.rand(shape[1]) + 0.5
-    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-    q, s = cpu_passes.quantize_rows(x, 1e-5, norm=(rstd, gain, norm_dtype))
+    q, s, rstd = cpu_passes.quantize_rows(x, 1e-5, norm=(gain, 1e-6, norm_dtype))
+    assert torch.equal(rstd, rms_norm_rstd(x, 1e-6))
     normed = (x.float() * rstd * gain).to(dtype).to(norm_dtype)  # the norm, rounded as the linear receives it
     q_ref, s_ref = act_quant(normed)
     assert torch.equal(s, s_ref) and torch.equal(q, q_ref.to(torch.int8))

@@ -17,7 +17,7 @@ from bitnet_ao import bitnet_training
 from bitnet_ao.kernels import reference, torch_backend
 from bitnet_ao.norm import RMSNorm
 from bitnet_ao.surgery import NormedLinear
-from tests.spec_reference import act_quant
+from tests.spec_reference import act_quant, rms_norm_rstd
 
 
 def _normed_bitnet_linear(k: int, n: int, dtype: torch.dtype) -> NormedLinear:
@@ -63,10 +63,10 @@ def test_fused_int8_activation_is_the_quantized_norm_output():
     x, gain = torch.randn(8, 64), torch.rand(64) + 0.5
     for norm_dtype in (torch.float32, torch.bfloat16):
         x_q, s, rstd = reference.rms_norm_quantize_rowwise(x, gain, 1e-5, norm_dtype, 1e-5)
-        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * gain).to(norm_dtype)
+        normed = (x * rms_norm_rstd(x, 1e-5) * gain).to(norm_dtype)
         q_ref, s_ref = act_quant(normed)
         assert torch.equal(x_q, q_ref.to(torch.int8)) and torch.equal(s, s_ref)
-        torch.testing.assert_close(rstd, x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt())
+        assert torch.equal(rstd, rms_norm_rstd(x, 1e-5))
 
 
 def test_rms_norm_module_runs_forward_and_backward_on_the_backend(monkeypatch):

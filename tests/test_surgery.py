@@ -260,25 +260,30 @@ def test_keep_block_norms_moves_the_gain() -> None:
 
 
 def test_calibration_sets_the_mean_rms_of_the_inputs() -> None:
-    """Layer 0's o_proj reads the same input as in the original model (everything before it is exact), so its
-    calibrated gain is the mean RMS of the original o_proj input, taken here with a hook on transformers' model."""
+    """Layer 0's o_proj reads the input it read in the original model (the norms before it reproduce the pretrained
+    ones, to float32 rounding: bitnet_ao's RMSNorm sums its squares in float64), so its calibrated gain is the mean
+    RMS of the original o_proj input, taken here with a hook on transformers' model; exactly that of the input the
+    modified model's o_proj reads."""
     original = pretrained("llama")
     model = copy.deepcopy(original)
     apply_bitnet_norms(model)
     batches = [torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    seen = []
-    hook = original.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    for batch in batches:
-        with torch.no_grad():
-            original(batch)
-    hook.remove()
-    x = torch.cat([s.flatten(0, 1) for s in seen]).double()
-    expected = (x.square().mean(-1) + 1e-6).sqrt().mean().item()
 
+    def mean_rms_of_o_proj_inputs(m: nn.Module) -> float:
+        seen = []
+        hook = m.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+        for batch in batches:
+            with torch.no_grad():
+                m(batch)
+        hook.remove()
+        x = torch.cat([s.flatten(0, 1) for s in seen]).double()
+        return (x.square().mean(-1) + 1e-6).sqrt().mean().item()
+
+    original_rms, own_rms = mean_rms_of_o_proj_inputs(original), mean_rms_of_o_proj_inputs(model)
     gains = calibrate_bitnet_norms(model, batches)
     assert set(gains) == {f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.o_proj", "mlp.down_proj")}
-    assert gains["model.layers.0.self_attn.o_proj"] == pytest.approx(expected, rel=1e-6)
-    assert torch.all(model.model.layers[0].self_attn.o_proj.norm.weight == torch.tensor(expected, dtype=torch.float32))
+    assert gains["model.layers.0.self_attn.o_proj"] == pytest.approx(original_rms, rel=1e-6)
+    assert torch.all(model.model.layers[0].self_attn.o_proj.norm.weight == torch.tensor(own_rms, dtype=torch.float32))
     assert torch.equal(
         model.model.layers[0].self_attn.q_proj.norm.weight, original.model.layers[0].input_layernorm.weight
     )

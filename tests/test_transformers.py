@@ -231,7 +231,9 @@ def test_benchmark_model_exports_through_its_hf_llama_twin(tmp_path, placement):
     twin = to_hf_llama(model)
     with torch.no_grad():
         ours = model(_ids())
-        assert torch.equal(twin(_ids()).logits, ours)
+        # To float32 rounding: transformers' RMSNorm sums its squares in float32, bitnet_ao's in float64
+        # (docs/numerics.md#rmsnorm); a weight in the wrong place would move the logits by their own size.
+        assert (twin(_ids()).logits - ours).norm() / ours.norm() <= 1e-6
     if placement == "subln":  # SwiGLU: transformers' BitNet model has a relu² MLP, the export says so
         with pytest.raises(ValueError, match="'hidden_act': 'silu'"):
             save_pretrained_bitnet(twin, tmp_path)
