@@ -145,8 +145,10 @@ def bench_quantization(
              n * k * 8 + n * 4),
         ]  # fmt: skip
         x_q = torch.randint(-127, 128, (m, k), device=device, dtype=torch.int8)
-        if kernels.prepacks_operand(x_q, b_ternary=False):  # packed operands: AVX-512 VNNI
+        # Packed operands (the vnni route, AVX-512 VNNI), each kind where its measured route is that one.
+        if kernels.prepacks_operand(x_q, b_ternary=False):
             cases.append(("pack_operand", (m, k), functools.partial(kernels.pack_operand, x_q, False), m * k * 2))
+        if kernels.prepacks_operand(x_q, b_ternary=True):
             cases.append(("ternarize_packed", (n, k), functools.partial(kernels.ternarize_packed, w, s_w), n * k * 6))
         for name, shape, fn, nbytes in cases:
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
