@@ -1,7 +1,7 @@
 """``RMSNorm``: ``torch.nn.RMSNorm`` with a fused forward and backward on CPU.
 
 Why it exists: torch runs RMSNorm's backward on CPU as a chain of eager elementwise ops. At (2048, 1536) in
-bfloat16 that took 24 ms, against 4.7 ms for ``kernels.reference.rms_norm*`` compiled by inductor, and the
+bfloat16 that took 24 ms, against 4.7 ms for ``kernels.reference.rms_norm*`` compiled by inductor (C now), and the
 INT8 matmul the norm feeds takes about as long; the BitNet FAQ placement puts 7 of them in every block
 (``bitnet_ao.surgery``). Models that compare BF16 and BitNet training should use this norm on both sides, so a
 comparison does not measure two norm implementations. Where a norm feeds a BitNet linear directly, the surgery's
@@ -42,8 +42,9 @@ class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward on CPU.
 
     Forward and backward go through ``bitnet_ao.kernels`` (``kernels.rms_norm``, ``kernels.rms_norm_backward``) to
-    the backend of the input's device: on CPU, large tensors run compiled and small ones eagerly.
-    Other devices, and whole-model ``torch.compile``, use ``torch.nn.RMSNorm`` itself.
+    the backend of the input's device: on CPU, one C pass per row each (the compiled reference without a C
+    compiler). The rstd sums its squares in float64 (docs/numerics.md#rmsnorm). Other devices, and whole-model
+    ``torch.compile``, use ``torch.nn.RMSNorm`` itself.
     """
 
     def forward(self, x: Tensor) -> Tensor:

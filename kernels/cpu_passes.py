@@ -38,6 +38,7 @@ def _library() -> ctypes.CDLL | None:
         "bitnet_quantize_grad_output": [p, i, p, i, i, d, p, p, p, p, i],
         "bitnet_scale_output": [p, i, p, p, p, p, i, p, i, i, i],
         "bitnet_ternarize": [p, i, ctypes.c_float, d, i, p, i, i, i],
+        "bitnet_rms_norm": [p, i, p, d, i, i, p, p, i],
         "bitnet_rms_norm_backward": [p, i, p, i, p, p, i, i, p, p, i],
     }
     for name, argtypes in signatures.items():
@@ -102,6 +103,22 @@ def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tens
     )  # fmt: skip
     _check(failed, "quantize_grad_output")
     return g_q, s_g, g_qc, s_gc
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor] | None:
+    """``reference.rms_norm(x, weight, eps)``: ``(y, rstd)``, or ``None`` where the kernel does not apply."""
+    library = _usable(x)
+    if library is None:
+        return None
+    x, gain = x.contiguous(), weight.float().contiguous()
+    m, k = x.shape
+    y, rstd = torch.empty((m, k), dtype=x.dtype), torch.empty((m, 1), dtype=torch.float32)
+    failed = library.bitnet_rms_norm(
+        x.data_ptr(), _CODES[x.dtype], gain.data_ptr(), eps, m, k, y.data_ptr(), rstd.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    _check(failed, "rms_norm")
+    return y, rstd
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor] | None:

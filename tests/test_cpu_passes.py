@@ -54,6 +54,16 @@ def test_quantize_rows_through_the_norm(shape, dtype, norm_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_is_the_norm_with_the_exact_rstd(shape, dtype):
+    x = _input(shape, dtype, 3) * 7
+    gain = torch.rand(shape[1]) + 0.5
+    y, rstd = cpu_passes.rms_norm(x, gain, 1e-5)
+    assert torch.equal(rstd, rms_norm_rstd(x, 1e-5))
+    assert y.dtype == dtype and torch.equal(y, (x.float() * rstd * gain).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
 def test_quantize_grad_output_is_both_quantizations(shape, dtype):
     g = _input(shape, dtype, 2) * 1e-3
     row_scale = torch.rand(shape[0]) + 0.1
@@ -171,6 +181,7 @@ def test_rms_norm_backward_is_the_gradient(shape, dtype, dy_dtype):
 def test_what_the_kernels_do_not_take_falls_back():
     assert cpu_passes.quantize_rows(torch.zeros(0, 4), 1e-5) is None
     assert cpu_passes.quantize_rows(torch.zeros(2, 4, dtype=torch.float64), 1e-5) is None
+    assert cpu_passes.rms_norm(torch.zeros(2, 4, dtype=torch.float64), torch.ones(4), 1e-5) is None
     assert cpu_passes.ternarize(torch.ones(4, 4), torch.ones(4, 1), False) is None  # group scales
     double = torch.zeros(2, 4, dtype=torch.float64)
     assert cpu_passes.rms_norm_backward(double, double, torch.ones(4), torch.ones(2, 1)) is None
