@@ -44,10 +44,15 @@ class RMSNorm(nn.RMSNorm):
     Forward and backward go through ``bitnet_ao.kernels`` (``kernels.rms_norm``, ``kernels.rms_norm_backward``) to
     the backend of the input's device: on CPU, one C pass per row each (the compiled reference without a C
     compiler). The rstd sums its squares in float64 (docs/numerics.md#rmsnorm). Other devices, and whole-model
-    ``torch.compile``, use ``torch.nn.RMSNorm`` itself.
+    ``torch.compile``, run the same definition as plain torch ops (``kernels.reference.rms_norm``).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or self.weight is None or torch.compiler.is_compiling():
+        if self.weight is None:
             return super().forward(x)
-        return _RMSNormFunction.apply(x, self.weight, effective_eps(self.eps, x.dtype))
+        eps = effective_eps(self.eps, x.dtype)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            # The same numbers as plain torch ops, which autograd and inductor see through: torch.nn.RMSNorm's
+            # float32 sum would give another rstd in some rows, and a compiled decode step other tokens than eager.
+            return kernels.reference.rms_norm(x, self.weight, eps)[0]
+        return _RMSNormFunction.apply(x, self.weight, eps)

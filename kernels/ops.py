@@ -178,7 +178,7 @@ def _(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm of a 2-D ``x`` and its ``rstd`` for :func:`rms_norm_backward`, see ``reference.rms_norm``. A plain
     function, not a custom op: its one caller, ``bitnet_ao.norm.RMSNorm``, runs it eagerly only (torch.compile
-    traces ``torch.nn.RMSNorm`` instead), so no trace needs to see it as one op."""
+    traces ``reference.rms_norm`` instead), so no trace needs to see it as one op."""
     return backend_for(x).rms_norm(x, weight, eps)
 
 

@@ -95,6 +95,24 @@ def test_rms_norm_module_runs_forward_and_backward_on_the_backend(monkeypatch):
     torch.testing.assert_close(norm.weight.grad, dgain, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_norm_computes_the_eager_norm():
+    """Under torch.compile ``bitnet_ao.norm.RMSNorm`` computes the eager module's numbers (the float64-summed rstd of
+    docs/numerics.md#rmsnorm), not ``torch.nn.RMSNorm``'s float32 sum: rows where the two rstds differ give the same
+    outputs compiled and eager (a compiled decode step otherwise decoded other tokens than the eager model)."""
+    torch.manual_seed(3)
+    norm = RMSNorm(1031, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(257, 1031) * 3
+    float32_rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert (float32_rstd != rms_norm_rstd(x, 1e-5)).any(), "no row where the float32 sum differs: nothing tested"
+    with torch.no_grad():
+        eager = norm(x)
+        compiled = torch.compile(norm, fullgraph=True)(x)
+    assert torch.equal(eager, (x * rms_norm_rstd(x, 1e-5) * norm.weight).detach())
+    assert torch.equal(compiled, eager)
+
+
 def test_hooks_see_the_input_before_the_norm():
     layer = _normed_bitnet_linear(32, 16, torch.float32)
     seen = []
