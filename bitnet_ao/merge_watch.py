@@ -1,12 +1,14 @@
 """Merging into a master weight (peft's LoRA merge): measured, and a warning with the change.
 
 peft merges an adapter with ``base.weight.data += delta`` (unmerge: ``-=``; safe_merge: ``w = base.weight.data
-.clone(); w += delta; base.weight.data = w``). Into a BitNet master weight the sum is re-ternarized at every
-forward: the layer computes ternary(W + dW), not ternary(W) + dW, and the merged model is not the adapted one.
+.clone(); w += delta``, then ``base.weight.data = w`` up to peft 0.21, ``base.weight.data.copy_(w)`` from 0.22).
+Into a BitNet master weight the sum is re-ternarized at every forward: the layer computes ternary(W + dW), not
+ternary(W) + dW, and the merged model is not the adapted one.
 That is worth a warning with the measured change, but only there: an optimizer step (``param.add_``,
 ``addcdiv_``, ``_foreach_*``, torchao's ``copy_``) and ``load_state_dict`` (``copy_``) never assign ``.data``,
 and old-style optimizers that do ``p.data.add_`` never assign it back. So: a sum into a ``.data`` alias (or a
-clone of one) is measured, and the warning is given when such a tensor is assigned to ``.data``.
+clone of one) is measured, and the warning is given when such a tensor is assigned to ``.data`` or copied into a
+``.data`` alias.
 
 The master-weight class (``tensor.py``) hands the torch functions of :data:`WATCHED` to :func:`torch_function`.
 """
@@ -25,8 +27,8 @@ _DATA_GET, _DATA_SET = Tensor.data.__get__, Tensor.data.__set__
 #: The in-place sums a merge is made of, with the sign each gives ``delta``.
 _IN_PLACE_SUMS = {Tensor.add_: 1.0, Tensor.sub_: -1.0}
 #: The torch functions of a master weight that :func:`torch_function` handles: ``.data`` (get and set), the
-#: in-place sums and ``clone``.
-WATCHED = frozenset({_DATA_GET, _DATA_SET, Tensor.clone, *_IN_PLACE_SUMS})
+#: in-place sums, ``clone`` and ``copy_``.
+WATCHED = frozenset({_DATA_GET, _DATA_SET, Tensor.clone, Tensor.copy_, *_IN_PLACE_SUMS})
 
 
 def _effective_weight(data: Tensor, config: BitNetTrainingConfig) -> tuple[Tensor, Tensor]:
@@ -58,12 +60,14 @@ def _merge_note(data: Tensor, config: BitNetTrainingConfig, delta: Tensor) -> st
 def torch_function(cls: type, func: Callable, types: tuple, args: tuple, kwargs: dict) -> object:
     """``cls.__torch_function__`` for a function of :data:`WATCHED` (``cls``: the master-weight class, whose
     instances hold the master weight in ``_data`` and the recipe in ``config``): runs ``func`` as the class's
-    base would, measuring a sum into a ``.data`` alias and warning when the result is assigned to ``.data``."""
+    base would, measuring a sum into a ``.data`` alias and warning when the result is assigned to ``.data`` or
+    copied into a ``.data`` alias."""
     target = args[0]
     if func in _IN_PLACE_SUMS and target.__dict__.get("_bitnet_data_alias") and isinstance(args[1], Tensor):
         delta = args[1] * (_IN_PLACE_SUMS[func] * kwargs.get("alpha", 1))
         target._bitnet_merge_note = _merge_note(target._data, target.config, delta)
-    if func == _DATA_SET and isinstance(target, cls) and isinstance(args[1], cls):
+    into_data = func == _DATA_SET or (func == Tensor.copy_ and target.__dict__.get("_bitnet_data_alias"))
+    if into_data and isinstance(target, cls) and isinstance(args[1], cls):
         note = args[1].__dict__.pop("_bitnet_merge_note", None)
         if note is not None:
             warnings.warn(note, stacklevel=3)
