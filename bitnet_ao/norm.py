@@ -1,4 +1,4 @@
-"""``RMSNorm``: ``torch.nn.RMSNorm`` with a fused forward and backward on CPU.
+"""``RMSNorm``: ``torch.nn.RMSNorm`` with a fused forward and backward, and the contract's float64-summed rstd.
 
 Why it exists: torch runs RMSNorm's backward on CPU as a chain of eager elementwise ops. At (2048, 1536) in
 bfloat16 that took 24 ms, against 4.7 ms for ``kernels.reference.rms_norm*`` compiled by inductor (C now), and the
@@ -20,7 +20,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             y, rstd = kernels.rms_norm(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
@@ -42,17 +42,21 @@ class RMSNorm(nn.RMSNorm):
     """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward on CPU.
 
     Forward and backward go through ``bitnet_ao.kernels`` (``kernels.rms_norm``, ``kernels.rms_norm_backward``) to
-    the backend of the input's device: on CPU, one C pass per row each (the compiled reference without a C
-    compiler). The rstd sums its squares in float64 (docs/numerics.md#rmsnorm). Other devices, and whole-model
-    ``torch.compile``, run the same definition as plain torch ops (``kernels.reference.rms_norm``).
+    the backend of the input's device: on CPU, one C pass per row each; on CUDA (and without a C compiler) the
+    reference bodies compiled by inductor, the fused norm + quantization's; other devices (meta) run them as plain
+    torch ops. The rstd sums its squares in float64
+    (docs/numerics.md#rmsnorm). Whole-model ``torch.compile`` traces the same definition as plain torch ops
+    (``kernels.reference.rms_norm``). A norm without a gain, or over several trailing dimensions, is
+    ``torch.nn.RMSNorm``'s.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight is None:
+        if self.weight is None or self.weight.dim() != 1:  # no gain, or several trailing dimensions: torch's own
             return super().forward(x)
         eps = effective_eps(self.eps, x.dtype)
-        if x.device.type != "cpu" or torch.compiler.is_compiling():
-            # The same numbers as plain torch ops, which autograd and inductor see through: torch.nn.RMSNorm's
-            # float32 sum would give another rstd in some rows, and a compiled decode step other tokens than eager.
+        if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+            # The same numbers as plain torch ops, which autograd, inductor and the meta device see through:
+            # torch.nn.RMSNorm's float32 sum would give another rstd in some rows, and a compiled decode step other
+            # tokens than eager.
             return kernels.reference.rms_norm(x, self.weight, eps)[0]
         return _RMSNormFunction.apply(x, self.weight, eps)

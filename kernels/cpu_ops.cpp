@@ -83,6 +83,10 @@ at::Tensor packed_linear(const at::Tensor& x, const std::optional<at::Tensor>& n
                 "bitnet_ao.packed_linear: b_packed must be int8 (N, ", kp, ") for k=", k, ", bits=", bits, ", got ",
                 b_packed.scalar_type(), " ", b_packed.sizes());
     TORCH_CHECK(scale.numel() == 1, "bitnet_ao.packed_linear: scale must hold one value, got ", scale.sizes());
+    TORCH_CHECK(!norm_weight.has_value() || (norm_weight->dim() == 1 && norm_weight->size(0) == k &&
+                                             at::isFloatingType(norm_weight->scalar_type())),
+                "bitnet_ao.packed_linear: the norm weight must be 1-D with one float per column of x (", k,
+                "), got ", norm_weight.has_value() ? norm_weight->sizes() : at::IntArrayRef{});
     if (!one_call_applies(x, k, out_dtype))
         return composed_packed_linear(x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype);
     const int64_t x_code = code_of(x.scalar_type()), out_code = code_of(out_dtype);

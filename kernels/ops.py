@@ -155,6 +155,17 @@ def _check_float(name: str, t: Tensor, what: str) -> None:
     )
 
 
+def _check_gain(name: str, weight: Tensor, x: Tensor) -> None:
+    """An RMSNorm's gain: one float per column of the 2-D ``x`` (the kernels read exactly that many)."""
+    check(
+        weight.dim() == 1 and weight.shape[0] == x.shape[-1] and weight.dtype.is_floating_point,
+        lambda: (
+            f"bitnet_ao.{name}: the norm weight must be 1-D with one float per column of x {tuple(x.shape)}, "
+            f"got {weight.dtype} {tuple(weight.shape)}"
+        ),
+    )
+
+
 # --- activations and output gradients: per-row int8 ---------------------------------------------------
 
 
@@ -179,6 +190,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """RMSNorm of a 2-D ``x`` and its ``rstd`` for :func:`rms_norm_backward`, see ``reference.rms_norm``. A plain
     function, not a custom op: its one caller, ``bitnet_ao.norm.RMSNorm``, runs it eagerly only (torch.compile
     traces ``reference.rms_norm`` instead), so no trace needs to see it as one op."""
+    _check_2d("rms_norm", x, "x")
+    _check_gain("rms_norm", weight, x)
     return backend_for(x).rms_norm(x, weight, eps)
 
 
@@ -190,12 +203,14 @@ def rms_norm_quantize_rowwise(
     (M,), rstd float32 (M, 1))``, see ``reference.rms_norm_quantize_rowwise``."""
     _check_2d("rms_norm_quantize_rowwise", x, "x")
     _check_float("rms_norm_quantize_rowwise", x, "x")
+    _check_gain("rms_norm_quantize_rowwise", weight, x)
     return backend_for(x).rms_norm_quantize_rowwise(x, weight, norm_eps, norm_dtype, eps)
 
 
 @rms_norm_quantize_rowwise.register_fake
 def _(x, weight, norm_eps, norm_dtype, eps):
     _check_2d("rms_norm_quantize_rowwise", x, "x")
+    _check_gain("rms_norm_quantize_rowwise", weight, x)
     m = x.shape[0]
     return (
         x.new_empty(x.shape, dtype=torch.int8),
@@ -207,14 +222,26 @@ def _(x, weight, norm_eps, norm_dtype, eps):
 @_custom_op("bitnet_ao::rms_norm_backward")
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of the RMSNorm for its input and its gain, see ``reference.rms_norm_backward``."""
-    _check_2d("rms_norm_backward", x, "x")
+    _check_norm_backward(dy, x, weight, rstd)
     return backend_for(x).rms_norm_backward(dy, x, weight, rstd)
 
 
 @rms_norm_backward.register_fake
 def _(dy, x, weight, rstd):
-    _check_2d("rms_norm_backward", x, "x")
+    _check_norm_backward(dy, x, weight, rstd)
     return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _check_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> None:
+    _check_2d("rms_norm_backward", x, "x")
+    _check_gain("rms_norm_backward", weight, x)
+    check(
+        dy.shape == x.shape and rstd.numel() == x.shape[0],
+        lambda: (
+            f"bitnet_ao.rms_norm_backward: dy {tuple(dy.shape)} must have x's shape {tuple(x.shape)} and rstd "
+            f"{tuple(rstd.shape)} one value per row"
+        ),
+    )
 
 
 # --- weight-gradient operand: grad_output * s_x, per-column int8 ----------------------------------------
@@ -514,14 +541,20 @@ def packed_linear(
     :func:`scaled_int8_mm_packed`), scaled by the row scales and ``scale``, plus ``bias``, in ``out_dtype``. The
     numbers of :func:`rms_norm_quantize_rowwise` / :func:`quantize_rowwise` followed by
     :func:`scaled_int8_mm_packed`; a backend may do it in one step (the CPU does, for decode-sized ``x``)."""
-    _check_packed(x, b_packed, k, True, bits)
+    _check_packed_linear(x, norm_weight, b_packed, k, bits)
     return _packed_linear(x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype)
 
 
 @packed_linear.register_fake
 def _(x, norm_weight, norm_eps, b_packed, k, bits, scale, bias, out_dtype):
-    _check_packed(x, b_packed, k, True, bits)
+    _check_packed_linear(x, norm_weight, b_packed, k, bits)
     return x.new_empty((x.shape[0], b_packed.shape[0]), dtype=out_dtype)
+
+
+def _check_packed_linear(x: Tensor, norm_weight: Tensor | None, b_packed: Tensor, k: int, bits: int) -> None:
+    _check_packed(x, b_packed, k, True, bits)
+    if norm_weight is not None:
+        _check_gain("packed_linear", norm_weight, x)
 
 
 def run_packed_linear(

@@ -207,3 +207,43 @@ def test_compiled_normed_linears_are_bit_identical_to_eager(cpu_route):
     y_c.square().sum().backward()
     for p, p_c in zip(model.parameters(), compiled._orig_mod.parameters(), strict=True):
         assert torch.equal(p_c.grad, p.grad)
+
+
+def test_a_gain_of_the_wrong_size_is_refused_by_name():
+    """The kernels read one gain per column: a gain of another size is an error naming the op and both shapes,
+    never a read past its end."""
+    from bitnet_ao import kernels
+
+    x, gain = torch.randn(4, 8), torch.ones(6)
+    with pytest.raises(RuntimeError, match=r"rms_norm_quantize_rowwise: the norm weight must be 1-D .* \(4, 8\)"):
+        kernels.rms_norm_quantize_rowwise(x, gain, 1e-5, torch.float32, 1e-5)
+    with pytest.raises(RuntimeError, match=r"rms_norm: the norm weight .* got torch.float32 \(6,\)"):
+        kernels.rms_norm(x, gain, 1e-5)
+    with pytest.raises(RuntimeError, match=r"rms_norm_backward: the norm weight"):
+        kernels.rms_norm_backward(x, x, gain, torch.ones(4, 1))
+    with pytest.raises(RuntimeError, match=r"rms_norm_backward: dy \(4, 7\) must have x's shape"):
+        kernels.rms_norm_backward(x[:, :7], x, torch.ones(8), torch.ones(4, 1))
+    packed = torch.zeros(3, 2, dtype=torch.int8)  # 3 outputs of 8 two-bit values
+    args = (x, gain, 1e-5, packed, 8, 2, torch.tensor(1.0), None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"packed_linear: the norm weight must be 1-D"):
+        kernels.packed_linear(*args)
+    if kernels.cpu_ops.available():  # the kernel registered in C++ checks too
+        with pytest.raises(RuntimeError, match=r"packed_linear: the norm weight must be 1-D"):
+            torch.ops.bitnet_ao.packed_linear(*args)
+
+
+def test_a_norm_over_several_dimensions_is_torchs():
+    """``normalized_shape`` of two sizes normalizes over both trailing dimensions, as ``torch.nn.RMSNorm`` does."""
+    torch.manual_seed(4)
+    norm, reference_norm = RMSNorm((3, 8), eps=1e-5), nn.RMSNorm((3, 8), eps=1e-5)
+    x = torch.randn(5, 3, 8)
+    assert torch.equal(norm(x), reference_norm(x))
+
+
+def test_the_norm_runs_on_the_meta_device():
+    """Model sizing on the meta device (no data, no kernels, no autocast) goes through forward and backward."""
+    norm = RMSNorm(8).to("meta")
+    x = torch.empty(2, 3, 8, device="meta", requires_grad=True)
+    y = norm(x)
+    y.sum().backward()
+    assert y.shape == x.shape and y.device.type == "meta" and x.grad.shape == x.shape
