@@ -184,11 +184,27 @@ int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, dou
             for (int64_t j = 0; j < count; ++j) {
                 quantize_span(w, w_code, (n0 + j) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, rows + j * K);
             }
-            /* fwd: panel b, row j of w is column j, its groups of 4 values along K */
+            /* fwd: panel b, row j of w is column j, its groups of 4 values along K: a transposition of 4-byte
+             * groups, 4 rows x 4 groups at a time with SSE2 (two rounds of unpacks), the rest one group at a time */
             uint32_t* panel = f + b * groups_k * PANEL;
+            int64_t rows4 = 0, groups4 = 0;
+#if defined(__SSE2__)
+            rows4 = count / 4 * 4, groups4 = K / GROUP / 4 * 4;
+            for (int64_t j = 0; j < rows4; j += 4)
+                for (int64_t gk = 0; gk < groups4; gk += 4) {
+                    __m128i r[4];
+                    for (int i = 0; i < 4; ++i) r[i] = _mm_loadu_si128((const __m128i*)(rows + (j + i) * K + gk * GROUP));
+                    const __m128i lo01 = _mm_unpacklo_epi32(r[0], r[1]), lo23 = _mm_unpacklo_epi32(r[2], r[3]);
+                    const __m128i hi01 = _mm_unpackhi_epi32(r[0], r[1]), hi23 = _mm_unpackhi_epi32(r[2], r[3]);
+                    const __m128i group[4] = {_mm_unpacklo_epi64(lo01, lo23), _mm_unpackhi_epi64(lo01, lo23),
+                                              _mm_unpacklo_epi64(hi01, hi23), _mm_unpackhi_epi64(hi01, hi23)};
+                    for (int i = 0; i < 4; ++i) /* each byte + 1, as bytes_plus */
+                        _mm_storeu_si128((__m128i*)(panel + (gk + i) * PANEL + j), _mm_add_epi8(group[i], _mm_set1_epi8(1)));
+                }
+#endif
             for (int64_t j = 0; j < PANEL; ++j) {
                 const int8_t* row = rows + j * K;
-                for (int64_t gk = 0; gk < groups_k; ++gk) {
+                for (int64_t gk = j < rows4 ? groups4 : 0; gk < groups_k; ++gk) {
                     uint32_t v = 0;
                     if (j < count && gk * GROUP + GROUP <= K) {
                         memcpy(&v, row + gk * GROUP, 4);
