@@ -380,7 +380,8 @@ static inline float row_rstd(const void* x, int64_t code, int64_t off, int64_t K
     for (; k + 32 <= K; k += 32) /* four chains of fused multiply-adds: their latency, not their number, bounds a row */
         for (int j = 0; j < 2; ++j) {
             const __m512 v = load16(x, off + k + 16 * j, code);
-            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+            const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
             a[2 * j] = _mm512_fmadd_pd(lo, lo, a[2 * j]); /* the product is exact: one rounding, as a + lo * lo */
             a[2 * j + 1] = _mm512_fmadd_pd(hi, hi, a[2 * j + 1]);
         }
@@ -389,7 +390,8 @@ static inline float row_rstd(const void* x, int64_t code, int64_t off, int64_t K
     __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
     for (; k + 8 <= K; k += 8) {
         const __m256 v = load8(x, off + k, code);
-        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
         a0 = _mm256_add_pd(a0, _mm256_mul_pd(lo, lo));
         a1 = _mm256_add_pd(a1, _mm256_mul_pd(hi, hi));
     }
@@ -420,8 +422,8 @@ static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t
         const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
         __m512i vm = _mm512_setzero_si512();
         for (; k + 16 <= K; k += 16) {
-            const __m512 v = round16(_mm512_mul_ps(_mm512_mul_ps(load16(x, off + k, x_code), vr), _mm512_loadu_ps(gain + k)),
-                                     x_code);
+            const __m512 xr = _mm512_mul_ps(load16(x, off + k, x_code), vr);
+            const __m512 v = round16(_mm512_mul_ps(xr, _mm512_loadu_ps(gain + k)), x_code);
             _mm512_storeu_ps(y + k, v);
             vm = _mm512_max_epu32(vm, _mm512_and_si512(_mm512_castps_si512(v), magnitude));
         }
@@ -437,7 +439,8 @@ static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t
             const __m256i b = norm_code == 1 ? (__m256i)_mm512_cvtneps_pbh(v)
                                              : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
-            const __m256i b = norm_code == 1 ? bf16_bits16(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256i b = norm_code == 1 ? bf16_bits16(v)
+                                             : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #endif
             _mm256_storeu_si256((__m256i*)(h + k), b);
             vm = _mm256_max_epu16(vm, _mm256_and_si256(b, magnitude));
@@ -457,7 +460,6 @@ static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t
         m = u > m ? u : m;
     }
 #else
-    (void)norm_code;
     load_row(x, off, K, x_code, y);
     for (; k < K; ++k) y[k] = y[k] * r * gain[k];
     round_row(y, K, x_code);

@@ -193,13 +193,15 @@ int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, dou
             for (int64_t j = 0; j < rows4; j += 4)
                 for (int64_t gk = 0; gk < groups4; gk += 4) {
                     __m128i r[4];
-                    for (int i = 0; i < 4; ++i) r[i] = _mm_loadu_si128((const __m128i*)(rows + (j + i) * K + gk * GROUP));
+                    for (int i = 0; i < 4; ++i)
+                        r[i] = _mm_loadu_si128((const __m128i*)(rows + (j + i) * K + gk * GROUP));
                     const __m128i lo01 = _mm_unpacklo_epi32(r[0], r[1]), lo23 = _mm_unpacklo_epi32(r[2], r[3]);
                     const __m128i hi01 = _mm_unpackhi_epi32(r[0], r[1]), hi23 = _mm_unpackhi_epi32(r[2], r[3]);
                     const __m128i group[4] = {_mm_unpacklo_epi64(lo01, lo23), _mm_unpackhi_epi64(lo01, lo23),
                                               _mm_unpacklo_epi64(hi01, hi23), _mm_unpackhi_epi64(hi01, hi23)};
                     for (int i = 0; i < 4; ++i) /* each byte + 1, as bytes_plus */
-                        _mm_storeu_si128((__m128i*)(panel + (gk + i) * PANEL + j), _mm_add_epi8(group[i], _mm_set1_epi8(1)));
+                        _mm_storeu_si128((__m128i*)(panel + (gk + i) * PANEL + j),
+                                         _mm_add_epi8(group[i], _mm_set1_epi8(1)));
                 }
 #endif
             for (int64_t j = 0; j < PANEL; ++j) {
@@ -448,16 +450,18 @@ static void expand_panel(const uint8_t* rows, int64_t ldb, int64_t cols, int64_t
                     const __m128i* h = c[g >> 3][(g >> 2) & 1][(g >> 1) & 1];
                     const __m128i column = g & 1 ? _mm_unpackhi_epi64(h[0], h[1]) : _mm_unpacklo_epi64(h[0], h[1]);
                     const __m512i d = _mm512_cvtepu8_epi32(column); /* byte g of rows j0 .. j0 + 15 */
-                    const __m512i spread = _mm512_or_si512(_mm512_or_si512(d, _mm512_slli_epi32(d, 6)),
-                                                           _mm512_or_si512(_mm512_slli_epi32(d, 12), _mm512_slli_epi32(d, 18)));
+                    const __m512i d6 = _mm512_or_si512(d, _mm512_slli_epi32(d, 6));
+                    const __m512i spread = _mm512_or_si512(d6, _mm512_slli_epi32(d6, 12));
                     const __m512i codes = _mm512_and_si512(spread, low2); /* code i in byte i */
-                    _mm512_storeu_si512(panel + (g0 + g) * PANEL + j0, _mm512_and_si512(_mm512_add_epi32(codes, one), low2));
+                    const __m512i values = _mm512_and_si512(_mm512_add_epi32(codes, one), low2); /* value + 1 */
+                    _mm512_storeu_si512(panel + (g0 + g) * PANEL + j0, values);
                 }
             }
     }
 #endif
     for (int64_t j = 0; j < PANEL; ++j)
-        for (int64_t g = j < cols ? g0 : 0; g < groups; ++g) panel[g * PANEL + j] = j < cols ? expand[rows[j * ldb + g]] : 0;
+        for (int64_t g = j < cols ? g0 : 0; g < groups; ++g)
+            panel[g * PANEL + j] = j < cols ? expand[rows[j * ldb + g]] : 0;
 }
 
 /* a (M, K) int8 times B.T for a weight B (N, K) packed two bits per value along K (reference.pack_i2_in_i8: rows of
