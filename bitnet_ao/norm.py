@@ -1,8 +1,8 @@
 """``RMSNorm``: ``torch.nn.RMSNorm`` with a fused forward and backward, and the contract's float64-summed rstd.
 
 Why it exists: torch runs RMSNorm's backward on CPU as a chain of eager elementwise ops. At (2048, 1536) in
-bfloat16 that took 24 ms, against 4.7 ms for ``kernels.reference.rms_norm*`` compiled by inductor (C now), and the
-INT8 matmul the norm feeds takes about as long; the BitNet FAQ placement puts 7 of them in every block
+bfloat16 that took 24 ms, against 4.7 ms for ``kernels.reference.rms_norm*`` compiled by inductor (less in C), and
+the INT8 matmul the norm feeds takes about as long; the BitNet FAQ placement puts 7 of them in every block
 (``bitnet_ao.surgery``). Models that compare BF16 and BitNet training should use this norm on both sides, so a
 comparison does not measure two norm implementations. Where a norm feeds a BitNet linear directly, the surgery's
 ``NormedLinear`` goes one step further and fuses the norm into the activation quantization.
@@ -39,15 +39,14 @@ def effective_eps(eps: float | None, dtype: torch.dtype) -> float:
 
 
 class RMSNorm(nn.RMSNorm):
-    """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward on CPU.
+    """``torch.nn.RMSNorm`` (same parameters, same state dict) with a fused forward and backward.
 
     Forward and backward go through ``bitnet_ao.kernels`` (``kernels.rms_norm``, ``kernels.rms_norm_backward``) to
     the backend of the input's device: on CPU, one C pass per row each; on CUDA (and without a C compiler) the
-    reference bodies compiled by inductor, the fused norm + quantization's; other devices (meta) run them as plain
-    torch ops. The rstd sums its squares in float64
-    (docs/numerics.md#rmsnorm). Whole-model ``torch.compile`` traces the same definition as plain torch ops
-    (``kernels.reference.rms_norm``). A norm without a gain, or over several trailing dimensions, is
-    ``torch.nn.RMSNorm``'s.
+    reference bodies compiled by inductor, those of the fused norm + quantization. Other devices (meta) and
+    whole-model ``torch.compile`` run the same definition as plain torch ops (``kernels.reference.rms_norm``). The
+    rstd sums its squares in float64 (docs/numerics.md#rmsnorm). A norm without a gain, or over several trailing
+    dimensions, is ``torch.nn.RMSNorm``'s.
     """
 
     def forward(self, x: Tensor) -> Tensor:
