@@ -416,9 +416,10 @@ int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, i
 
 /* One panel of the kernel's layout from `cols` rows of a weight packed two bits per value (rows ldb bytes apart, their
  * first `groups` bytes, each one group of 4 values): panel[g * PANEL + j] = the 4 values of byte g of row j, each
- * plus 1 (-1 -> 0, 0 -> 1, 1 -> 2; expand: that of every byte), zero for j >= cols. With AVX-512, blocks of 16 rows x 16 bytes are transposed
- * (four rounds of SSE2 unpacks) and each byte's four 2-bit codes spread into four bytes with shifts: 3-4x the
- * table lookup per byte that the rest takes. */
+ * plus 1 (-1 -> 0, 0 -> 1, 1 -> 2; expand: that of every byte), zero for j >= cols. With AVX-512, full panels go
+ * by blocks of 16 rows x 16 bytes, transposed with four rounds of SSE2 unpacks, each byte's four 2-bit codes
+ * spread into four bytes with shifts; the bytes left take a table lookup each (the whole product of 512 x 1024 x
+ * 2816: 3.96 ms with lookups only, 3.60 ms with the blocks, Zen 4). */
 static void expand_panel(const uint8_t* rows, int64_t ldb, int64_t cols, int64_t groups, const uint32_t* expand,
                          uint32_t* panel) {
     int64_t g0 = 0;
@@ -467,8 +468,8 @@ static void expand_panel(const uint8_t* rows, int64_t ldb, int64_t cols, int64_t
 /* a (M, K) int8 times B.T for a weight B (N, K) packed two bits per value along K (reference.pack_i2_in_i8: rows of
  * ldb bytes, value 4j + i in bits 2i .. 2i + 1 of byte j, two's complement), the packed inference weight: the same
  * product as bitnet_vnni_scaled_mm of its unpacked values. Each thread expands whole panels of B into the kernel's
- * layout (expand_panel) and runs every row block against each, so B
- * is never unpacked as a whole: reading it costs 1/4 byte per value, and nothing is kept between calls. */
+ * layout (expand_panel) and runs every row block against each, so B is never unpacked as a whole: reading it costs
+ * 1/4 byte per value, and nothing is kept between calls. */
 int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* b_packed, int64_t ldb,
                              int64_t N, const float* row_scale, const float* col_scale, const float* scale,
                              const void* bias, int64_t out_code, void* out, int64_t threads) {
