@@ -377,14 +377,26 @@ static inline float row_rstd(const void* x, int64_t code, int64_t off, int64_t K
     double sum = 0.0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
     __m512d a[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
-    for (; k + 32 <= K; k += 32) /* four chains of fused multiply-adds: their latency, not their number, bounds a row */
+    const __m512i zero = _mm512_setzero_si512();
+    /* four chains of fused multiply-adds: their latency, not their number, bounds a row */
+    for (; k + 32 <= K; k += 32) {
+        __m512 v[2];
+        if (code == 1) { /* widened by unpacking, in another order than load16's (a sum does not mind): one instruction
+                          * for 16 values where the zero-extension and shift take two, a fifth of the rstd on a Zen 4 */
+            const __m512i h = _mm512_loadu_si512((const uint16_t*)x + off + k);
+            v[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
+            v[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
+        } else {
+            v[0] = load16(x, off + k, code);
+            v[1] = load16(x, off + k + 16, code);
+        }
         for (int j = 0; j < 2; ++j) {
-            const __m512 v = load16(x, off + k + 16 * j, code);
-            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-            const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+            const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v[j]));
+            const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v[j], 1));
             a[2 * j] = _mm512_fmadd_pd(lo, lo, a[2 * j]); /* the product is exact: one rounding, as a + lo * lo */
             a[2 * j + 1] = _mm512_fmadd_pd(hi, hi, a[2 * j + 1]);
         }
+    }
     sum = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a[0], a[1]), _mm512_add_pd(a[2], a[3])));
 #elif defined(__AVX2__)
     __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
