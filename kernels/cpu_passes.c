@@ -245,16 +245,16 @@ int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int
 
 /* One row of bitnet_rms_norm_backward: dx in x's dtype, its dy * xhat added to the thread's block of gain-gradient
  * sums (dw, float32), xhat and dxhat (each K floats) as scratch. The row's sum runs over 16 lanes (lane j takes
- * elements j, j + 16, ...) and then in a fixed scalar order, the same on every build. With AVX-512 both passes read
- * x and dy again rather than scratch (two bf16 loads cost less than two float stores and loads); the float16 output,
- * which has no vector store here, and the portable code go through the scratch. */
+ * elements j, j + 16, ...) and then in a fixed scalar order, the same on every build. With AVX-512 or AVX2 both
+ * passes read x and dy again rather than scratch (two bf16 loads cost less than two float stores and loads: 2x the
+ * portable loops with AVX2 on a Zen 4); the tail of a row past a multiple of 16 and the portable code go through
+ * the scratch. */
 static void rms_norm_backward_row(const void* dy, int64_t dy_code, const void* x, int64_t x_code, const float* w,
                                   float r, int64_t off, int64_t K, void* dx, float* dw, float* xhat, float* dxhat) {
     enum { LANES = 16 };
     float lanes[LANES] = {0};
     int64_t k = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    const int scratch = x_code == 2; /* the second pass below is scalar for float16 */
     {
         const __m512 vr = _mm512_set1_ps(r);
         __m512 acc = _mm512_setzero_ps();
@@ -264,12 +264,24 @@ static void rms_norm_backward_row(const void* dy, int64_t dy_code, const void* x
             _mm512_storeu_ps(dw + k, _mm512_add_ps(_mm512_loadu_ps(dw + k), _mm512_mul_ps(g, xh))); /* dy * xhat */
             const __m512 dxh = _mm512_mul_ps(g, _mm512_loadu_ps(w + k));
             acc = _mm512_add_ps(acc, _mm512_mul_ps(dxh, xh));
-            if (scratch) {
-                _mm512_storeu_ps(xhat + k, xh);
-                _mm512_storeu_ps(dxhat + k, dxh);
-            }
         }
         _mm512_storeu_ps(lanes, acc);
+    }
+#elif defined(__AVX2__) /* the same 16 lanes as two halves */
+    {
+        const __m256 vr = _mm256_set1_ps(r);
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; k + LANES <= K; k += LANES)
+            for (int h = 0; h < 2; ++h) {
+                const int64_t i = k + 8 * h;
+                const __m256 xh = _mm256_mul_ps(load8(x, off + i, x_code), vr);
+                const __m256 g = load8(dy, off + i, dy_code);
+                _mm256_storeu_ps(dw + i, _mm256_add_ps(_mm256_loadu_ps(dw + i), _mm256_mul_ps(g, xh)));
+                const __m256 dxh = _mm256_mul_ps(g, _mm256_loadu_ps(w + i));
+                acc[h] = _mm256_add_ps(acc[h], _mm256_mul_ps(dxh, xh));
+            }
+        _mm256_storeu_ps(lanes, acc[0]);
+        _mm256_storeu_ps(lanes + 8, acc[1]);
     }
 #endif
     const int64_t done = k;
@@ -289,7 +301,7 @@ static void rms_norm_backward_row(const void* dy, int64_t dy_code, const void* x
     const float mean = sum / (float)K;
     k = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if (!scratch) {
+    if (x_code != 2) { /* float16, which has no 16-lane store here, takes the 8-lane loop below */
         const __m512 vr = _mm512_set1_ps(r), vm = _mm512_set1_ps(mean);
         for (; k + LANES <= done; k += LANES) {
             const __m512 xh = _mm512_mul_ps(load16(x, off + k, x_code), vr);
@@ -300,6 +312,17 @@ static void rms_norm_backward_row(const void* dy, int64_t dy_code, const void* x
             } else {
                 _mm512_storeu_ps((float*)dx + off + k, v);
             }
+        }
+    }
+#endif
+#if defined(__AVX2__)
+    {
+        const __m256 vr = _mm256_set1_ps(r), vm = _mm256_set1_ps(mean);
+        for (; k + 8 <= done; k += 8) {
+            const __m256 xh = _mm256_mul_ps(load8(x, off + k, x_code), vr);
+            const __m256 dxh = _mm256_mul_ps(load8(dy, off + k, dy_code), _mm256_loadu_ps(w + k));
+            const __m256 v = _mm256_mul_ps(vr, _mm256_sub_ps(dxh, _mm256_mul_ps(xh, vm)));
+            store8(round8(v, x_code), x_code, dx, off + k);
         }
     }
 #endif
