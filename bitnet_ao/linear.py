@@ -223,7 +223,7 @@ class _BitNetLinearFunction(torch.autograd.Function):
         g = grad_y.reshape(-1, weight.shape[0])
         grad_x = grad_w = grad_b = grad_norm = None
         needs_grad_x = needs_grad_input or (ctx.norm and needs_grad_norm)
-        # Both INT8 products quantize g (per row, and per column after folding s_x in): one read of g for both.
+        # Both INT8 products quantize g (per row, and per column after folding s_x in): one op for both.
         both = config.int8_grad_input and config.int8_grad_weight and not config.grouped
         g_rows = g_cols = None
         if both and needs_grad_x and needs_grad_weight:

@@ -93,9 +93,10 @@ def quantize_colwise_scaled(g: Tensor, row_scale: Tensor, eps: float) -> tuple[T
 
 
 def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both quantizations of the output gradient that the INT8 backward needs, from one read of ``g``:
-    :func:`quantize_rowwise` (the ``grad_input`` operand) and :func:`quantize_colwise_scaled` with ``row_scale``
-    (the ``grad_weight`` operand). Returns ``(g_q, s_g, g'_q, s_g')``, the same values as the two functions."""
+    """Both quantizations of the output gradient that the INT8 backward needs, as one op (the CPU kernel reads
+    ``g`` twice, not four times): :func:`quantize_rowwise` (the ``grad_input`` operand) and
+    :func:`quantize_colwise_scaled` with ``row_scale`` (the ``grad_weight`` operand). Returns
+    ``(g_q, s_g, g'_q, s_g')``, the same values as the two functions."""
     return (*quantize_rowwise(g, eps), *quantize_colwise_scaled(g, row_scale, eps))
 
 
