@@ -116,7 +116,8 @@ static void dots_packed_ternary(const uint8_t* row, const int8_t* x0, int64_t kp
         int32_t d = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
         const int8_t* x = x0 + i * kk;
         for (int64_t t = j; t < kp; ++t) {
-            for (int plane = 0; plane < 4; ++plane) d += (int32_t)(((row[t] >> (2 * plane)) + 1) & 3) * x[plane * kp + t];
+            for (int plane = 0; plane < 4; ++plane)
+                d += (int32_t)(((row[t] >> (2 * plane)) + 1) & 3) * x[plane * kp + t];
         }
         dots[i] = d;
     }

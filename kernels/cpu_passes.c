@@ -169,8 +169,8 @@ int bitnet_scale_output(const void* acc, int64_t acc_float, const float* row_sca
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
             if (y == NULL) continue;
-            scale_row((const char*)acc + (size_t)(m * N) * acc_size, acc_float, row_scale != NULL ? row_scale + m : NULL,
-                      col_scale, scale, b, out_code, out, m * N, N, y);
+            scale_row((const char*)acc + (size_t)(m * N) * acc_size, acc_float,
+                      row_scale != NULL ? row_scale + m : NULL, col_scale, scale, b, out_code, out, m * N, N, y);
         }
         free(y);
     }

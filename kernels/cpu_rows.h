@@ -103,7 +103,8 @@ static inline float absmax(const float* y, int64_t K) {
     __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     for (; k + 32 <= K; k += 32)
         for (int j = 0; j < 4; ++j)
-            a[j] = _mm256_max_epu32(a[j], _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(y + k + 8 * j)), magnitude));
+            a[j] = _mm256_max_epu32(a[j],
+                                    _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(y + k + 8 * j)), magnitude));
     uint32_t lanes[8];
     _mm256_storeu_si256((__m256i*)lanes, _mm256_max_epu32(_mm256_max_epu32(a[0], a[1]), _mm256_max_epu32(a[2], a[3])));
     for (int j = 0; j < 8; ++j) m = lanes[j] > m ? lanes[j] : m;
@@ -131,8 +132,8 @@ static inline int8_t quantize_value(float v, float s, float lo, float hi) {
 /* Elements p[off .. off + 16) of dtype code as floats. */
 static inline __m512 load16(const void* p, int64_t off, int64_t code) {
     if (code == 1)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off))), 16));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off))), 16));
     if (code == 2) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + off)));
     return _mm512_loadu_ps((const float*)p + off);
 }
@@ -170,7 +171,8 @@ static inline void store8(__m256 v, int64_t code, void* out, int64_t off) {
         const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
         _mm_storeu_si128((__m128i*)((uint16_t*)out + off), _mm256_castsi256_si128(p));
     } else if (code == 2) {
-        _mm_storeu_si128((__m128i*)((uint16_t*)out + off), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i*)((uint16_t*)out + off),
+                         _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     } else {
         _mm256_storeu_ps((float*)out + off, v);
     }
@@ -248,7 +250,8 @@ static inline void quantize_span(const void* src, int64_t code, int64_t off, flo
             __m512i i32[4];
             for (int j = 0; j < 4; ++j) /* min(hi, n): a NaN stays NaN, INT32_MIN, -128 like the portable code */
                 i32[j] = _mm512_cvttps_epi32(hi < 127.0f ? _mm512_min_ps(vhi, n[j]) : n[j]);
-            const __m512i w16 = _mm512_packs_epi16(_mm512_packs_epi32(i32[0], i32[1]), _mm512_packs_epi32(i32[2], i32[3]));
+            const __m512i w16 =
+                _mm512_packs_epi16(_mm512_packs_epi32(i32[0], i32[1]), _mm512_packs_epi32(i32[2], i32[3]));
             __m512i w8 = _mm512_permutexvar_epi32(order, w16);
             if (lo > -128.0f) w8 = _mm512_max_epi8(w8, vlo);
             _mm512_storeu_si512(q + k, w8);
@@ -273,10 +276,12 @@ static inline void quantize_span(const void* src, int64_t code, int64_t off, flo
             }
             if (!_mm256_testz_ps(near, near))
                 for (int j = 0; j < 4; ++j)
-                    n[j] = _mm256_round_ps(_mm256_div_ps(v[j], s != NULL ? _mm256_loadu_ps(s + k + 8 * j) : vs0), nearest);
+                    n[j] = _mm256_round_ps(_mm256_div_ps(v[j], s != NULL ? _mm256_loadu_ps(s + k + 8 * j) : vs0),
+                                           nearest);
             __m256i i32[4];
             for (int j = 0; j < 4; ++j) i32[j] = _mm256_cvttps_epi32(hi < 127.0f ? _mm256_min_ps(vhi, n[j]) : n[j]);
-            const __m256i w16 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+            const __m256i w16 =
+                _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
             __m256i w8 = _mm256_permutevar8x32_epi32(w16, order);
             if (lo > -128.0f) w8 = _mm256_max_epi8(w8, vlo8);
             _mm256_storeu_si256((__m256i*)(q + k), w8);
@@ -385,7 +390,7 @@ static inline void scale_row(const void* acc, int64_t acc_float, const float* ro
         }
     }
 #endif
-#if defined(__AVX2__) /* the same in 8 lanes, any output dtype and the bias (the rest of an AVX-512 row, or all of it) */
+#if defined(__AVX2__) /* the same in 8 lanes, any output dtype and the bias (an AVX-512 row's rest, or all of it) */
     {
         const __m256 vr = _mm256_set1_ps(row != NULL ? *row : 0.0f), vs = _mm256_set1_ps(scale != NULL ? *scale : 0.0f);
         for (; n + 8 <= N; n += 8) {

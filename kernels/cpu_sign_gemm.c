@@ -126,7 +126,8 @@ int bitnet_sign_gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
                                 tile_2x4(a + m * lda + k0, a + (m + 1) * lda + k0, b + n * ldb + k0, ldb, len, out);
                                 for (int64_t i = 0; i < MR; ++i) {
                                     for (int64_t j = 0; j < NR; ++j) {
-                                        const int64_t rest = last ? plain_dot(a + (m + i) * lda, b + (n + j) * ldb, kv, K) : 0;
+                                        const int64_t rest =
+                                            last ? plain_dot(a + (m + i) * lda, b + (n + j) * ldb, kv, K) : 0;
                                         store(c + (m + i) * N + n + j, out[i][j] + rest, first);
                                     }
                                 }
@@ -134,7 +135,8 @@ int bitnet_sign_gemm(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb,
                             }
                             for (int64_t i = m; i < m + MR && i < m_end; ++i) {
                                 for (int64_t j = n; j < n + NR && j < n_end; ++j) {
-                                    const int64_t part = len > 0 ? tile_1x1(a + i * lda + k0, b + j * ldb + k0, len) : 0;
+                                    const int64_t part =
+                                        len > 0 ? tile_1x1(a + i * lda + k0, b + j * ldb + k0, len) : 0;
                                     const int64_t rest = last ? plain_dot(a + i * lda, b + j * ldb, kv, K) : 0;
                                     store(c + i * N + j, part + rest, first);
                                 }

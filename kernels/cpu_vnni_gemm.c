@@ -105,7 +105,8 @@ void bitnet_vnni_pack(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_
             }
             for (int64_t g = whole; g < groups; ++g) {
                 uint8_t v[GROUP] = {0};
-                for (int64_t t = 0; t < GROUP && g * GROUP + t < K; ++t) v[t] = (uint8_t)(col[(g * GROUP + t) * sk] + sh);
+                for (int64_t t = 0; t < GROUP && g * GROUP + t < K; ++t)
+                    v[t] = (uint8_t)(col[(g * GROUP + t) * sk] + sh);
                 memcpy(dst + g * PANEL + j, v, 4);
             }
         }
@@ -246,8 +247,9 @@ int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, dou
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* The int32 sums of ROWS rows of a (r: their first groups, each next group step bytes on) against the first `groups`
- * groups of one panel, into tile (ROWS x PANEL, row-major), each minus its row's shifted sum (sums: ROWS values). The 24 accumulators are named one by one: with an
- * array of them, or with the subtraction done on them, GCC 12 keeps them in memory and the loop runs at half speed. */
+ * groups of one panel, into tile (ROWS x PANEL, row-major), each minus its row's shifted sum (sums: ROWS values).
+ * The 24 accumulators are named one by one: with an array of them, or with the subtraction done on them, GCC 12
+ * keeps them in memory and the loop runs at half speed. */
 #define BITNET_VNNI_ROW(i)                                                                                          \
     a = _mm512_set1_epi32(*(const unaligned_i32*)(r##i + ka));                                                       \
     c##i##0 = _mm512_dpbusd_epi32(c##i##0, b0, a);                                                                  \
@@ -270,10 +272,11 @@ static __attribute__((noinline)) void tile_sums(const int8_t* const* r, int64_t 
         const __m512i b0 = _mm512_loadu_si512(bp), b1 = _mm512_loadu_si512(bp + 64);
         const __m512i b2 = _mm512_loadu_si512(bp + 128), b3 = _mm512_loadu_si512(bp + 192);
         __m512i a;
-        BITNET_VNNI_ROW(0) BITNET_VNNI_ROW(1) BITNET_VNNI_ROW(2) BITNET_VNNI_ROW(3) BITNET_VNNI_ROW(4) BITNET_VNNI_ROW(5)
+        BITNET_VNNI_ROW(0) BITNET_VNNI_ROW(1) BITNET_VNNI_ROW(2)
+        BITNET_VNNI_ROW(3) BITNET_VNNI_ROW(4) BITNET_VNNI_ROW(5)
     }
-    BITNET_VNNI_STORE(0) BITNET_VNNI_STORE(1) BITNET_VNNI_STORE(2) BITNET_VNNI_STORE(3) BITNET_VNNI_STORE(4)
-    BITNET_VNNI_STORE(5)
+    BITNET_VNNI_STORE(0) BITNET_VNNI_STORE(1) BITNET_VNNI_STORE(2)
+    BITNET_VNNI_STORE(3) BITNET_VNNI_STORE(4) BITNET_VNNI_STORE(5)
     for (int i = 0; i < ROWS; ++i) /* apart from the accumulators: GCC 12 then keeps them all in registers */
         for (int j = 0; j < PANEL; ++j) tile[i * PANEL + j] -= sums[i];
 }
@@ -296,7 +299,8 @@ static void tile_tail(const int8_t* const* r, int64_t k, int64_t tail, const uin
 }
 
 /* The context of one scaled product: a (M, K) int8, row m's group g (4 values) at a + m * row + g * step, with its
- * row sums times the shift of b; the output and the epilogue's factors (row_scale (M), col_scale (N), the scalar scale, bias (N floats of the output dtype), each optional: NULL);
+ * row sums times the shift of b; the output and the epilogue's factors (row_scale (M), col_scale (N), the scalar
+ * scale, bias (N floats of the output dtype), each optional: NULL);
  * out_code 3 writes the int32 sums, 0 / 1 / 2 reference.scale_output of them as float32 / bfloat16 / float16. */
 typedef struct {
     const int8_t* a;
@@ -378,9 +382,10 @@ int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, i
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     const int64_t groups = (K + GROUP - 1) / GROUP;
     /* Packed group-major, a has no tail: its last group is zero past K, as is b's. */
-    product c = a_sums == NULL ? (product){a, lda, GROUP, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out}
-                               : (product){a, GROUP, M * GROUP, M, groups * GROUP, N, NULL, row_scale, col_scale,
-                                           scale, NULL, out_code, out};
+    product c = a_sums == NULL
+                    ? (product){a, lda, GROUP, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out}
+                    : (product){a, GROUP, M * GROUP, M, groups * GROUP, N, NULL, row_scale, col_scale, scale, NULL,
+                                out_code, out};
     int32_t* row_sums;
     float* b;
     if (product_setup(&c, a_sums, shift, bias, threads, &row_sums, &b)) return 1;
