@@ -41,25 +41,24 @@ int bitnet_quantize_rows(const void* x, int64_t x_code, const float* gain, doubl
 }
 
 /* reference.rms_norm of x (M, K) of dtype code x_code: out = x * rstd[m] * gain[k] rounded to x's dtype, and each
- * row's rstd (reference.rms_norm_rstd, with eps): the rows of the fused norm + quantization, written out. */
+ * row's rstd (reference.rms_norm_rstd, with eps): the rows of the fused norm + quantization, written out, straight
+ * into out where normalize_row writes x's dtype (AVX-512), else through a float32 row. */
 int bitnet_rms_norm(const void* x, int64_t x_code, const float* gain, double eps, int64_t M, int64_t K, void* out,
                     float* rstd, int64_t threads) {
     const float eps_f = (float)eps;
     const size_t size = x_code == 0 ? 4 : 2;
+    const int direct = normalized_code(x_code) == x_code;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        float* y = row_buffer(K, &failed);
+        float* y = direct ? NULL : row_buffer(K, &failed);
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m) {
-            if (y == NULL) continue;
-            int64_t y_code;
+            if (!direct && y == NULL) continue;
             rstd[m] = row_rstd(x, x_code, m * K, K, eps_f);
-            normalize_row(x, m * K, K, x_code, rstd[m], gain, x_code, y, &y_code);
-            if (y_code == x_code)
-                memcpy((char*)out + (size_t)(m * K) * size, y, (size_t)K * size);
-            else
-                store_row(y, K, x_code, out, m * K);
+            normalize_row(x, m * K, K, x_code, rstd[m], gain, x_code,
+                          direct ? (float*)((char*)out + (size_t)(m * K) * size) : y);
+            if (!direct) store_row(y, K, x_code, out, m * K);
         }
         free(y);
     }

@@ -481,19 +481,27 @@ static inline float row_rstd(const void* x, int64_t code, int64_t off, int64_t K
     return 1.0f / sqrtf((float)(sum / (double)K) + eps);
 }
 
+/* The dtype code normalize_row writes its row in, for norm_code: norm_code's with AVX-512, float32 otherwise. */
+static inline int64_t normalized_code(int64_t norm_code) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    return norm_code;
+#else
+    (void)norm_code;
+    return 0;
+#endif
+}
+
 /* The RMSNorm of row x[off .. off + K) of dtype x_code, x * r * gain[k] with r the row's rstd, rounded to x's dtype
- * and then to norm_code's (reference.rms_norm_quantize_rowwise), written to y in the dtype of *y_code: norm_code's
- * with AVX-512 (in registers, one pass: bfloat16 and float16 rows take half the bytes to read back), float32 with
- * AVX2 (in registers, one pass: for float32 rows a fifth of the time of the portable loops on a Zen 4 limited to
- * AVX2) and in the portable loops (one pass each). y holds K floats. Returns the absmax of the row (absmax's NaN
- * rule). */
+ * and then to norm_code's (reference.rms_norm_quantize_rowwise), written to y in the dtype of
+ * normalized_code(norm_code): norm_code's with AVX-512 (in registers, one pass: bfloat16 and float16 rows take half
+ * the bytes to read back), float32 with AVX2 (in registers, one pass: for float32 rows a fifth of the time of the
+ * portable loops on a Zen 4 limited to AVX2) and in the portable loops (one pass each). y holds K values of that
+ * dtype (K floats are always enough). Returns the absmax of the row (absmax's NaN rule). */
 static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t x_code, float r, const float* gain,
-                                  int64_t norm_code, float* y, int64_t* y_code) {
+                                  int64_t norm_code, float* y) {
     int64_t k = 0;
     uint32_t m = 0;
-    *y_code = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    *y_code = norm_code;
     const __m512 vr = _mm512_set1_ps(r);
     if (norm_code == 0) {
         const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
@@ -580,10 +588,9 @@ static inline float quantize_input_row(const void* x, int64_t x_code, int64_t of
         quantize_span(x, x_code, off, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
         return s;
     }
-    int64_t y_code;
     *rstd = row_rstd(x, x_code, off, K, norm_eps);
-    const float s = row_scale_of(normalize_row(x, off, K, x_code, *rstd, gain, norm_code, y, &y_code), eps);
-    quantize_span(y, y_code, 0, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
+    const float s = row_scale_of(normalize_row(x, off, K, x_code, *rstd, gain, norm_code, y), eps);
+    quantize_span(y, normalized_code(norm_code), 0, 1.0f, NULL, s, NULL, K, -128.0f, 127.0f, q);
     return s;
 }
 
