@@ -8,8 +8,9 @@ are called in turn, so load from other processes slows them alike):
    ``bitnet_ao.kernels.scaled_int8_mm`` (the Triton kernel on CUDA, the torch backend on CPU, whichever int8
    route ``bitnet_ao.kernels.cpu_matmul`` chose; it includes the scaled epilogue) in TOPS, against
    ``torch._int_mm`` (bare int32 result) and a dense ``torch.mm`` in TFLOPS.
-2. Quantization kernels in GB/s of the minimum traffic (each input read once, each output written once) and, when
-   a peak is known, as a fraction of the memory-bandwidth peak (``--peak-gbps``; H100 SXM by default on CUDA).
+2. Quantization kernels in GB/s of the minimum traffic (each input read once, each output written once), against a
+   copy of as many bytes, and, when a peak is known, as a fraction of the memory-bandwidth peak (``--peak-gbps``;
+   H100 SXM by default on CUDA). Every call starts with its inputs out of the caches (``--warm-caches``: in cache).
 3. One BitNet linear (``quantize_(nn.Linear, bitnet_training())``), forward + backward, against a dense
    ``nn.Linear``.
 
@@ -44,7 +45,7 @@ from torch import nn  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
 
 from benchmarks import hardware  # noqa: E402
-from benchmarks.timing import measure, synchronize  # noqa: E402
+from benchmarks.timing import cache_evictor, keep_freed_memory, measure, synchronize  # noqa: E402
 from bitnet_ao import bitnet_training, kernels  # noqa: E402
 from bitnet_ao.kernels import reference, torch_backend  # noqa: E402
 
@@ -105,12 +106,17 @@ def bench_quantization(
     peak_gbps: float | None,
     warmup: int,
     iters: int,
+    warm_caches: bool = False,
 ) -> list[list[str]]:
     """Every elementwise pass of a BitNet linear on ``dtype`` inputs (what training feeds them), in GB/s of the
     minimum traffic (each input read once, each output written once), against a plain copy of the same number of
     bytes (read half, write half, into a new tensor as the passes write theirs) timed in the same process: the
-    fraction of the bandwidth a copy reaches that the pass reaches."""
+    fraction of the bandwidth a copy reaches that the pass reaches. Each call, the pass's and the copy's alike,
+    starts with its inputs out of every cache (``cache_evictor``; ``warm_caches``: as the calls before left them),
+    and freed memory is kept for the next allocation (``keep_freed_memory``, in ``main``): the memory's bandwidth,
+    not the caches' or the allocator's."""
     rows = []
+    evict = (lambda: None) if warm_caches else cache_evictor(device)
     seen: set[tuple[str, tuple[int, int]]] = set()
     size = dtype.itemsize  # bytes per input element; each int8 output element is one byte
     sync = functools.partial(synchronize, device)
@@ -154,8 +160,10 @@ def bench_quantization(
             if (name, shape) in seen:  # e.g. the row-wise shape depends on K only
                 continue
             seen.add((name, shape))
-            src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
-            t, t_copy = measure(fn, src.clone, warmup=warmup, iters=iters, sync=sync)
+            # Written bytes: a never-written tensor's pages all map the kernel's one zero page, which a copy reads
+            # from L1 (0.3 to 1.05 ms for the same 12 MB, run to run, on a Zen 4).
+            src = torch.randint(0, 256, (nbytes // 2,), dtype=torch.uint8, device=device)
+            t, t_copy = measure(fn, src.clone, warmup=warmup, iters=iters, sync=sync, after=evict)
             gbps, copy_gbps = nbytes / t / 1e9, 2 * src.numel() / t_copy / 1e9
             peak = f"{gbps / peak_gbps:.1%}" if peak_gbps else "n/a"
             row = [name, "x".join(map(str, shape)), f"{t * 1e3:.3f}", f"{gbps:.1f}", f"{copy_gbps:.1f}"]
@@ -204,11 +212,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
     parser.add_argument("--dtype", choices=hardware.DTYPE_CHOICES, default="auto",
                         help="dtype of the dense contenders and of every activation; auto: bfloat16 on CUDA or a "
                         "CPU with native BF16, float32 otherwise")  # fmt: skip
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="time the elementwise passes (and their copies) with their inputs in cache, as the calls "
+                        "before left them, instead of from memory")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
 
     gpu = args.device == "cuda"
+    keep_freed_memory()
     if not gpu:
         # Compile the CPU backend's fused helpers in this process: a pool of compile workers would keep running
         # beside the first timed calls on a 2-core machine.
@@ -228,9 +240,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
         ["layout", "MxKxN", "bitnet_ao", "torch._int_mm", f"{dense} mm", "vs _int_mm", f"vs {dense}"],
         tables["matmul"],
     )
-    tables["passes"] = bench_quantization(m, kns, args.device, dtype, peak, args.warmup, args.iters)
+    tables["passes"] = bench_quantization(m, kns, args.device, dtype, peak, args.warmup, args.iters, args.warm_caches)
     print_table(
-        f"BitNet's elementwise passes, {dense.lower()} activations, float32 weights, against a copy of the same bytes ("
+        f"BitNet's elementwise passes, {dense.lower()} activations, float32 weights, inputs "
+        + ("in cache" if args.warm_caches else "from memory")
+        + ", against a copy of the same bytes ("
         + (f"peak {peak:g} GB/s)" if peak else "no bandwidth peak given)"),
         ["pass", "shape", "ms", "GB/s", "copy GB/s", "vs copy", "of peak"],
         tables["passes"],

@@ -138,7 +138,10 @@ def test_pass_bytes_are_what_the_passes_move(dtype: torch.dtype, monkeypatch: py
     compared with moves as many bytes. With every call "taking" 1 ns, GB/s is the byte count the script used."""
     calls: list[tuple[Callable, ...]] = []
 
-    def one_ns_each(*fns: Callable, warmup: int, iters: int, sync: Callable | None = None) -> list[float]:
+    def one_ns_each(
+        *fns: Callable, warmup: int, iters: int, sync: Callable | None = None, after: Callable | None = None
+    ) -> list[float]:
+        assert after is not None, "each call starts from memory: the caches are emptied after every call"
         calls.append(tuple((fn, fn()) for fn in fns))
         return [1e-9] * len(fns)
 
