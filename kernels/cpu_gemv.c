@@ -289,7 +289,7 @@ int bitnet_packed_linear(const void* x, int64_t x_code, const float* norm_weight
     for (int64_t m = 0; m < M && !failed; ++m) {
         float rstd;
         s_x[m] = quantize_input_row(x, x_code, m * K, K, norm_weight, (float)norm_eps, norm_code, eps_f, y, x_q + m * K,
-                                    &rstd);
+                                    &rstd, 0); /* x_q is read right away, by the gemv */
     }
     if (!failed) failed = bitnet_packed_gemv(x_q, packed, acc, M, N, K, kp, bits, threads);
     for (int64_t m = 0; m < M && !failed; ++m) {

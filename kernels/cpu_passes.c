@@ -22,9 +22,11 @@ static float* row_buffer(int64_t n, int* failed) {
 
 /* reference.quantize_rowwise of x (M, K) of dtype code x_code; with gain, of the RMSNorm of x first
  * (reference.rms_norm_quantize_rowwise: x * rstd[m] * gain[k] rounded to x's dtype, then to norm_code's), each
- * row's rstd (reference.rms_norm_rstd, with norm_eps) written to rstd. */
+ * row's rstd (reference.rms_norm_rstd, with norm_eps) written to rstd. stream: q written around the caches
+ * (quantize_span). */
 int bitnet_quantize_rows(const void* x, int64_t x_code, const float* gain, double norm_eps, int64_t norm_code,
-                         int64_t M, int64_t K, double eps, int8_t* q, float* scale, float* rstd, int64_t threads) {
+                         int64_t M, int64_t K, double eps, int8_t* q, float* scale, float* rstd, int64_t stream,
+                         int64_t threads) {
     const float eps_f = (float)eps, norm_eps_f = (float)norm_eps;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
@@ -34,7 +36,7 @@ int bitnet_quantize_rows(const void* x, int64_t x_code, const float* gain, doubl
         for (int64_t m = 0; m < M; ++m)
             if (gain == NULL || y != NULL)
                 scale[m] = quantize_input_row(x, x_code, m * K, K, gain, norm_eps_f, norm_code, eps_f, y, q + m * K,
-                                              rstd != NULL ? rstd + m : NULL);
+                                              rstd != NULL ? rstd + m : NULL, (int)stream);
         free(y);
     }
     return failed;
@@ -99,9 +101,11 @@ static void column_absmax(const void* g, int64_t code, int64_t m0, int64_t rows,
 
 /* reference.quantize_grad_output of g (M, N): the per-row quantization (g_q, s_g) and the per-column one of
  * g * row_scale[:, None] (g_qc, s_gc). Each thread keeps the column maxima of its rows (a max is exact in any
- * order), updated every GROUP rows (column_absmax); then every row is read a second time for the per-column values. */
+ * order), updated every GROUP rows (column_absmax); then every row is read a second time for the per-column values.
+ * stream: g_q and g_qc written around the caches (quantize_span). */
 int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_scale, int64_t M, int64_t N,
-                                double eps, int8_t* g_q, float* s_g, int8_t* g_qc, float* s_gc, int64_t threads) {
+                                double eps, int8_t* g_q, float* s_g, int8_t* g_qc, float* s_gc, int64_t stream,
+                                int64_t threads) {
     enum { GROUP = 8 };
     const float eps_f = (float)eps;
     const int64_t nt = threads > 0 ? threads : 1;
@@ -121,7 +125,8 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
             const int64_t rows = m0 + GROUP < M ? GROUP : M - m0;
             for (int64_t m = m0; m < m0 + rows; ++m) {
                 s_g[m] = row_scale_of(absmax_of(g, g_code, m * N, N), eps_f);
-                quantize_span(g, g_code, m * N, 1.0f, NULL, s_g[m], NULL, N, -128.0f, 127.0f, g_q + m * N);
+                quantize_span(g, g_code, m * N, 1.0f, NULL, s_g[m], NULL, N, -128.0f, 127.0f, g_q + m * N,
+                              (int)stream);
             }
             column_absmax(g, g_code, m0, rows, N, row_scale, mine);
         }
@@ -141,7 +146,8 @@ int bitnet_quantize_grad_output(const void* g, int64_t g_code, const float* row_
         const float* inv = divide ? NULL : inv_gc; /* read after the loop's barrier */
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m)
-            quantize_span(g, g_code, m * N, row_scale[m], s_gc, 0.0f, inv, N, -128.0f, 127.0f, g_qc + m * N);
+            quantize_span(g, g_code, m * N, row_scale[m], s_gc, 0.0f, inv, N, -128.0f, 127.0f, g_qc + m * N,
+                          (int)stream);
     }
     free(col_max);
     free(inv_gc);
@@ -232,7 +238,7 @@ int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int
             const int64_t rows = n0 + TILE < N ? TILE : N - n0;
             for (int64_t i = 0; i < rows; ++i) {
                 int8_t* out = transpose ? block + i * K : q + (n0 + i) * K;
-                quantize_span(w, w_code, (n0 + i) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, out);
+                quantize_span(w, w_code, (n0 + i) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, out, 0);
             }
             if (transpose) /* the block's rows are columns n0 .. n0 + rows of the (K, N) output */
                 transpose_bytes(block, rows, K, q + n0, N);

@@ -183,7 +183,7 @@ int bitnet_vnni_ternarize_packed(const void* w, int64_t w_code, float scale, dou
             if (rows == NULL) continue;
             const int64_t n0 = b * PANEL, count = N - n0 < PANEL ? N - n0 : PANEL;
             for (int64_t j = 0; j < count; ++j) {
-                quantize_span(w, w_code, (n0 + j) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, rows + j * K);
+                quantize_span(w, w_code, (n0 + j) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, rows + j * K, 0);
             }
             /* fwd: panel b, row j of w is column j, its groups of 4 values along K: a transposition of 4-byte
              * groups, 4 rows x 4 groups at a time with SSE2 (two rounds of unpacks), the rest one group at a time */

@@ -63,6 +63,27 @@ def test_rms_norm_is_the_norm_with_the_exact_rstd(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_the_rstd_of_rows_with_inf_nan_zeros_and_subnormals(dtype):
+    """The AVX-512 bfloat16 rstd builds each value's double from its bits (cpu_rows.h row_rstd), where a zero or a
+    subnormal becomes a tiny nonzero value and an Inf or a NaN a finite one: rows that hold them, against the spec."""
+    k = 100  # three blocks of 32 and a tail
+    tiny = torch.finfo(dtype).tiny
+    rows = torch.zeros(8, k)
+    rows[0, 5] = float("inf")
+    rows[1, 40] = float("nan")
+    rows[2, 70] = -float("inf")
+    rows[3, 3] = 2.0**-70  # alone among zeros: its mean square is a float32 subnormal, which the zeros must not move
+    rows[4, ::3] = tiny / 4  # subnormals of the dtype (zeros in float32's flush-free arithmetic stay exact too)
+    rows[5] = torch.randn(k) * 1e18  # squares near float32's overflow after the mean
+    rows[6] = torch.randn(k)
+    rows[6, 99] = float("nan")  # in the tail
+    x = rows.to(dtype)
+    # eps 0: nothing hides a mean square (row 3's is about 2^-147), an all-zero one gives Inf as in the spec
+    rstd = cpu_passes.quantize_rows(x, 1e-5, norm=(torch.ones(k), 0.0, dtype))[2]
+    torch.testing.assert_close(rstd, rms_norm_rstd(x, 0.0), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quantize_grad_output_is_both_quantizations(shape, dtype):
     g = _input(shape, dtype, 2) * 1e-3
@@ -119,6 +140,28 @@ def test_quantizations_are_exact_at_and_near_every_rounding_tie(dtype):
     _, _, g_qc, s_gc = cpu_passes.quantize_grad_output(g, torch.ones(2), 1e-30)
     s_col = g.float().abs().amax(dim=0).clamp(min=1e-30) / 127
     assert torch.equal(s_gc, s_col) and torch.equal(g_qc, (g.float() / s_col).round().clamp(-128, 127).to(torch.int8))
+
+
+@pytest.mark.parametrize("k", [1024, 1031])  # every row 64-byte aligned; most rows not
+def test_outputs_streamed_around_the_caches_are_the_same(monkeypatch, k):
+    """Outputs larger than the last-level cache are written with non-temporal stores (``cpu_passes.streams``):
+    made to apply here by a 1 KiB cache, they hold the spec's values."""
+    monkeypatch.setattr(cpu_passes, "_last_level_cache_bytes", lambda: 1024)
+    assert cpu_passes.streams(1024) and not cpu_passes.streams(1023)
+    x = _input((67, k), torch.bfloat16, 4)
+    q, s = cpu_passes.quantize_rows(x, 1e-5)
+    q_ref, s_ref = act_quant(x)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref.to(torch.int8))
+    gain = torch.rand(k) + 0.5
+    q, s, rstd = cpu_passes.quantize_rows(x, 1e-5, norm=(gain, 1e-6, torch.bfloat16))
+    q_ref, s_ref = act_quant((x.float() * rstd * gain).to(torch.bfloat16))
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref.to(torch.int8))
+    row_scale = torch.rand(67) + 0.1
+    g_q, s_g, g_qc, s_gc = cpu_passes.quantize_grad_output(x, row_scale, 1e-30)
+    folded = x.float() * row_scale[:, None]
+    s_col = folded.abs().amax(dim=0).clamp(min=1e-30) / 127
+    assert torch.equal(g_q, act_quant(x, eps=1e-30)[0].to(torch.int8)) and torch.equal(s_gc, s_col)
+    assert torch.equal(g_qc, (folded / s_col).round().clamp(-128, 127).to(torch.int8))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
