@@ -512,33 +512,46 @@ static inline void scale_row(const void* acc, int64_t acc_float, const float* ro
 /* reference.rms_norm_rstd of row x[off .. off + K) of dtype code: 1 / sqrt(float(sum(x^2) / K) + eps). Each square
  * of a float is exact in double and the sum runs in double, so its order (lanes here, torch's or inductor's) moves
  * only double-precision last bits, which the rounding to float absorbs (docs/numerics.md#rmsnorm).
- * With AVX-512 a bfloat16 value becomes a double without a conversion (vcvtps2pd, 1.7 cycles a vector on a Zen 4,
- * bounded the pass): its 15 magnitude bits shifted into a double's exponent and fraction fields, with 512 added to the
- * exponent (one bit set), are the value times 2^-384 exactly. Every square is then exact and a normal double, and so
- * is the sum, scaled back by 2^768 exactly; a zero or a subnormal becomes a tiny nonzero value there, whose square
- * (below 2^-251 scaled back) is under 2^-100 of the sum of any row whose mean square is a nonzero float. Inf and
- * NaN, which would become finite, send the row to the scalar loop. 3.9 against 4.9 cycles per 16 values on a Zen 4,
- * the same bits. */
+ * With AVX-512 a bfloat16 or float32 value becomes a double without a conversion (vcvtps2pd, 1.7 cycles a vector on
+ * a Zen 4, bounded the pass): its magnitude bits shifted into a double's exponent and fraction fields, with 512 added
+ * to the exponent (one bit set), are the value times 2^-384 exactly. Every square is then exact and a normal double,
+ * and so is the sum, scaled back by 2^768 exactly; a zero or a subnormal becomes a tiny nonzero value there, whose
+ * square (below 2^-251 scaled back) is under 2^-100 of the sum of any row whose mean square is a nonzero float. Inf
+ * and NaN, which would become finite, send the row to the scalar loop. bfloat16 3.9 against 4.9 cycles per 16 values
+ * on a Zen 4, the same bits. */
 static inline float row_rstd(const void* x, int64_t code, int64_t off, int64_t K, float eps) {
     int64_t k = 0;
     double sum = 0.0;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
     __m512d a[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
     double scale = 1.0;
-    if (code == 1) { /* bfloat16: each value's double built from its bits, without a conversion (see above) */
-        const __m512i field = _mm512_set1_epi64(0x0fffe00000000000LL), bias = _mm512_set1_epi64(1LL << 61);
-        __m512i top = _mm512_setzero_si512();
+    if (code == 0 || code == 1) { /* each value's double built from its bits, without a conversion (see above) */
+        /* the magnitude bits' place in a float64 (exponent at 52-59, fraction below): bfloat16's 15, float32's 31 */
+        const __m512i field = _mm512_set1_epi64(code == 1 ? 0x0fffe00000000000LL : 0x0fffffffe0000000LL);
+        const __m512i bias = _mm512_set1_epi64(1LL << 61);
+        __m512i top = _mm512_setzero_si512(); /* each value's bits shifted left by one: Inf / NaN at the top */
         for (; k + 32 <= K; k += 32) {
-            const __m512i h = _mm512_loadu_si512((const uint16_t*)x + off + k);
-            top = _mm512_max_epu16(top, _mm512_add_epi16(h, h)); /* the magnitude shifted left: Inf / NaN >= 0xff00 */
-            const __m512i d[4] = {_mm512_slli_epi64(h, 45), _mm512_slli_epi64(h, 29), _mm512_slli_epi64(h, 13),
-                                  _mm512_srli_epi64(h, 3)};
+            __m512i d[4];
+            if (code == 1) { /* 32 values in one vector, four to a 64-bit lane */
+                const __m512i h = _mm512_loadu_si512((const uint16_t*)x + off + k);
+                top = _mm512_max_epu16(top, _mm512_add_epi16(h, h));
+                d[0] = _mm512_slli_epi64(h, 45), d[1] = _mm512_slli_epi64(h, 29);
+                d[2] = _mm512_slli_epi64(h, 13), d[3] = _mm512_srli_epi64(h, 3);
+            } else { /* two to a 64-bit lane */
+                const __m512i f0 = _mm512_loadu_si512((const float*)x + off + k);
+                const __m512i f1 = _mm512_loadu_si512((const float*)x + off + k + 16);
+                top = _mm512_max_epu32(top, _mm512_max_epu32(_mm512_add_epi32(f0, f0), _mm512_add_epi32(f1, f1)));
+                d[0] = _mm512_slli_epi64(f0, 29), d[1] = _mm512_srli_epi64(f0, 3);
+                d[2] = _mm512_slli_epi64(f1, 29), d[3] = _mm512_srli_epi64(f1, 3);
+            }
             for (int j = 0; j < 4; ++j) { /* (d & field) | bias: one value's magnitude, in place, times 2^-384 */
                 const __m512d v = _mm512_castsi512_pd(_mm512_ternarylogic_epi64(d[j], field, bias, 0xea));
                 a[j] = _mm512_fmadd_pd(v, v, a[j]); /* the square is exact and normal: one rounding, as a + v * v */
             }
         }
-        if (_mm512_cmpge_epu16_mask(top, _mm512_set1_epi16((short)0xff00)) == 0) {
+        const int special = code == 1 ? _mm512_cmpge_epu16_mask(top, _mm512_set1_epi16((short)0xff00)) != 0
+                                      : _mm512_cmpge_epu32_mask(top, _mm512_set1_epi32((int)0xff000000u)) != 0;
+        if (!special) {
             scale = 0x1p768; /* exact: the sum of the scaled squares is a normal double */
         } else { /* an Inf or a NaN, which became a finite double above: the row summed one value at a time below */
             k = 0;
@@ -614,7 +627,7 @@ static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t
         const __m256i magnitude = _mm256_set1_epi16(0x7fff);
         __m256i vm = _mm256_setzero_si256();
 #if defined(__AVX512BF16__)
-        if (x_code == 1 && norm_code == 1) { /* 32 values a step: 3.8 against 4.9 cycles per 16 on a Zen 4 */
+        if ((x_code == 0 || x_code == 1) && norm_code == 1) { /* 32 values a step: 3.8 against 4.9 cycles per 16 */
             /* bfloat16 to float in order by one two-source permute each (the high words of x, low words of zero) */
             const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             const __m512i widen_lo = _mm512_or_si512(_mm512_set1_epi32(32), _mm512_slli_epi32(iota, 16));
@@ -622,9 +635,15 @@ static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t
             const __m512i zero = _mm512_setzero_si512(), magnitude32 = _mm512_set1_epi16(0x7fff);
             __m512i vm32 = _mm512_setzero_si512();
             for (; k + 32 <= K; k += 32) {
-                const __m512i b = _mm512_loadu_si512((const uint16_t*)x + off + k);
-                const __m512 lo = _mm512_castsi512_ps(_mm512_permutex2var_epi16(b, widen_lo, zero));
-                const __m512 hi = _mm512_castsi512_ps(_mm512_permutex2var_epi16(b, widen_hi, zero));
+                __m512 lo, hi;
+                if (x_code == 1) {
+                    const __m512i b = _mm512_loadu_si512((const uint16_t*)x + off + k);
+                    lo = _mm512_castsi512_ps(_mm512_permutex2var_epi16(b, widen_lo, zero));
+                    hi = _mm512_castsi512_ps(_mm512_permutex2var_epi16(b, widen_hi, zero));
+                } else { /* float32 rows round once, to bfloat16 */
+                    lo = _mm512_loadu_ps((const float*)x + off + k);
+                    hi = _mm512_loadu_ps((const float*)x + off + k + 16);
+                }
                 /* one conversion of both halves, in order (as below, a NaN keeps a NaN's pattern of its own) */
                 const __m512i n = (__m512i)_mm512_cvtne2ps_pbh(
                     _mm512_mul_ps(_mm512_mul_ps(hi, vr), _mm512_loadu_ps(gain + k + 16)),
