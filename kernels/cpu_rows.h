@@ -139,6 +139,25 @@ static inline __m512 load16(const void* p, int64_t off, int64_t code) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* Elements src[off .. off + 64) of dtype code as floats in v[0..3]: in order, or with unpack (bfloat16 only) widened by
+ * unpacking against zero, in-lane, one instruction for 16 values where the zero-extension and shift take two: v[2 h]
+ * and v[2 h + 1] then hold the groups of four 8 g .. 8 g + 3 and 8 g + 4 .. 8 g + 7 of values 32 h .. 32 h + 31, lane
+ * by 128-bit lane (the saturating packs and byte gathers after it restore the order). */
+static inline void load64(const void* src, int64_t code, int64_t off, int unpack, __m512 v[4]) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+        if (!unpack) {
+            v[j] = load16(src, off + 16 * j, code);
+        } else if (j % 2 == 0) {
+            const __m512i h = _mm512_loadu_si512((const uint16_t*)src + off + 16 * j);
+            v[j] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
+            v[j + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
+        }
+    }
+}
+#endif
+
 #if defined(__AVX2__)
 /* Elements p[off .. off + 8) of dtype code as floats. */
 static inline __m256 load8(const void* p, int64_t off, int64_t code) {
@@ -232,20 +251,11 @@ static inline int64_t quantize_span_fixed(const void* src, int64_t code, int64_t
     /* t * 2^16 = v * (inv * 2^16) for one scale, (x * (r * 2^16)) * inv_k for per-element ones */
     const __m512 vinv16 = _mm512_set1_ps(s == NULL ? 65536.0f / s0 : 0.0f), vr16 = _mm512_set1_ps(r * 65536.0f);
     const __m512i half = _mm512_set1_epi32(32768 + 4), window = _mm512_set1_epi32(0xfff8);
-    const __m512i zero = _mm512_setzero_si512();
     const int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         __m512 x[4];
-        for (int j = 0; j < 4; ++j) {
-            if (!unpack) {
-                x[j] = load16(src, off + k + 16 * j, code);
-            } else if (j % 2 == 0) { /* bfloat16 to float: the 16 bits above 16 zero bits, in-lane */
-                const __m512i h = _mm512_loadu_si512((const uint16_t*)src + off + k + 16 * j);
-                x[j] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
-                x[j + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
-            }
-        }
+        load64(src, code, off + k, unpack, x);
         __m512i t[4];
         for (int j = 0; j < 4; ++j) {
             const __m512 t16 =
@@ -298,7 +308,7 @@ static inline void quantize_span(const void* src, int64_t code, int64_t off, flo
     if (reciprocal) {
         const __m512 vr = _mm512_set1_ps(r), vs0 = _mm512_set1_ps(s0), vinv0 = _mm512_set1_ps(inv0);
         const __m512 vhi = _mm512_set1_ps(hi);
-        const __m512i vlo = _mm512_set1_epi8((char)lo), zero = _mm512_setzero_si512();
+        const __m512i vlo = _mm512_set1_epi8((char)lo);
         /* The saturating packs below interleave 128-bit lanes; these permutes restore the order, of elements
          * loaded in order, or of bfloat16 widened by unpacking (which interleaves them the other way: with one
          * scale for the span only, per-element scales being in order). */
@@ -308,15 +318,7 @@ static inline void quantize_span(const void* src, int64_t code, int64_t off, flo
         for (; k + 64 <= K; k += 64) {
             __m512 v[4], n[4];
             __mmask16 near = 0;
-            for (int j = 0; j < 4; ++j) {
-                if (!unpack) {
-                    v[j] = load16(src, off + k + 16 * j, code);
-                } else if (j % 2 == 0) { /* bfloat16 to float: the 16 bits above 16 zero bits, in-lane */
-                    const __m512i h = _mm512_loadu_si512((const uint16_t*)src + off + k + 16 * j);
-                    v[j] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
-                    v[j + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
-                }
-            }
+            load64(src, code, off + k, unpack, v);
             for (int j = 0; j < 4; ++j) {
                 if (r != 1.0f) v[j] = _mm512_mul_ps(v[j], vr);
                 n[j] = round_product16(v[j], s != NULL ? _mm512_loadu_ps(inv_s + k + 16 * j) : vinv0, &near);
