@@ -629,7 +629,7 @@ static inline float normalize_row(const void* x, int64_t off, int64_t K, int64_t
         const __m256i magnitude = _mm256_set1_epi16(0x7fff);
         __m256i vm = _mm256_setzero_si256();
 #if defined(__AVX512BF16__)
-        if ((x_code == 0 || x_code == 1) && norm_code == 1) { /* 32 values a step: 3.8 against 4.9 cycles per 16 */
+        if ((x_code == 0 || x_code == 1) && norm_code == 1) { /* 32 a step: 3.1-4.7 against 4.4-4.6 cycles per 16 */
             /* bfloat16 to float in order by one two-source permute each (the high words of x, low words of zero) */
             const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
             const __m512i widen_lo = _mm512_or_si512(_mm512_set1_epi32(32), _mm512_slli_epi32(iota, 16));
