@@ -8,6 +8,9 @@ linear) and ``"full"`` (full-range int8 on both sides: ``grad_weight = g'_q.T @ 
   on CPUs that have them.
 - ``"vnni"``: the GEMM of ``cpu_vnni_gemm.c`` (AVX-512 VNNI), whose scaled form fuses the epilogue: the int32 sums
   never reach memory. Both kinds (the right operand shifted to unsigned bytes, by one or by 128).
+- ``"amx"``: the same kernel, operand packing and epilogue with the sums computed by Intel AMX tiles (Sapphire
+  Rapids and later, where the OS grants the tile state). Both kinds; where ``torch._int_mm`` leaves AMX mostly idle
+  (torch 2.13.0: 1.7-1.9 TOPS on 2 cores of a Sapphire Rapids, against 3.2-3.8 here, epilogue included).
 - ``"onednn"``: oneDNN's u8 x s8 linear (``torch.ops.onednn.qlinear_pointwise``) with the int8 left operand
   shifted to u8 (``a + 128``, zero point 128). Without VNNI it multiplies with ``vpmaddubsw``, whose int16 pair
   sums saturate unless the s8 operand is small: exact for ternary right operands only. Its float32 output holds
@@ -57,15 +60,15 @@ from .private_api import (
 )
 from .scratch import ThreadScratch
 
-ROUTES = ("int_mm", "vnni", "onednn", "signadd", "fp32", "reference")
+ROUTES = ("int_mm", "vnni", "amx", "onednn", "signadd", "fp32", "reference")
 #: The routes exact for each kind of matmul, on any CPU.
-EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "vnni", "fp32", "reference")}
+EXACT_ROUTES = {"ternary": ROUTES, "full": ("int_mm", "vnni", "amx", "fp32", "reference")}
 #: The routes that can write their int32 product into a given tensor (the scratch :func:`accumulator`).
-INT32_OUT_ROUTES = ("int_mm", "vnni", "signadd")
+INT32_OUT_ROUTES = ("int_mm", "vnni", "amx", "signadd")
 #: The routes whose right operand is best contiguous along the reduction (a ``.t()`` view of ``(N, K)``).
 K_CONTIGUOUS_ROUTES = ("onednn", "signadd", "fp32", "reference")
 #: The routes as fast with either layout of the right operand.
-EITHER_LAYOUT_ROUTES = ("int_mm", "vnni")
+EITHER_LAYOUT_ROUTES = ("int_mm", "vnni", "amx")
 
 #: Largest reduction an FP32 GEMM of full-range int8 values sums exactly: 1024 products of at most 2**14.
 FP32_EXACT_BLOCK = 1 << 10
@@ -89,7 +92,7 @@ PROBE_REPEATS = 3
 #: Routes whose scaled matmul never writes its int32 product (the epilogue in registers), and the margin within
 #: which one of them wins against a faster measured route (:func:`fastest`); the probe's run-to-run spread on a
 #: Zen 4 is a few percent.
-FUSED_ROUTES = ("vnni",)
+FUSED_ROUTES = ("vnni", "amx")
 PROBE_TIE = 0.05
 
 
@@ -102,6 +105,7 @@ def available_routes(kind: str) -> tuple[str, ...]:
     usable = {
         "int_mm": kind == "ternary" or not onednn_isa_below_vnni(),
         "vnni": cpu_vnni_gemm.available(),
+        "amx": cpu_vnni_gemm.amx_available(),
         "onednn": _onednn_available(),
         "signadd": cpu_sign_gemm.available(),
         "fp32": True,
@@ -263,8 +267,9 @@ def _probe_scaled_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, row_scal
     scratch accumulator where the route writes int32), or the one fused kernel; to bfloat16 activations for a
     ternary ``b``, to a float32 weight gradient for a full-range one."""
     out_dtype = torch.bfloat16 if b_ternary else torch.float32
-    if route == "vnni":
-        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, None, scale, None, out_dtype, b_ternary=b_ternary)
+    if route in FUSED_ROUTES:
+        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, None, scale, None, out_dtype, b_ternary=b_ternary,
+                                       amx=route == "amx")  # fmt: skip
     out = accumulator(a.shape[0], b.shape[1]) if route in INT32_OUT_ROUTES else None
     acc = _route_mm(route, a, b, b_ternary, out)
     return cpu_passes.scale_output(acc, row_scale, None, scale, None, out_dtype)
@@ -285,12 +290,14 @@ def fused_scaled_mm(
     b_packed: bool = False,
 ) -> Tensor | None:
     """``reference.scale_output(a @ b, ...)`` in one kernel where this CPU's route for ``b``'s kind fuses the
-    epilogue (``"vnni"``), else ``None``: the caller then runs :func:`int8_mm` and the epilogue.
+    epilogue (:data:`FUSED_ROUTES`), else ``None``: the caller then runs :func:`int8_mm` and the epilogue.
     ``b_packed``: ``b`` is a ternary weight ``B (N, K)`` packed two bits per value and the product is ``a @ B.T``,
-    read packed (``cpu_vnni_gemm.scaled_mm_i2``)."""
+    read packed (``cpu_vnni_gemm.scaled_mm_i2``, route ``"vnni"``; the ``"amx"`` route multiplies it unpacked)."""
     n = b.shape[0] if b_packed else b.shape[1]
+    route = routes()["ternary" if b_ternary else "full"]
     if (
-        routes()["ternary" if b_ternary else "full"] != "vnni"
+        route not in FUSED_ROUTES
+        or (b_packed and route != "vnni")
         or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
         or 0 in (*a.shape, n)
     ):
@@ -298,15 +305,21 @@ def fused_scaled_mm(
     with torch.autocast("cpu", enabled=False):
         if b_packed:
             return cpu_vnni_gemm.scaled_mm_i2(a, b, row_scale, col_scale, scale, bias, out_dtype)
-        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary)
+        return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary,
+                                       amx=route == "amx")  # fmt: skip
 
 
 @torch.compiler.assume_constant_result
 def prepacks(b_ternary: bool) -> bool:
-    """Whether this CPU's route for the kind of ``b`` takes a right operand packed ahead of time (``"vnni"``:
-    ``cpu_vnni_gemm.pack``), which spares its matmul the packing. A constant of compiled graphs, as
+    """Whether this CPU's route for the kind of ``b`` takes a right operand packed ahead of time (``"vnni"`` and
+    ``"amx"``: ``cpu_vnni_gemm.pack``), which spares its matmul the packing. A constant of compiled graphs, as
     :func:`right_operand_k_contiguous`."""
-    return routes()["ternary" if b_ternary else "full"] == "vnni"
+    return routes()["ternary" if b_ternary else "full"] in FUSED_ROUTES
+
+
+def uses_amx(b_ternary: bool) -> bool:
+    """Whether this CPU's route for the kind of ``b`` is ``"amx"``: its packed operands are multiplied by AMX."""
+    return routes()["ternary" if b_ternary else "full"] == "amx"
 
 
 def ternary_layout(b: Tensor, route: str) -> Tensor:
@@ -366,8 +379,8 @@ def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | N
             return int_mm(_int_mm_operand(a), _int_mm_operand(b), out)
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
-        if route == "vnni":
-            return cpu_vnni_gemm.scaled_mm(a, b, out=out, b_ternary=b_ternary)
+        if route in FUSED_ROUTES:
+            return cpu_vnni_gemm.scaled_mm(a, b, out=out, b_ternary=b_ternary, amx=route == "amx")
         if route == "signadd":
             # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
             # profile of benchmarks/step_profile.py).

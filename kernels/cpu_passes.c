@@ -248,6 +248,60 @@ int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int
     return failed;
 }
 
+/* reference.weight_stats of the n values of w (dtype code w_code): stats[0] = sum |w|, stats[1] = sum w, in float64.
+ * Every float is exact as a double, so only the order of the additions can move the sums, in their last float64
+ * bits, which the float32 scales made of them absorb (docs/numerics.md). That order is fixed whatever the thread
+ * count: chunks of STATS_CHUNK values, each summed over 8 lanes (lane j takes values j, j + 8, ...) and then lane by
+ * lane, and the chunks' sums added in order. */
+int bitnet_weight_stats(const void* w, int64_t w_code, int64_t n, double* stats, int64_t threads) {
+    enum { STATS_CHUNK = 1 << 14, LANES = 8 };
+    const int64_t chunks = (n + STATS_CHUNK - 1) / STATS_CHUNK;
+    double* partial = (double*)malloc((size_t)(chunks > 0 ? chunks : 1) * 2 * sizeof(double));
+    if (partial == NULL) return 1;
+    int failed = 0;
+#pragma omp parallel num_threads((int)threads)
+    {
+        float* y = row_buffer(STATS_CHUNK, &failed);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; ++c) {
+            if (y == NULL) continue;
+            const int64_t off = c * STATS_CHUNK, len = n - off < STATS_CHUNK ? n - off : STATS_CHUNK;
+            const float* v = (const float*)w + off;
+            if (w_code != 0) { /* bfloat16 / float16: each value as a float, exactly */
+                load_row(w, off, len, w_code, y);
+                v = y;
+            }
+            double abs_lanes[LANES] = {0}, sum_lanes[LANES] = {0};
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            __m512d a = _mm512_setzero_pd(), t = _mm512_setzero_pd();
+            for (; i + LANES <= len; i += LANES) {
+                const __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(v + i));
+                a = _mm512_add_pd(a, _mm512_abs_pd(d));
+                t = _mm512_add_pd(t, d);
+            }
+            _mm512_storeu_pd(abs_lanes, a);
+            _mm512_storeu_pd(sum_lanes, t);
+#endif
+            for (; i < len; ++i) {
+                abs_lanes[i % LANES] += fabs((double)v[i]);
+                sum_lanes[i % LANES] += (double)v[i];
+            }
+            double abs_sum = 0.0, sum = 0.0;
+            for (int j = 0; j < LANES; ++j) abs_sum += abs_lanes[j], sum += sum_lanes[j];
+            partial[2 * c] = abs_sum;
+            partial[2 * c + 1] = sum;
+        }
+        free(y);
+    }
+    double abs_sum = 0.0, sum = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) abs_sum += partial[2 * c], sum += partial[2 * c + 1];
+    free(partial);
+    stats[0] = abs_sum;
+    stats[1] = sum;
+    return failed;
+}
+
 /* One row of bitnet_rms_norm_backward: dx in x's dtype, its dy * xhat added to the thread's block of gain-gradient
  * sums (dw, float32), xhat and dxhat (each K floats) as scratch. The row's sum runs over 16 lanes (lane j takes
  * elements j, j + 16, ...) and then in a fixed scalar order, the same on every build. With AVX-512 or AVX2 both

@@ -40,6 +40,7 @@ def _library() -> ctypes.CDLL | None:
         "bitnet_ternarize": [p, i, ctypes.c_float, d, i, p, i, i, i],
         "bitnet_rms_norm": [p, i, p, d, i, i, p, p, i],
         "bitnet_rms_norm_backward": [p, i, p, i, p, p, i, i, p, p, i],
+        "bitnet_weight_stats": [p, i, i, p, i],
     }
     for name, argtypes in signatures.items():
         getattr(library, name).argtypes = argtypes
@@ -196,6 +197,18 @@ def scale_output(
     )  # fmt: skip
     _check(failed, "scale_output")
     return out
+
+
+def weight_stats(w: Tensor) -> Tensor | None:
+    """``reference.weight_stats(w)``: ``(sum |w|, sum w)`` in float64, or ``None`` where the kernel does not apply."""
+    library = _usable(w)
+    if library is None:
+        return None
+    w = w.contiguous()
+    stats = torch.empty(2, dtype=torch.float64)
+    _check(library.bitnet_weight_stats(w.data_ptr(), _CODES[w.dtype], w.numel(), stats.data_ptr(),
+                                       torch.get_num_threads()), "weight_stats")  # fmt: skip
+    return stats
 
 
 def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor | None:

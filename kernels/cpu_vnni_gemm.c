@@ -14,6 +14,10 @@
  * reference.scale_output. Row blocks are split over `threads` OpenMP threads. */
 #include <omp.h>
 #include <stdlib.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "cpu_rows.h"
 
@@ -27,6 +31,62 @@ int bitnet_vnni_available(void) {
 #else
     return 0;
 #endif
+}
+
+/* Whether the build has AMX-INT8 and the process may use it: Linux hands the tile state to a process only when asked
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for feature 18, XTILEDATA), once for all its threads; asked here. */
+int bitnet_amx_available(void) {
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512VNNI__) && defined(__linux__)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* After the four rounds of unpacks below, column j of a 16 x 16 block is in register TRANSPOSED[j] (j's four bits
+ * reversed: each round's low / high halves pick one bit, the first round the lowest). */
+static const int TRANSPOSED[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+/* out (M, K) row-major, the transpose of a_t (K, M) (rows lda apart): what AMX reads for grad_weight's g.T. Blocks of
+ * 16 x 16 bytes go through four rounds of SSE2 unpacks, the edges byte by byte; threads split the columns of a_t in
+ * runs of 64, each reading whole cache lines of every row. */
+void bitnet_transpose_i8(const int8_t* a_t, int64_t lda, int64_t K, int64_t M, int8_t* out, int64_t threads) {
+    const int64_t runs = (M + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+    for (int64_t run = 0; run < runs; ++run) {
+        const int64_t m_end = run * 64 + 64 < M ? run * 64 + 64 : M;
+        int64_t k0 = 0;
+#if defined(__SSE2__)
+        for (; k0 + 16 <= K; k0 += 16) {
+            int64_t m0 = run * 64;
+            for (; m0 + 16 <= m_end; m0 += 16) {
+                __m128i r[16], t[16];
+                for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128((const __m128i*)(a_t + (k0 + i) * lda + m0));
+                for (int i = 0; i < 8; ++i) {
+                    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+                    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+                }
+                for (int i = 0; i < 8; ++i) {
+                    r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
+                    r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
+                }
+                for (int i = 0; i < 8; ++i) {
+                    t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                    t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+                }
+                for (int i = 0; i < 8; ++i) {
+                    r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
+                    r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
+                }
+                for (int j = 0; j < 16; ++j) _mm_storeu_si128((__m128i*)(out + (m0 + j) * K + k0), r[TRANSPOSED[j]]);
+            }
+            for (; m0 < m_end; ++m0)
+                for (int64_t k = k0; k < k0 + 16; ++k) out[m0 * K + k] = a_t[k * lda + m0];
+        }
+#endif
+        for (int64_t m = run * 64; m < m_end; ++m)
+            for (int64_t k = k0; k < K; ++k) out[m * K + k] = a_t[k * lda + m];
+    }
 }
 
 /* Each byte of x plus shift (1 or 128) modulo 256, without carries between bytes. */
@@ -311,6 +371,22 @@ typedef struct {
     void* out;
 } product;
 
+/* The finished sums of rows m0 .. m0 + rows against columns n0 .. n0 + cols (tile: rows of PANEL int32) written
+ * out: as they are (out_code 3) or through the epilogue (y: PANEL floats of scratch). */
+static void write_tile(const product* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* tile,
+                       float* y) {
+    for (int64_t i = 0; i < rows; ++i) {
+        const int64_t m = m0 + i;
+        if (c->out_code == 3) {
+            memcpy((int32_t*)c->out + m * c->N + n0, tile + i * PANEL, (size_t)cols * sizeof(int32_t));
+            continue;
+        }
+        scale_row(tile + i * PANEL, 0, c->row_scale != NULL ? c->row_scale + m : NULL,
+                  c->col_scale != NULL ? c->col_scale + n0 : NULL, c->scale, c->bias != NULL ? c->bias + n0 : NULL,
+                  c->out_code, c->out, m * c->N + n0, cols, y);
+    }
+}
+
 /* Rows m0 .. m0 + ROWS (fewer at the end) of the product against one packed panel (columns n0 ..), written out.
  * tile: ROWS x PANEL int32, y: PANEL floats of scratch. */
 static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel, int64_t n0, int32_t* tile,
@@ -326,20 +402,21 @@ static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel
     const int64_t K = c->K;
     tile_sums(r, K / GROUP, c->step, panel, sums, tile);
     if (K % GROUP) tile_tail(r, K / GROUP * GROUP, K % GROUP, panel + K / GROUP * PANEL * GROUP, tile);
-    for (int64_t i = 0; i < rows; ++i) {
-        const int64_t m = m0 + i;
-        if (c->out_code == 3) {
-            memcpy((int32_t*)c->out + m * c->N + n0, tile + i * PANEL, (size_t)cols * sizeof(int32_t));
-            continue;
-        }
-        scale_row(tile + i * PANEL, 0, c->row_scale != NULL ? c->row_scale + m : NULL,
-                  c->col_scale != NULL ? c->col_scale + n0 : NULL, c->scale, c->bias != NULL ? c->bias + n0 : NULL,
-                  c->out_code, c->out, m * c->N + n0, cols, y);
-    }
+    write_tile(c, m0, rows, n0, cols, tile, y);
 }
 
-/* Fill a product's row sums times shift (from a_sums where given, else summing row-major rows) and the bias as
- * floats; nonzero when out of memory. */
+/* The sum of the K int8 values at r. */
+static inline int32_t row_sum(const int8_t* r, int64_t K) {
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), _mm512_loadu_si512(r + k));
+    int32_t s = _mm512_reduce_add_epi32(acc);
+    for (; k < K; ++k) s += r[k];
+    return s;
+}
+
+/* Fill a product's row sums times shift (from a_sums where given, else summing row-major rows; none for shift 0)
+ * and the bias as floats; nonzero when out of memory. */
 static int product_setup(product* c, const int32_t* a_sums, int64_t shift, const void* bias, int64_t threads,
                          int32_t** row_sums, float** b) {
     *row_sums = (int32_t*)malloc((size_t)(c->M > 0 ? c->M : 1) * sizeof(int32_t));
@@ -356,27 +433,163 @@ static int product_setup(product* c, const int32_t* a_sums, int64_t shift, const
     const int8_t* a = c->a;
     const int64_t lda = c->row, K = c->K;
     int32_t* sums = *row_sums;
-#pragma omp parallel for schedule(static) num_threads((int)threads)
-    for (int64_t m = 0; m < c->M; ++m) {
-        int32_t s = 0;
-        if (a_sums != NULL)
-            s = a_sums[m];
-        else
-            for (int64_t k = 0; k < K; ++k) s += a[m * lda + k];
+#pragma omp parallel for schedule(static) num_threads((int)threads) if (shift != 0)
+    for (int64_t m = 0; m < (shift != 0 ? c->M : 0); ++m) {
+        const int32_t s = a_sums != NULL ? a_sums[m] : row_sum(a + m * lda, K);
         sums[m] = (int32_t)((uint32_t)s * (uint32_t)shift); /* wraps as the sums do */
     }
     c->row_sums = sums;
     c->bias = *b;
     return 0;
 }
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+/* Route "amx": the same product with Intel AMX tiles. A block of AMX_ROWS rows of a (row-major) against a panel, in
+ * 2 x 2 tiles of 16 rows x 16 columns of int32 sums; each step of the reduction is 64 bytes of a row (16 groups of
+ * 4), which tdpbsud multiplies, a's bytes signed by b's shifted unsigned ones, as vpdpbusd does. The packed panel is
+ * already the tile layout: 16 groups of 16 columns are 16 rows of 64 bytes, PANEL * GROUP bytes apart. */
+enum { AMX_ROWS = 32, AMX_STEP = 64, AMX_SPAN_BYTES = 512 * 1024 };
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3: the sums; 4-5: 16 rows x 64 bytes of a; 6-7: 16 groups of 16 columns of b. Every tile 16 x 64 bytes. */
+static void amx_configure(void) {
+    tile_config t;
+    memset(&t, 0, sizeof t);
+    t.palette = 1;
+    for (int i = 0; i < 8; ++i) t.colsb[i] = 64, t.rows[i] = 16;
+    _tile_loadconfig(&t);
+}
+
+/* The sums of AMX_ROWS rows of a (lda apart) over the first `steps` steps of the reduction against one panel, each
+ * minus its row's shifted sum, into tile (AMX_ROWS x PANEL int32). The accumulators start from those differences
+ * (start: AMX_ROWS x 16 int32, row i all minus the shifted sum of row i), read as tiles; no pass subtracts them. */
+static void amx_block_sums(const int8_t* a, int64_t lda, int64_t steps, const uint8_t* panel, const int32_t* start,
+                           int32_t* tile) {
+    const int64_t ldb = PANEL * GROUP, ldt = PANEL * (int64_t)sizeof(int32_t), lds = 16 * sizeof(int32_t);
+    for (int h = 0; h < PANEL; h += 32) {
+        _tile_loadd(0, start, lds);
+        _tile_loadd(1, start, lds);
+        _tile_loadd(2, start + 16 * 16, lds);
+        _tile_loadd(3, start + 16 * 16, lds);
+        const uint8_t* b = panel + h * GROUP;
+        for (int64_t k = 0; k < steps * AMX_STEP; k += AMX_STEP, b += AMX_STEP / GROUP * ldb) {
+            _tile_loadd(4, a + k, lda);
+            _tile_loadd(5, a + 16 * lda + k, lda);
+            _tile_loadd(6, b, ldb);
+            _tile_loadd(7, b + 16 * GROUP, ldb);
+            _tile_dpbsud(0, 4, 6);
+            _tile_dpbsud(1, 4, 7);
+            _tile_dpbsud(2, 5, 6);
+            _tile_dpbsud(3, 5, 7);
+        }
+        _tile_stored(0, tile + h, ldt);
+        _tile_stored(1, tile + h + 16, ldt);
+        _tile_stored(2, tile + 16 * PANEL + h, ldt);
+        _tile_stored(3, tile + 16 * PANEL + h + 16, ldt);
+    }
+}
+
+/* Add the groups of the reduction from g0 on (past the tiles' steps; the last group's bytes past K are zero in b and
+ * not read in a) to `rows` rows of tile, with vpdpbusd. */
+static void amx_block_tail(const int8_t* a, int64_t lda, int64_t rows, int64_t K, int64_t g0, const uint8_t* panel,
+                           int32_t* tile) {
+    const int64_t groups = (K + GROUP - 1) / GROUP;
+    for (int64_t i = 0; i < rows; ++i) {
+        int32_t* t = tile + i * PANEL;
+        __m512i c0 = _mm512_loadu_si512(t), c1 = _mm512_loadu_si512(t + 16);
+        __m512i c2 = _mm512_loadu_si512(t + 32), c3 = _mm512_loadu_si512(t + 48);
+        for (int64_t g = g0; g < groups; ++g) {
+            int32_t v = 0;
+            memcpy(&v, a + i * lda + g * GROUP, (size_t)(K - g * GROUP < GROUP ? K - g * GROUP : GROUP));
+            const __m512i ai = _mm512_set1_epi32(v);
+            const uint8_t* bg = panel + g * PANEL * GROUP;
+            c0 = _mm512_dpbusd_epi32(c0, _mm512_loadu_si512(bg), ai);
+            c1 = _mm512_dpbusd_epi32(c1, _mm512_loadu_si512(bg + 64), ai);
+            c2 = _mm512_dpbusd_epi32(c2, _mm512_loadu_si512(bg + 128), ai);
+            c3 = _mm512_dpbusd_epi32(c3, _mm512_loadu_si512(bg + 192), ai);
+        }
+        _mm512_storeu_si512(t, c0);
+        _mm512_storeu_si512(t + 16, c1);
+        _mm512_storeu_si512(t + 32, c2);
+        _mm512_storeu_si512(t + 48, c3);
+    }
+}
+
+/* The product of a row-major a with AMX. Threads split the blocks of AMX_ROWS rows; the panels go in spans of about
+ * AMX_SPAN_BYTES, each span against every block before the next, so that it stays in L2 while the blocks go by
+ * (2048 x 1024 x 2816 on 2 cores of a Sapphire Rapids: 2.5 TOPS with all panels per block, 4.6 with spans). The last
+ * block, when short, is copied into a zero-padded buffer: tiles read 16 whole rows. Each block's row sums times
+ * shift start its accumulators (amx_block_sums); they are summed in the first span, into row_sums, and read in
+ * the later ones by the same thread: a static schedule gives every loop of the same length the same split. Nonzero
+ * when out of memory. */
+static int amx_product(const product* c, const uint8_t* packed, int64_t shift, int32_t* row_sums, int64_t threads) {
+    const int64_t M = c->M, K = c->K, N = c->N, lda = c->row;
+    const int64_t groups = (K + GROUP - 1) / GROUP, panels = (N + PANEL - 1) / PANEL;
+    const int64_t panel_bytes = groups * PANEL * GROUP;
+    const int64_t steps = K / AMX_STEP, blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
+    const int64_t fit = panel_bytes > 0 ? AMX_SPAN_BYTES / panel_bytes : panels; /* K = 0: no bytes at all */
+    const int64_t span = fit > 0 ? fit : 1;
+    int failed = 0;
+#pragma omp parallel num_threads((int)threads)
+    {
+        int32_t* tile = (int32_t*)malloc(AMX_ROWS * PANEL * sizeof(int32_t));
+        int32_t* start = (int32_t*)malloc(AMX_ROWS * 16 * sizeof(int32_t));
+        float* y = (float*)malloc(PANEL * sizeof(float));
+        int8_t* pad = (int8_t*)calloc((size_t)AMX_ROWS * (size_t)(K > 0 ? K : 1), 1);
+        const int ready = tile != NULL && start != NULL && y != NULL && pad != NULL;
+        if (!ready) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_configure();
+        }
+        for (int64_t p0 = 0; p0 < panels; p0 += span) {
+#pragma omp for schedule(static) nowait
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+                if (!ready) continue;
+                const int64_t m0 = blk * AMX_ROWS, rows = M - m0 < AMX_ROWS ? M - m0 : AMX_ROWS;
+                const int8_t* a = c->a + m0 * lda;
+                int64_t ld = lda;
+                if (rows < AMX_ROWS) {
+                    for (int64_t i = 0; i < rows; ++i) memcpy(pad + i * K, a + i * lda, (size_t)K);
+                    a = pad, ld = K;
+                }
+                int32_t* sums = row_sums + m0; /* this block's, summed in the first span */
+                for (int64_t i = 0; p0 == 0 && i < rows; ++i)
+                    sums[i] = (int32_t)((uint32_t)row_sum(a + i * ld, K) * (uint32_t)shift); /* wrapping */
+                for (int64_t i = 0; i < AMX_ROWS; ++i)
+                    for (int j = 0; j < 16; ++j) start[i * 16 + j] = i < rows ? (int32_t)(0u - (uint32_t)sums[i]) : 0;
+                for (int64_t p = p0; p < p0 + span && p < panels; ++p) {
+                    const uint8_t* panel = packed + p * panel_bytes;
+                    amx_block_sums(a, ld, steps, panel, start, tile);
+                    if (steps * AMX_STEP < K)
+                        amx_block_tail(a, ld, rows, K, steps * (AMX_STEP / GROUP), panel, tile);
+                    write_tile(c, m0, rows, p * PANEL, N - p * PANEL < PANEL ? N - p * PANEL : PANEL, tile, y);
+                }
+            }
+        }
+        if (ready) _tile_release();
+        free(tile);
+        free(start);
+        free(y);
+        free(pad);
+    }
+    return failed;
+}
+#endif
 #endif
 
 /* a (M, K) int8 times b (K, N) packed with `shift` (bitnet_vnni_pack): out_code and the factors as in `product`. a is
  * row-major, rows lda apart, when a_sums is NULL; else a is packed group-major (bitnet_vnni_pack_columns) and a_sums
- * holds its row sums. Row blocks are split over `threads` OpenMP threads, each running every panel. Returns nonzero
- * when out of memory, or when the CPU build has no VNNI. */
+ * holds its row sums. Row blocks are split over `threads` OpenMP threads, each running every panel. With `amx`
+ * (a row-major a only, and only where bitnet_amx_available) the tiles are summed by AMX (amx_product). Returns
+ * nonzero when out of memory, or when the CPU build has no VNNI (no AMX, asked for AMX). */
 int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, int64_t M, int64_t K,
-                          const uint8_t* packed, int64_t N, int64_t shift, const float* row_scale,
+                          const uint8_t* packed, int64_t N, int64_t shift, int64_t amx, const float* row_scale,
                           const float* col_scale, const float* scale, const void* bias, int64_t out_code, void* out,
                           int64_t threads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -388,7 +601,20 @@ int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, i
                                 out_code, out};
     int32_t* row_sums;
     float* b;
-    if (product_setup(&c, a_sums, shift, bias, threads, &row_sums, &b)) return 1;
+#if !defined(__AMX_TILE__) || !defined(__AMX_INT8__)
+    if (amx) return 1;
+#endif
+    if (amx && (a_sums != NULL || !bitnet_amx_available())) return 1; /* without the OS's leave, AMX faults */
+    /* AMX sums each block's rows itself, when it first reads them into tiles. */
+    if (product_setup(&c, a_sums, amx ? 0 : shift, bias, threads, &row_sums, &b)) return 1;
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+    if (amx) {
+        const int failed = amx_product(&c, packed, shift, row_sums, threads);
+        free(row_sums);
+        free(b);
+        return failed;
+    }
+#endif
     const int64_t panels = (N + PANEL - 1) / PANEL;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
@@ -414,7 +640,7 @@ int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, i
     return failed;
 #else
     (void)a, (void)lda, (void)a_sums, (void)M, (void)K, (void)packed, (void)N, (void)shift, (void)row_scale;
-    (void)col_scale, (void)scale, (void)bias, (void)out_code, (void)out, (void)threads;
+    (void)col_scale, (void)scale, (void)bias, (void)out_code, (void)out, (void)amx, (void)threads;
     return 1;
 #endif
 }

@@ -129,7 +129,8 @@ def quantize_grad_output(g: Tensor, row_scale: Tensor, eps: float) -> tuple[Tens
 
 
 def weight_stats(w: Tensor) -> Tensor:
-    return run_fused(reference.weight_stats, w.numel(), w)
+    stats = cpu_passes.weight_stats(w)
+    return stats if stats is not None else run_fused(reference.weight_stats, w.numel(), w)
 
 
 def ternarize(w: Tensor, scale: Tensor, transpose: bool) -> Tensor:
@@ -174,7 +175,7 @@ def scaled_int8_mm(
 
 def prepacks_operand(t: Tensor, b_ternary: bool) -> bool:
     """Whether a right operand of ``t``'s device and kind may be packed ahead of its product
-    (:func:`pack_operand`): on CPUs whose route for that kind is ``"vnni"``."""
+    (:func:`pack_operand`): on CPUs whose route for that kind is ``"vnni"`` or ``"amx"``."""
     return t.device.type == "cpu" and cpu_matmul.prepacks(b_ternary)
 
 
@@ -206,12 +207,13 @@ def scaled_int8_mm_prepacked(
     b_ternary: bool,
 ) -> Tensor:
     # The fused epilogue where it applies, else the int32 sums from the same kernel and this backend's epilogue.
+    amx = cpu_matmul.uses_amx(b_ternary)
     if cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype):
         return cpu_vnni_gemm.scaled_mm_prepacked(
-            a, b_packed, n, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary
+            a, b_packed, n, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary, amx=amx
         )
     acc = cpu_vnni_gemm.scaled_mm_prepacked(a, b_packed, n, out=cpu_matmul.accumulator(a.shape[0], n),
-                                            b_ternary=b_ternary)  # fmt: skip
+                                            b_ternary=b_ternary, amx=amx)  # fmt: skip
     return scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitnet_ao.kernels import cpu_passes
-from tests.spec_reference import act_quant, rms_norm_rstd
+from tests.spec_reference import act_quant, rms_norm_rstd, ternary_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 17), (33, 100), (257, 1031)]  # the last one is past COMPILE_MIN_NUMEL: both threads
@@ -197,6 +197,27 @@ def test_ternarize_is_round_clamp(shape, dtype, transpose):
     q = cpu_passes.ternarize(w, scale, transpose)
     expected = (w.float() / scale.clamp(min=1e-5)).round().clamp(-1, 1).to(torch.int8)
     assert torch.equal(q, expected.t().contiguous() if transpose else expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (130, 67), (300, 1000)])
+def test_weight_stats_give_the_spec_scales(shape, dtype):
+    """The float64 sums against torch's float64 sums (only their order differs: the last bits), the float32 scales
+    made of them exactly the spec's ``mean(|W|)`` and mean, and the same sums with one thread as with two (the
+    chunks, not the threads, fix the order; the last shape spans 19 chunks)."""
+    w = _input(shape, dtype, 5) * 0.02
+    stats = cpu_passes.weight_stats(w)
+    expected = torch.stack([w.double().abs().sum(), w.double().sum()])
+    torch.testing.assert_close(stats, expected, rtol=1e-12, atol=1e-300)
+    _, s_w = ternary_weight(w)
+    assert torch.equal((stats[0] / w.numel()).float(), s_w)
+    assert torch.equal((stats[1] / w.numel()).float(), w.double().mean().float())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_passes.weight_stats(w), stats)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dy_dtype", [torch.float32, torch.bfloat16])
