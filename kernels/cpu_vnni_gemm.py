@@ -185,7 +185,7 @@ def scaled_mm_prepacked(
         a = _rows(a)
         a_args = (a.data_ptr(), a.stride(0), None, m, k)
     return _run(library.bitnet_vnni_scaled_mm, a_args, b_args, (m, n), row_scale, col_scale, scale, bias, out_dtype,
-                out)  # fmt: skip
+                out, "amx" if amx else "vnni")  # fmt: skip
 
 
 def scaled_mm_i2(
@@ -232,9 +232,10 @@ def _run(
     bias: Tensor | None,
     out_dtype: torch.dtype,
     out: Tensor | None,
+    route: str = "vnni",
 ) -> Tensor:
     """Call a C entry point ``(*a_args, *b_args, row_scale, col_scale, scale, bias, out_code, out, threads)`` and
-    return its ``(M, N)`` output."""
+    return its ``(M, N)`` output; ``route`` names the profiler range around the call."""
     m, n = shape
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
@@ -242,12 +243,12 @@ def _run(
     bias = bias.to(out_dtype).contiguous() if bias is not None else None
     # A C call, no aten op: the range lets a profile count the GEMM (with its fused epilogue) apart from the packing
     # (the step profile of benchmarks/step_profile.py).
-    with profiler_range("bitnet_ao.gemm:vnni"):
+    with profiler_range(f"bitnet_ao.gemm:{route}"):
         failed = entry(
             *a_args, *b_args,
             *(t.data_ptr() if t is not None else None for t in scales), bias.data_ptr() if bias is not None else None,
             _OUT_CODES[out_dtype], out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     if failed:
-        raise MemoryError(f"bitnet_ao vnni matmul: out of memory for a ({m}, K) @ b (K, {n})")
+        raise MemoryError(f"bitnet_ao {route} matmul: out of memory for a ({m}, K) @ b (K, {n})")
     return out
