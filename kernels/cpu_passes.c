@@ -183,41 +183,6 @@ int bitnet_scale_output(const void* acc, int64_t acc_float, const float* row_sca
     return failed;
 }
 
-#if defined(__SSE2__)
-/* dst[c * ld + j] = src[j * ls + c] for j, c < 16: four rounds of interleaving row j with row j + 8 (a perfect
- * shuffle of the 16 rows; after four, row c holds column c). */
-static inline void transpose16(const int8_t* src, int64_t ls, int8_t* dst, int64_t ld) {
-    __m128i a[16], b[16];
-    for (int j = 0; j < 16; ++j) a[j] = _mm_loadu_si128((const __m128i*)(src + j * ls));
-    for (int round = 0; round < 4; ++round) {
-        for (int j = 0; j < 8; ++j) {
-            b[2 * j] = _mm_unpacklo_epi8(a[j], a[j + 8]);
-            b[2 * j + 1] = _mm_unpackhi_epi8(a[j], a[j + 8]);
-        }
-        memcpy(a, b, sizeof a);
-    }
-    for (int c = 0; c < 16; ++c) _mm_storeu_si128((__m128i*)(dst + c * ld), a[c]);
-}
-#endif
-
-/* dst[k * ld + i] = src[i * K + k] for i < rows, k < K: a (rows, K) byte matrix transposed into rows of a wider
- * one. With SSE2 in 16 x 16 tiles, 64 columns of src at a time: the 64 rows of dst they become are written whole
- * (every one of the rows) before the next 64 columns (8 x 8 tiles with the rows outermost wrote each line of dst
- * eight times, from L2); the edges byte by byte. */
-static void transpose_bytes(const int8_t* src, int64_t rows, int64_t K, int8_t* dst, int64_t ld) {
-    int64_t rows16 = 0, K16 = 0;
-#if defined(__SSE2__)
-    rows16 = rows & ~(int64_t)15;
-    K16 = K & ~(int64_t)15;
-    for (int64_t k1 = 0; k1 < K16; k1 += 64)
-        for (int64_t i0 = 0; i0 < rows16; i0 += 16)
-            for (int64_t k0 = k1; k0 < k1 + 64 && k0 < K16; k0 += 16)
-                transpose16(src + i0 * K + k0, K, dst + k0 * ld + i0, ld);
-#endif
-    for (int64_t k = 0; k < K; ++k)
-        for (int64_t i = k < K16 ? rows16 : 0; i < rows; ++i) dst[k * ld + i] = src[i * K + k];
-}
-
 /* reference.ternarize of w (N, K) of dtype code w_code: clamp(round(w / max(scale, eps)), -1, 1) as int8, (N, K),
  * or (K, N) when transpose, written tile by tile so that both sides stay in cache. */
 int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int64_t transpose, int8_t* q, int64_t N,
@@ -241,7 +206,7 @@ int bitnet_ternarize(const void* w, int64_t w_code, float scale, double eps, int
                 quantize_span(w, w_code, (n0 + i) * K, 1.0f, NULL, s, NULL, K, -1.0f, 1.0f, out, 0);
             }
             if (transpose) /* the block's rows are columns n0 .. n0 + rows of the (K, N) output */
-                transpose_bytes(block, rows, K, q + n0, N);
+                transpose_bytes(block, rows, K, K, q + n0, N);
         }
         free(block);
     }

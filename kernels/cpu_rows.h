@@ -734,4 +734,39 @@ static inline float quantize_input_row(const void* x, int64_t x_code, int64_t of
     return s;
 }
 
+#if defined(__SSE2__)
+/* dst[c * ld + j] = src[j * ls + c] for j, c < 16: four rounds of interleaving row j with row j + 8 (a perfect
+ * shuffle of the 16 rows; after four, row c holds column c). */
+static inline void transpose16(const int8_t* src, int64_t ls, int8_t* dst, int64_t ld) {
+    __m128i a[16], b[16];
+    for (int j = 0; j < 16; ++j) a[j] = _mm_loadu_si128((const __m128i*)(src + j * ls));
+    for (int round = 0; round < 4; ++round) {
+        for (int j = 0; j < 8; ++j) {
+            b[2 * j] = _mm_unpacklo_epi8(a[j], a[j + 8]);
+            b[2 * j + 1] = _mm_unpackhi_epi8(a[j], a[j + 8]);
+        }
+        memcpy(a, b, sizeof a);
+    }
+    for (int c = 0; c < 16; ++c) _mm_storeu_si128((__m128i*)(dst + c * ld), a[c]);
+}
+#endif
+
+/* dst[k * ld + i] = src[i * ls + k] for i < rows, k < K: a (rows, K) byte matrix (rows ls apart) transposed into
+ * rows ld apart. With SSE2 in 16 x 16 tiles, 64 columns of src at a time: the 64 rows of dst they become are written
+ * whole (every one of the rows) before the next 64 columns (8 x 8 tiles with the rows outermost wrote each line of
+ * dst eight times, from L2); the edges byte by byte. */
+static inline void transpose_bytes(const int8_t* src, int64_t rows, int64_t K, int64_t ls, int8_t* dst, int64_t ld) {
+    int64_t rows16 = 0, K16 = 0;
+#if defined(__SSE2__)
+    rows16 = rows & ~(int64_t)15;
+    K16 = K & ~(int64_t)15;
+    for (int64_t k1 = 0; k1 < K16; k1 += 64)
+        for (int64_t i0 = 0; i0 < rows16; i0 += 16)
+            for (int64_t k0 = k1; k0 < k1 + 64 && k0 < K16; k0 += 16)
+                transpose16(src + i0 * ls + k0, ls, dst + k0 * ld + i0, ld);
+#endif
+    for (int64_t k = 0; k < K; ++k)
+        for (int64_t i = k < K16 ? rows16 : 0; i < rows; ++i) dst[k * ld + i] = src[i * ls + k];
+}
+
 #endif

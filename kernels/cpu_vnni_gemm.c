@@ -43,49 +43,15 @@ int bitnet_amx_available(void) {
 #endif
 }
 
-/* After the four rounds of unpacks below, column j of a 16 x 16 block is in register TRANSPOSED[j] (j's four bits
- * reversed: each round's low / high halves pick one bit, the first round the lowest). */
-static const int TRANSPOSED[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-
-/* out (M, K) row-major, the transpose of a_t (K, M) (rows lda apart): what AMX reads for grad_weight's g.T. Blocks of
- * 16 x 16 bytes go through four rounds of SSE2 unpacks, the edges byte by byte; threads split the columns of a_t in
- * runs of 64, each reading whole cache lines of every row. */
+/* out (M, K) row-major, the transpose of a_t (K, M) (rows lda apart): what AMX reads for grad_weight's g.T. Threads
+ * split the columns of a_t in runs of 64, each transposed by cpu_rows.h's transpose_bytes (16 x 16 byte blocks
+ * through SSE2 unpacks), reading whole cache lines of every row. */
 void bitnet_transpose_i8(const int8_t* a_t, int64_t lda, int64_t K, int64_t M, int8_t* out, int64_t threads) {
     const int64_t runs = (M + 63) / 64;
 #pragma omp parallel for schedule(static) num_threads((int)threads)
     for (int64_t run = 0; run < runs; ++run) {
-        const int64_t m_end = run * 64 + 64 < M ? run * 64 + 64 : M;
-        int64_t k0 = 0;
-#if defined(__SSE2__)
-        for (; k0 + 16 <= K; k0 += 16) {
-            int64_t m0 = run * 64;
-            for (; m0 + 16 <= m_end; m0 += 16) {
-                __m128i r[16], t[16];
-                for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128((const __m128i*)(a_t + (k0 + i) * lda + m0));
-                for (int i = 0; i < 8; ++i) {
-                    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
-                    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
-                }
-                for (int i = 0; i < 8; ++i) {
-                    r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
-                    r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
-                }
-                for (int i = 0; i < 8; ++i) {
-                    t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-                    t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-                }
-                for (int i = 0; i < 8; ++i) {
-                    r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
-                    r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
-                }
-                for (int j = 0; j < 16; ++j) _mm_storeu_si128((__m128i*)(out + (m0 + j) * K + k0), r[TRANSPOSED[j]]);
-            }
-            for (; m0 < m_end; ++m0)
-                for (int64_t k = k0; k < k0 + 16; ++k) out[m0 * K + k] = a_t[k * lda + m0];
-        }
-#endif
-        for (int64_t m = run * 64; m < m_end; ++m)
-            for (int64_t k = k0; k < K; ++k) out[m * K + k] = a_t[k * lda + m];
+        const int64_t m0 = run * 64, cols = M - m0 < 64 ? M - m0 : 64;
+        transpose_bytes(a_t + m0, K, cols, lda, out + m0 * K, K);
     }
 }
 
