@@ -10,7 +10,7 @@ linear) and ``"full"`` (full-range int8 on both sides: ``grad_weight = g'_q.T @ 
   never reach memory. Both kinds (the right operand shifted to unsigned bytes, by one or by 128).
 - ``"amx"``: the same kernel, operand packing and epilogue with the sums computed by Intel AMX tiles (Sapphire
   Rapids and later, where the OS grants the tile state). Both kinds; where ``torch._int_mm`` leaves AMX mostly idle
-  (torch 2.13.0: 1.7-1.9 TOPS on 2 cores of a Sapphire Rapids, against 3.2-3.8 here, epilogue included).
+  (torch 2.13.0: 1.7-1.9 TOPS on 2 cores of a Sapphire Rapids without its epilogue, 3.2-4.0 here with it).
 - ``"onednn"``: oneDNN's u8 x s8 linear (``torch.ops.onednn.qlinear_pointwise``) with the int8 left operand
   shifted to u8 (``a + 128``, zero point 128). Without VNNI it multiplies with ``vpmaddubsw``, whose int16 pair
   sums saturate unless the s8 operand is small: exact for ternary right operands only. Its float32 output holds

@@ -13,8 +13,9 @@ transposed view of a row-major tensor (grad_weight's ``g.T``) is packed too, fou
 
 With ``amx=True`` (where :func:`amx_available`: Intel CPUs with AMX-INT8, Sapphire Rapids and later) the same packed
 operand is multiplied by AMX tiles, 2 x 2 tiles of 16 x 16 sums at a time, and the epilogue is the same. On 2 cores
-of a Sapphire Rapids this ran 2048 x 1024 x 2816 at 4.6 TOPS where ``torch._int_mm`` ran 1.7 (and a BF16 GEMM 2.0
-TFLOPS). AMX reads the left operand row-major, so grad_weight's ``g.T`` is transposed into scratch first.
+of a Sapphire Rapids this ran 2048 x 1024 x 2816 at 3.2-4.0 TOPS with its epilogue where ``torch._int_mm`` ran 1.7-1.9
+without one (and a BF16 GEMM 2.0 TFLOPS). AMX reads the left operand row-major, so grad_weight's ``g.T`` is transposed
+into scratch first.
 
 Built for this CPU on first use (``cpu_build.py``); :func:`available` is false where the build has no VNNI.
 """
