@@ -337,11 +337,11 @@ typedef struct {
     void* out;
 } product;
 
-/* The finished sums of rows m0 .. m0 + rows against columns n0 .. n0 + cols (tile: rows of PANEL int32) written
- * out: as they are (out_code 3) or through the epilogue (y: PANEL floats of scratch). */
-static void write_tile(const product* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* tile,
-                       float* y) {
-    for (int64_t i = 0; i < rows; ++i) {
+/* The finished sums of rows m0 + first .. m0 + last against columns n0 .. n0 + cols (tile: rows of PANEL int32)
+ * written out: as they are (out_code 3) or through the epilogue (y: PANEL floats of scratch). */
+static void write_rows(const product* c, int64_t m0, int64_t first, int64_t last, int64_t n0, int64_t cols,
+                       const int32_t* tile, float* y) {
+    for (int64_t i = first; i < last; ++i) {
         const int64_t m = m0 + i;
         if (c->out_code == 3) {
             memcpy((int32_t*)c->out + m * c->N + n0, tile + i * PANEL, (size_t)cols * sizeof(int32_t));
@@ -351,6 +351,11 @@ static void write_tile(const product* c, int64_t m0, int64_t rows, int64_t n0, i
                   c->col_scale != NULL ? c->col_scale + n0 : NULL, c->scale, c->bias != NULL ? c->bias + n0 : NULL,
                   c->out_code, c->out, m * c->N + n0, cols, y);
     }
+}
+
+static void write_tile(const product* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* tile,
+                       float* y) {
+    write_rows(c, m0, 0, rows, n0, cols, tile, y);
 }
 
 /* Rows m0 .. m0 + ROWS (fewer at the end) of the product against one packed panel (columns n0 ..), written out.
@@ -430,12 +435,30 @@ static void amx_configure(void) {
     _tile_loadconfig(&t);
 }
 
+/* A finished tile of sums (AMX_ROWS x PANEL int32) whose rows are being written out, `done` of `rows` so far, while the
+ * tiles of the next one are multiplied: tile == NULL for none. */
+typedef struct {
+    const int32_t* tile;
+    int64_t m0, rows, n0, cols, done;
+} tile_out;
+
+/* Write out `count` more rows of w's tile (fewer where fewer are left). */
+static inline void write_more(const product* c, tile_out* w, int64_t count, float* y) {
+    if (w->tile == NULL) return;
+    const int64_t last = w->done + count < w->rows ? w->done + count : w->rows;
+    write_rows(c, w->m0, w->done, last, w->n0, w->cols, w->tile, y);
+    w->done = last;
+}
+
 /* The sums of AMX_ROWS rows of a (lda apart) over the first `steps` steps of the reduction against one panel, each
  * minus its row's shifted sum, into tile (AMX_ROWS x PANEL int32). The accumulators start from those differences
- * (start: AMX_ROWS x 16 int32, row i all minus the shifted sum of row i), read as tiles; no pass subtracts them. */
+ * (start: AMX_ROWS x 16 int32, row i all minus the shifted sum of row i), read as tiles; no pass subtracts them.
+ * Between the steps the rows of the previous tile (w) are written out, a few at a time, so that the core runs the
+ * epilogue while the tile unit multiplies (2048 x 1024 x 2816 to bfloat16, warm, alternated: 2.9-3.1 -> 2.6-3.0 ms). */
 static void amx_block_sums(const int8_t* a, int64_t lda, int64_t steps, const uint8_t* panel, const int32_t* start,
-                           int32_t* tile) {
+                           int32_t* tile, const product* c, tile_out* w, float* y) {
     const int64_t ldb = PANEL * GROUP, ldt = PANEL * (int64_t)sizeof(int32_t), lds = 16 * sizeof(int32_t);
+    const int64_t per_step = steps > 0 ? (AMX_ROWS + 2 * steps - 1) / (2 * steps) : AMX_ROWS;
     for (int h = 0; h < PANEL; h += 32) {
         _tile_loadd(0, start, lds);
         _tile_loadd(1, start, lds);
@@ -451,12 +474,14 @@ static void amx_block_sums(const int8_t* a, int64_t lda, int64_t steps, const ui
             _tile_dpbsud(1, 4, 7);
             _tile_dpbsud(2, 5, 6);
             _tile_dpbsud(3, 5, 7);
+            write_more(c, w, per_step, y);
         }
         _tile_stored(0, tile + h, ldt);
         _tile_stored(1, tile + h + 16, ldt);
         _tile_stored(2, tile + 16 * PANEL + h, ldt);
         _tile_stored(3, tile + 16 * PANEL + h + 16, ldt);
     }
+    write_more(c, w, AMX_ROWS, y);
 }
 
 /* Add the groups of the reduction from g0 on (past the tiles' steps; the last group's bytes past K are zero in b and
@@ -502,11 +527,13 @@ static int amx_product(const product* c, const uint8_t* packed, int64_t shift, i
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        int32_t* tile = (int32_t*)malloc(AMX_ROWS * PANEL * sizeof(int32_t));
+        int32_t* tiles = (int32_t*)malloc(2 * AMX_ROWS * PANEL * sizeof(int32_t)); /* one multiplied, one written */
         int32_t* start = (int32_t*)malloc(AMX_ROWS * 16 * sizeof(int32_t));
         float* y = (float*)malloc(PANEL * sizeof(float));
         int8_t* pad = (int8_t*)calloc((size_t)AMX_ROWS * (size_t)(K > 0 ? K : 1), 1);
-        const int ready = tile != NULL && start != NULL && y != NULL && pad != NULL;
+        const int ready = tiles != NULL && start != NULL && y != NULL && pad != NULL;
+        tile_out w = {NULL, 0, 0, 0, 0, 0};
+        int64_t cur = 0;
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
@@ -531,15 +558,18 @@ static int amx_product(const product* c, const uint8_t* packed, int64_t shift, i
                     for (int j = 0; j < 16; ++j) start[i * 16 + j] = i < rows ? (int32_t)(0u - (uint32_t)sums[i]) : 0;
                 for (int64_t p = p0; p < p0 + span && p < panels; ++p) {
                     const uint8_t* panel = packed + p * panel_bytes;
-                    amx_block_sums(a, ld, steps, panel, start, tile);
+                    int32_t* tile = tiles + cur * AMX_ROWS * PANEL;
+                    amx_block_sums(a, ld, steps, panel, start, tile, c, &w, y);
                     if (steps * AMX_STEP < K)
                         amx_block_tail(a, ld, rows, K, steps * (AMX_STEP / GROUP), panel, tile);
-                    write_tile(c, m0, rows, p * PANEL, N - p * PANEL < PANEL ? N - p * PANEL : PANEL, tile, y);
+                    w = (tile_out){tile, m0, rows, p * PANEL, N - p * PANEL < PANEL ? N - p * PANEL : PANEL, 0};
+                    cur ^= 1;
                 }
             }
         }
         if (ready) _tile_release();
-        free(tile);
+        write_more(c, &w, AMX_ROWS, y); /* the last tile */
+        free(tiles);
         free(start);
         free(y);
         free(pad);
