@@ -292,19 +292,18 @@ def fused_scaled_mm(
     """``reference.scale_output(a @ b, ...)`` in one kernel where this CPU's route for ``b``'s kind fuses the
     epilogue (:data:`FUSED_ROUTES`), else ``None``: the caller then runs :func:`int8_mm` and the epilogue.
     ``b_packed``: ``b`` is a ternary weight ``B (N, K)`` packed two bits per value and the product is ``a @ B.T``,
-    read packed (``cpu_vnni_gemm.scaled_mm_i2``, route ``"vnni"``; the ``"amx"`` route multiplies it unpacked)."""
+    read packed (``cpu_vnni_gemm.scaled_mm_i2``)."""
     n = b.shape[0] if b_packed else b.shape[1]
     route = routes()["ternary" if b_ternary else "full"]
     if (
         route not in FUSED_ROUTES
-        or (b_packed and route != "vnni")
         or not cpu_vnni_gemm.epilogue_applies(row_scale, col_scale, scale, out_dtype)
         or 0 in (*a.shape, n)
     ):
         return None
     with torch.autocast("cpu", enabled=False):
         if b_packed:
-            return cpu_vnni_gemm.scaled_mm_i2(a, b, row_scale, col_scale, scale, bias, out_dtype)
+            return cpu_vnni_gemm.scaled_mm_i2(a, b, row_scale, col_scale, scale, bias, out_dtype, amx=route == "amx")
         return cpu_vnni_gemm.scaled_mm(a, b, row_scale, col_scale, scale, bias, out_dtype, b_ternary=b_ternary,
                                        amx=route == "amx")  # fmt: skip
 

@@ -432,6 +432,9 @@ static void amx_configure(void) {
     memset(&t, 0, sizeof t);
     t.palette = 1;
     for (int i = 0; i < 8; ++i) t.colsb[i] = 64, t.rows[i] = 16;
+    /* GCC 12 does not see that ldtilecfg reads t and drops the stores above once this is inlined (all tiles then
+     * unconfigured: a fault at the first tile instruction); the empty asm says t's memory is read. */
+    __asm__ __volatile__("" : : "r"(&t) : "memory");
     _tile_loadconfig(&t);
 }
 
@@ -510,6 +513,68 @@ static void amx_block_tail(const int8_t* a, int64_t lda, int64_t rows, int64_t K
     }
 }
 
+/* A thread's AMX state: two tile buffers (one multiplied into, one being written out: w), the accumulators' start
+ * values, epilogue scratch, and a zero-padded buffer for a short last block of rows (tiles read 16 whole rows). */
+typedef struct {
+    int32_t *tiles, *start;
+    float* y;
+    int8_t* pad;
+    tile_out w;
+    int64_t cur;
+} amx_thread;
+
+/* Allocate a thread's state for reductions of K and configure its tiles; nonzero when out of memory. */
+static int amx_thread_open(amx_thread* t, int64_t K) {
+    t->tiles = (int32_t*)malloc(2 * AMX_ROWS * PANEL * sizeof(int32_t));
+    t->start = (int32_t*)malloc(AMX_ROWS * 16 * sizeof(int32_t));
+    t->y = (float*)malloc(PANEL * sizeof(float));
+    t->pad = (int8_t*)calloc((size_t)AMX_ROWS * (size_t)(K > 0 ? K : 1), 1);
+    t->w = (tile_out){NULL, 0, 0, 0, 0, 0};
+    t->cur = 0;
+    if (t->tiles == NULL || t->start == NULL || t->y == NULL || t->pad == NULL) return 1;
+    amx_configure();
+    return 0;
+}
+
+/* Write out the last tile, release the tiles and free the state (`opened`: amx_thread_open succeeded). */
+static void amx_thread_close(const product* c, amx_thread* t, int opened) {
+    if (opened) {
+        write_more(c, &t->w, AMX_ROWS, t->y);
+        _tile_release();
+    }
+    free(t->tiles);
+    free(t->start);
+    free(t->y);
+    free(t->pad);
+}
+
+/* The block of rows m0 .. of a as the tiles read it (*a, rows *ld apart; copied into the pad when short), its
+ * accumulators' start from the rows' shifted sums (sums: one per row of the block); returns the rows in it. */
+static int64_t amx_block_rows(const product* c, amx_thread* t, int64_t m0, const int32_t* sums, const int8_t** a,
+                              int64_t* ld) {
+    const int64_t rows = c->M - m0 < AMX_ROWS ? c->M - m0 : AMX_ROWS, K = c->K;
+    *a = c->a + m0 * c->row, *ld = c->row;
+    if (rows < AMX_ROWS) {
+        for (int64_t i = 0; i < rows; ++i) memcpy(t->pad + i * K, *a + i * c->row, (size_t)K);
+        *a = t->pad, *ld = K;
+    }
+    for (int64_t i = 0; i < AMX_ROWS; ++i) /* minus the shifted sum, wrapping as the sums do */
+        for (int j = 0; j < 16; ++j) t->start[i * 16 + j] = i < rows ? (int32_t)(0u - (uint32_t)sums[i]) : 0;
+    return rows;
+}
+
+/* A block of rows (amx_block_rows) against panel p: its sums into the thread's next tile buffer while the previous
+ * tile is written out, then the reduction's tail; the tile is then the one being written. */
+static void amx_block_times_panel(const product* c, amx_thread* t, const int8_t* a, int64_t ld, int64_t m0,
+                                  int64_t rows, const uint8_t* panel, int64_t p) {
+    const int64_t K = c->K, steps = K / AMX_STEP, n0 = p * PANEL;
+    int32_t* tile = t->tiles + t->cur * AMX_ROWS * PANEL;
+    amx_block_sums(a, ld, steps, panel, t->start, tile, c, &t->w, t->y);
+    if (steps * AMX_STEP < K) amx_block_tail(a, ld, rows, K, steps * (AMX_STEP / GROUP), panel, tile);
+    t->w = (tile_out){tile, m0, rows, n0, c->N - n0 < PANEL ? c->N - n0 : PANEL, 0};
+    t->cur ^= 1;
+}
+
 /* The product of a row-major a with AMX. Threads split the blocks of AMX_ROWS rows; the panels go in spans of about
  * AMX_SPAN_BYTES, each span against every block before the next, so that it stays in L2 while the blocks go by
  * (2048 x 1024 x 2816 on 2 cores of a Sapphire Rapids: 2.5 TOPS with all panels per block, 4.6 with spans). The last
@@ -518,61 +583,36 @@ static void amx_block_tail(const int8_t* a, int64_t lda, int64_t rows, int64_t K
  * the later ones by the same thread: a static schedule gives every loop of the same length the same split. Nonzero
  * when out of memory. */
 static int amx_product(const product* c, const uint8_t* packed, int64_t shift, int32_t* row_sums, int64_t threads) {
-    const int64_t M = c->M, K = c->K, N = c->N, lda = c->row;
-    const int64_t groups = (K + GROUP - 1) / GROUP, panels = (N + PANEL - 1) / PANEL;
-    const int64_t panel_bytes = groups * PANEL * GROUP;
-    const int64_t steps = K / AMX_STEP, blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
+    const int64_t M = c->M, K = c->K, N = c->N;
+    const int64_t panels = (N + PANEL - 1) / PANEL, panel_bytes = (K + GROUP - 1) / GROUP * PANEL * GROUP;
+    const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
     const int64_t fit = panel_bytes > 0 ? AMX_SPAN_BYTES / panel_bytes : panels; /* K = 0: no bytes at all */
     const int64_t span = fit > 0 ? fit : 1;
     int failed = 0;
 #pragma omp parallel num_threads((int)threads)
     {
-        int32_t* tiles = (int32_t*)malloc(2 * AMX_ROWS * PANEL * sizeof(int32_t)); /* one multiplied, one written */
-        int32_t* start = (int32_t*)malloc(AMX_ROWS * 16 * sizeof(int32_t));
-        float* y = (float*)malloc(PANEL * sizeof(float));
-        int8_t* pad = (int8_t*)calloc((size_t)AMX_ROWS * (size_t)(K > 0 ? K : 1), 1);
-        const int ready = tiles != NULL && start != NULL && y != NULL && pad != NULL;
-        tile_out w = {NULL, 0, 0, 0, 0, 0};
-        int64_t cur = 0;
+        amx_thread t;
+        const int ready = !amx_thread_open(&t, K);
         if (!ready) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            amx_configure();
         }
         for (int64_t p0 = 0; p0 < panels; p0 += span) {
 #pragma omp for schedule(static) nowait
             for (int64_t blk = 0; blk < blocks; ++blk) {
                 if (!ready) continue;
-                const int64_t m0 = blk * AMX_ROWS, rows = M - m0 < AMX_ROWS ? M - m0 : AMX_ROWS;
-                const int8_t* a = c->a + m0 * lda;
-                int64_t ld = lda;
-                if (rows < AMX_ROWS) {
-                    for (int64_t i = 0; i < rows; ++i) memcpy(pad + i * K, a + i * lda, (size_t)K);
-                    a = pad, ld = K;
-                }
+                const int64_t m0 = blk * AMX_ROWS;
                 int32_t* sums = row_sums + m0; /* this block's, summed in the first span */
-                for (int64_t i = 0; p0 == 0 && i < rows; ++i)
-                    sums[i] = (int32_t)((uint32_t)row_sum(a + i * ld, K) * (uint32_t)shift); /* wrapping */
-                for (int64_t i = 0; i < AMX_ROWS; ++i)
-                    for (int j = 0; j < 16; ++j) start[i * 16 + j] = i < rows ? (int32_t)(0u - (uint32_t)sums[i]) : 0;
-                for (int64_t p = p0; p < p0 + span && p < panels; ++p) {
-                    const uint8_t* panel = packed + p * panel_bytes;
-                    int32_t* tile = tiles + cur * AMX_ROWS * PANEL;
-                    amx_block_sums(a, ld, steps, panel, start, tile, c, &w, y);
-                    if (steps * AMX_STEP < K)
-                        amx_block_tail(a, ld, rows, K, steps * (AMX_STEP / GROUP), panel, tile);
-                    w = (tile_out){tile, m0, rows, p * PANEL, N - p * PANEL < PANEL ? N - p * PANEL : PANEL, 0};
-                    cur ^= 1;
-                }
+                for (int64_t i = 0; p0 == 0 && i < AMX_ROWS && m0 + i < M; ++i)
+                    sums[i] = (int32_t)((uint32_t)row_sum(c->a + (m0 + i) * c->row, K) * (uint32_t)shift);
+                const int8_t* a;
+                int64_t ld;
+                const int64_t rows = amx_block_rows(c, &t, m0, sums, &a, &ld);
+                for (int64_t p = p0; p < p0 + span && p < panels; ++p)
+                    amx_block_times_panel(c, &t, a, ld, m0, rows, packed + p * panel_bytes, p);
             }
         }
-        if (ready) _tile_release();
-        write_more(c, &w, AMX_ROWS, y); /* the last tile */
-        free(tiles);
-        free(start);
-        free(y);
-        free(pad);
+        amx_thread_close(c, &t, ready);
     }
     return failed;
 }
@@ -696,11 +736,16 @@ static void expand_panel(const uint8_t* rows, int64_t ldb, int64_t cols, int64_t
  * ldb bytes, value 4j + i in bits 2i .. 2i + 1 of byte j, two's complement), the packed inference weight: the same
  * product as bitnet_vnni_scaled_mm of its unpacked values. Each thread expands whole panels of B into the kernel's
  * layout (expand_panel) and runs every row block against each, so B is never unpacked as a whole: reading it costs
- * 1/4 byte per value, and nothing is kept between calls. */
+ * 1/4 byte per value, and nothing is kept between calls. With `amx` (where bitnet_amx_available) the blocks are
+ * AMX's, 32 rows each (amx_block_times_panel), against the same expanded panels. */
 int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* b_packed, int64_t ldb,
-                             int64_t N, const float* row_scale, const float* col_scale, const float* scale,
-                             const void* bias, int64_t out_code, void* out, int64_t threads) {
+                             int64_t N, int64_t amx, const float* row_scale, const float* col_scale,
+                             const float* scale, const void* bias, int64_t out_code, void* out, int64_t threads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if !defined(__AMX_TILE__) || !defined(__AMX_INT8__)
+    if (amx) return 1;
+#endif
+    if (amx && !bitnet_amx_available()) return 1;
     product c = {a, lda, GROUP, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
     int32_t* row_sums;
     float* b;
@@ -714,6 +759,40 @@ int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K,
     const int64_t panels = (N + PANEL - 1) / PANEL, groups = (K + GROUP - 1) / GROUP;
     const int64_t blocks = (M + ROWS - 1) / ROWS;
     int failed = 0;
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+    if (amx) {
+        const int64_t amx_blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
+#pragma omp parallel num_threads((int)threads)
+        {
+            amx_thread t;
+            const int opened = !amx_thread_open(&t, K);
+            uint32_t* panel = (uint32_t*)malloc((size_t)(groups > 0 ? groups : 1) * PANEL * sizeof(uint32_t));
+            const int ready = opened && panel != NULL;
+            if (!ready) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t p = 0; p < panels; ++p) {
+                if (!ready) continue;
+                expand_panel(b_packed + p * PANEL * ldb, ldb, N - p * PANEL < PANEL ? N - p * PANEL : PANEL, groups,
+                             expand, panel);
+                for (int64_t blk = 0; blk < amx_blocks; ++blk) {
+                    const int8_t* rows_of_a;
+                    int64_t ld;
+                    const int64_t m0 = blk * AMX_ROWS;
+                    const int64_t rows = amx_block_rows(&c, &t, m0, row_sums + m0, &rows_of_a, &ld);
+                    amx_block_times_panel(&c, &t, rows_of_a, ld, m0, rows, (const uint8_t*)panel, p);
+                }
+            }
+            amx_thread_close(&c, &t, opened);
+            free(panel);
+        }
+        free(row_sums);
+        free(b);
+        return failed;
+    }
+#endif
 #pragma omp parallel num_threads((int)threads)
     {
         int32_t* tile = (int32_t*)malloc(ROWS * PANEL * sizeof(int32_t));
@@ -739,8 +818,8 @@ int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K,
     free(b);
     return failed;
 #else
-    (void)a, (void)lda, (void)M, (void)K, (void)b_packed, (void)ldb, (void)N, (void)row_scale, (void)col_scale;
-    (void)scale, (void)bias, (void)out_code, (void)out, (void)threads;
+    (void)a, (void)lda, (void)M, (void)K, (void)b_packed, (void)ldb, (void)N, (void)amx, (void)row_scale;
+    (void)col_scale, (void)scale, (void)bias, (void)out_code, (void)out, (void)threads;
     return 1;
 #endif
 }

@@ -59,7 +59,7 @@ def _library() -> ctypes.CDLL | None:
     library.bitnet_vnni_scaled_mm.restype = ctypes.c_int
     library.bitnet_transpose_i8.argtypes = [p, i, i, i, p, i]
     library.bitnet_transpose_i8.restype = None
-    library.bitnet_vnni_scaled_mm_i2.argtypes = [p, i, i, i, p, i, i, p, p, p, p, i, p, i]
+    library.bitnet_vnni_scaled_mm_i2.argtypes = [p, i, i, i, p, i, i, i, p, p, p, p, i, p, i]
     library.bitnet_vnni_scaled_mm_i2.restype = ctypes.c_int
     return library
 
@@ -162,9 +162,7 @@ def scaled_mm_prepacked(
     amx: bool = False,
 ) -> Tensor:
     """:func:`scaled_mm` of ``a (M, K)`` and the ``(K, n)`` operand ``b_packed`` that :func:`pack` made of it."""
-    library = _loaded()
-    if amx and not amx_available():
-        raise RuntimeError("bitnet_ao: the amx route needs a CPU with AMX-INT8 that the OS lets this process use")
+    library = _loaded(amx)
     m, k = a.shape
     threads = torch.get_num_threads()
     b_args = (b_packed.data_ptr(), n, _SHIFT[b_ternary], int(amx))
@@ -197,23 +195,27 @@ def scaled_mm_i2(
     scale: Tensor | None,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    amx: bool = False,
 ) -> Tensor:
     """:func:`scaled_mm` of ``a (M, K)`` and ``B.T`` for the ternary weight ``B (N, K)`` packed two bits per value
     (``reference.pack_weight(B, 2)``, ``(N, ceil(K / 4))``), reading the packed bytes: the prefill of a packed
-    inference weight, with nothing unpacked or cached."""
-    library = _loaded()
+    inference weight, with nothing unpacked or cached. ``amx``: multiply with AMX (:func:`amx_available`)."""
+    library = _loaded(amx)
     a = _rows(a)
     b_packed = b_packed.contiguous()
     m, k = a.shape
     n = b_packed.shape[0]
     return _run(library.bitnet_vnni_scaled_mm_i2, (a.data_ptr(), a.stride(0), m, k), (b_packed.data_ptr(),
-                b_packed.shape[1], n), (m, n), row_scale, col_scale, scale, bias, out_dtype, None)  # fmt: skip
+                b_packed.shape[1], n, int(amx)), (m, n), row_scale, col_scale, scale, bias, out_dtype, None,
+                "amx" if amx else "vnni")  # fmt: skip
 
 
-def _loaded() -> ctypes.CDLL:
+def _loaded(amx: bool = False) -> ctypes.CDLL:
     library = _library()
     if library is None:
         raise RuntimeError("bitnet_ao: the vnni route needs a CPU with AVX-512 VNNI and a working C compiler")
+    if amx and not amx_available():
+        raise RuntimeError("bitnet_ao: the amx route needs a CPU with AMX-INT8 that the OS lets this process use")
     return library
 
 

@@ -251,7 +251,7 @@ def scaled_int8_mm_packed(
         acc = cpu_gemv.packed_gemv(a, b_packed, k, bits)
         if acc is not None:
             return scale_output(acc, row_scale, col_scale, scale, bias, out_dtype)
-    # The forward of a 2-bit weight with the vnni route: one kernel reads the packed bytes (cpu_vnni_gemm.c).
+    # The forward of a 2-bit weight with the vnni or amx route: one kernel reads the packed bytes (cpu_vnni_gemm.c).
     if transpose_b and bits == 2:
         out = cpu_matmul.fused_scaled_mm(a, b_packed, True, row_scale, col_scale, scale, bias, out_dtype, b_packed=True)
         if out is not None:

@@ -121,17 +121,18 @@ def test_the_fused_epilogue_is_the_reference_one(out_dtype, factors, a_layout, a
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_the_two_bit_weight_is_read_packed_exactly(out_dtype):
+def test_the_two_bit_weight_is_read_packed_exactly(out_dtype, amx):
     """``scaled_mm_i2`` of a weight packed by the reference packer (independent of the kernel's own expansion) equals
     the scaled float64 product, on shapes past a panel, a row block and a 4-value byte, with bias; the last two
-    through the transposed expansion of full panels (blocks of 16 bytes x 16 rows, then the bytes left)."""
+    through the transposed expansion of full panels (blocks of 16 bytes x 16 rows, then the bytes left); the last one
+    past two 32-row AMX blocks and five 64-byte steps."""
     from bitnet_ao.kernels import reference
 
-    for m, k, n in ((1, 1, 1), (7, 5, 65), (13, 67, 130), (6, 256, 64), (5, 1001, 200)):
+    for m, k, n in ((1, 1, 1), (7, 5, 65), (13, 67, 130), (6, 256, 64), (5, 1001, 200), (70, 320, 130)):
         g = torch.Generator().manual_seed(m * 100 + k + n)
         a = random_int8(m, k, generator=g)
         w = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
         row, scale, bias = torch.rand(m, generator=g), torch.rand(1, generator=g), torch.randn(n, generator=g)
-        out = cpu_vnni_gemm.scaled_mm_i2(a, reference.pack_weight(w, 2), row, None, scale, bias, out_dtype)
+        out = cpu_vnni_gemm.scaled_mm_i2(a, reference.pack_weight(w, 2), row, None, scale, bias, out_dtype, amx=amx)
         expected = ((a.double() @ w.double().t()).float() * row[:, None] * scale).to(out_dtype) + bias.to(out_dtype)
         assert torch.equal(out, expected), (m, k, n)
