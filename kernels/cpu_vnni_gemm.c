@@ -432,8 +432,9 @@ static void amx_configure(void) {
     memset(&t, 0, sizeof t);
     t.palette = 1;
     for (int i = 0; i < 8; ++i) t.colsb[i] = 64, t.rows[i] = 16;
-    /* GCC 12 does not see that ldtilecfg reads t and drops the stores above once this is inlined (all tiles then
-     * unconfigured: a fault at the first tile instruction); the empty asm says t's memory is read. */
+    /* GCC 12's _tile_loadconfig declares a read of 8 of its 64 bytes, so the stores above were dropped once this
+     * was inlined (all tiles then unconfigured: a fault at the first tile instruction); the empty asm says t's
+     * memory is read. */
     __asm__ __volatile__("" : : "r"(&t) : "memory");
     _tile_loadconfig(&t);
 }
@@ -462,6 +463,9 @@ static void amx_block_sums(const int8_t* a, int64_t lda, int64_t steps, const ui
                            int32_t* tile, const product* c, tile_out* w, float* y) {
     const int64_t ldb = PANEL * GROUP, ldt = PANEL * (int64_t)sizeof(int32_t), lds = 16 * sizeof(int32_t);
     const int64_t per_step = steps > 0 ? (AMX_ROWS + 2 * steps - 1) / (2 * steps) : AMX_ROWS;
+    /* GCC 12's _tile_loadd declares no memory read: the stores into start, the pad and the panel must not move past
+     * it. (_tile_stored clobbers memory, so the rows written out are read after it.) */
+    __asm__ __volatile__("" : : : "memory");
     for (int h = 0; h < PANEL; h += 32) {
         _tile_loadd(0, start, lds);
         _tile_loadd(1, start, lds);
