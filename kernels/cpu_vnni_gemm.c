@@ -353,11 +353,6 @@ static void write_rows(const product* c, int64_t m0, int64_t first, int64_t last
     }
 }
 
-static void write_tile(const product* c, int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* tile,
-                       float* y) {
-    write_rows(c, m0, 0, rows, n0, cols, tile, y);
-}
-
 /* Rows m0 .. m0 + ROWS (fewer at the end) of the product against one packed panel (columns n0 ..), written out.
  * tile: ROWS x PANEL int32, y: PANEL floats of scratch. */
 static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel, int64_t n0, int32_t* tile,
@@ -373,7 +368,7 @@ static void block_times_panel(const product* c, int64_t m0, const uint8_t* panel
     const int64_t K = c->K;
     tile_sums(r, K / GROUP, c->step, panel, sums, tile);
     if (K % GROUP) tile_tail(r, K / GROUP * GROUP, K % GROUP, panel + K / GROUP * PANEL * GROUP, tile);
-    write_tile(c, m0, rows, n0, cols, tile, y);
+    write_rows(c, m0, 0, rows, n0, cols, tile, y);
 }
 
 /* The sum of the K int8 values at r. */
@@ -641,10 +636,8 @@ int bitnet_vnni_scaled_mm(const int8_t* a, int64_t lda, const int32_t* a_sums, i
                                 out_code, out};
     int32_t* row_sums;
     float* b;
-#if !defined(__AMX_TILE__) || !defined(__AMX_INT8__)
-    if (amx) return 1;
-#endif
-    if (amx && (a_sums != NULL || !bitnet_amx_available())) return 1; /* without the OS's leave, AMX faults */
+    /* no AMX in the build, or no leave from the OS (AMX would fault): refused, as is a packed a */
+    if (amx && (a_sums != NULL || !bitnet_amx_available())) return 1;
     /* AMX sums each block's rows itself, when it first reads them into tiles. */
     if (product_setup(&c, a_sums, amx ? 0 : shift, bias, threads, &row_sums, &b)) return 1;
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -746,10 +739,7 @@ int bitnet_vnni_scaled_mm_i2(const int8_t* a, int64_t lda, int64_t M, int64_t K,
                              int64_t N, int64_t amx, const float* row_scale, const float* col_scale,
                              const float* scale, const void* bias, int64_t out_code, void* out, int64_t threads) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#if !defined(__AMX_TILE__) || !defined(__AMX_INT8__)
-    if (amx) return 1;
-#endif
-    if (amx && !bitnet_amx_available()) return 1;
+    if (amx && !bitnet_amx_available()) return 1; /* no AMX in the build, or no leave from the OS */
     product c = {a, lda, GROUP, M, K, N, NULL, row_scale, col_scale, scale, NULL, out_code, out};
     int32_t* row_sums;
     float* b;
