@@ -12,6 +12,7 @@ compiles its elementwise helpers once per process) and excludes evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -102,7 +103,8 @@ def train(
     the end (and before the first step with ``eval_at_start``); returns its figures, in the order a report shows
     them: ``final_train_loss``, ``final_val_loss``, ``tokens_per_s``, ``peak_memory_mb`` (since the loop started),
     ``time_s``, the curves ``train_losses`` and ``val_losses`` ([step, loss] pairs), and with ``profile`` (and at
-    least ``PROFILED_STEPS.stop`` steps) the ``step_profile`` of ``PROFILED_STEPS``.
+    least ``PROFILED_STEPS.stop`` steps) the ``step_profile`` of ``PROFILED_STEPS``, its int8 GEMMs, BitNet passes
+    and step time those of the timed steps on an eager CPU run (``step_profile.combine``).
 
     ``compile`` runs the training forward through ``torch.compile``; evaluation runs the model as it is."""
     reset_peak_memory(device)
@@ -116,7 +118,9 @@ def train(
     val_losses = [[0, evaluate(model, val_batches, device, dtype)]] if eval_at_start else []
     train_losses: list[float] = []
     timed_tokens, eval_time, timed_start = 0, 0.0, time.perf_counter()
-    profiler, step_profile_figures = step_profile.StepProfiler(), None
+    profiler, profiled_figures = step_profile.StepProfiler(), None
+    # The timed steps' BitNet ranges, with no profiler (benchmarks/step_profile.py): eager CPU runs.
+    timer = step_profile.StepTimer() if profiled and device.type == "cpu" and not compile else None
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:
         if step == timing_warmup:
@@ -128,17 +132,18 @@ def train(
             group["lr"] = lr_at(step, steps, lr)
         x, y = (t.to(device) for t in next(batches))
         step_start = time.perf_counter()
-        with autocast(device, dtype):
-            loss, logged = loss_fn(forward, x, y)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with timer.step() if timer is not None and step >= timing_warmup else contextlib.nullcontext():
+            with autocast(device, dtype):
+                loss, logged = loss_fn(forward, x, y)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         shown = after_step() if after_step is not None else {}
         train_losses.append(logged.item())
         timed_tokens += x.numel()
         if profiled and step == PROFILED_STEPS.stop - 1:
-            step_profile_figures = profiler.stop(len(PROFILED_STEPS))
+            profiled_figures = profiler.stop(len(PROFILED_STEPS))
         tok_s = f"{x.numel() / (time.perf_counter() - step_start):.0f}"
         bar.set_postfix({"loss": f"{train_losses[-1]:.3f}", **shown, "tok_s": tok_s})
         if (step + 1) % eval_every == 0 or step + 1 == steps:
@@ -147,6 +152,9 @@ def train(
             eval_time += time.perf_counter() - eval_start
     synchronize(device)
     timed = time.perf_counter() - timed_start - eval_time
+    figures = profiled_figures
+    if profiled_figures is not None and timer is not None:
+        figures = step_profile.combine(profiled_figures, timer.split())
     window = train_losses[-FINAL_LOSS_WINDOW:]
     return {
         "final_train_loss": sum(window) / len(window),
@@ -156,5 +164,5 @@ def train(
         "time_s": time.perf_counter() - start,
         "train_losses": train_losses,
         "val_losses": val_losses,
-        **({"step_profile": step_profile_figures} if step_profile_figures is not None else {}),
+        **({"step_profile": figures} if figures is not None else {}),
     }

@@ -44,6 +44,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,10 +55,11 @@ from .private_api import (
     int_mm,
     onednn_int8_linear,
     onednn_int8_linear_available,
+    onednn_int8_prepack,
     onednn_isa_below_vnni,
     outside_dispatch_modes,
-    profiler_range,
 )
+from .ranges import GEMM_RANGE_PREFIX, kernel_range
 from .scratch import ThreadScratch
 
 ROUTES = ("int_mm", "vnni", "amx", "onednn", "signadd", "fp32", "reference")
@@ -372,22 +374,30 @@ def accumulator(m: int, n: int) -> Tensor:
 
 
 def _route_mm(route: str, a: Tensor, b: Tensor, b_ternary: bool, out: Tensor | None = None) -> Tensor:
-    """``a @ b`` by ``route``; the routes of :data:`INT32_OUT_ROUTES` write into ``out`` where given."""
+    """``a @ b`` by ``route``; the routes of :data:`INT32_OUT_ROUTES` write into ``out`` where given.
+
+    Each route's GEMM runs in a :func:`_gemm_range`, its packing, conversions and prepacks outside it: a step profile
+    (``benchmarks/step_profile.py``) counts the range as the int8 matmul and the rest as BitNet's passes."""
     with torch.autocast("cpu", enabled=False):
         if route == "int_mm":
-            return int_mm(_int_mm_operand(a), _int_mm_operand(b), out)
+            a, b = _int_mm_operand(a), _int_mm_operand(b)
+            with _gemm_range(route):
+                return int_mm(a, b, out)
         if route == "onednn" and a.shape[1] <= FP32_EXACT_TERNARY:
             return _onednn_mm(a, b)
-        if route in FUSED_ROUTES:
+        if route in FUSED_ROUTES:  # the range is the C kernel's, around the GEMM and its fused epilogue
             return cpu_vnni_gemm.scaled_mm(a, b, out=out, b_ternary=b_ternary, amx=route == "amx")
         if route == "signadd":
-            # A C call, no aten op: the range lets a profile tell the GEMM from the passes around it (the step
-            # profile of benchmarks/step_profile.py).
-            with profiler_range("bitnet_ao.gemm:signadd"):
+            with _gemm_range(route):
                 return cpu_sign_gemm.ternary_mm(a, b, out)
         if route == "reference":
             return reference.int8_mm(a, b)
         return _fp32_mm(a, b, FP32_EXACT_TERNARY if b_ternary else FP32_EXACT_BLOCK)
+
+
+def _gemm_range(route: str) -> Any:
+    """The range around ``route``'s GEMM (``kernels/ranges.py``)."""
+    return kernel_range(f"{GEMM_RANGE_PREFIX}:{route}")
 
 
 def _int_mm_operand(t: Tensor) -> Tensor:
@@ -410,15 +420,21 @@ def _int_mm_operand(t: Tensor) -> Tensor:
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
     # int8 -> uint8 + 128 is flipping the sign bit; oneDNN subtracts the zero point 128 back.
     a_u8 = a.contiguous().view(torch.uint8).bitwise_xor(0x80)
-    return onednn_int8_linear(a_u8, 128, b.t().contiguous())
+    packed = onednn_int8_prepack(b.t().contiguous())
+    with _gemm_range("onednn"):
+        return onednn_int8_linear(a_u8, 128, packed, b.shape[1])
 
 
 def _fp32_mm(a: Tensor, b: Tensor, block: int) -> Tensor:
     k = a.shape[1]
     if k <= block:
-        return torch.mm(a.float(), b.float())
+        a32, b32 = a.float(), b.float()
+        with _gemm_range("fp32"):
+            return torch.mm(a32, b32)
     out = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.int32)
     for start in range(0, k, block):
-        part = torch.mm(a[:, start : start + block].float(), b[start : start + block].float())
+        a32, b32 = a[:, start : start + block].float(), b[start : start + block].float()
+        with _gemm_range("fp32"):
+            part = torch.mm(a32, b32)
         out += part.to(torch.int32)
     return out

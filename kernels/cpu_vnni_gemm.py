@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_build
-from .private_api import profiler_range
+from .ranges import GEMM_RANGE_PREFIX, kernel_range
 from .scratch import ThreadScratch
 
 SOURCE = Path(__file__).with_name("cpu_vnni_gemm.c")
@@ -246,7 +246,7 @@ def _run(
     bias = bias.to(out_dtype).contiguous() if bias is not None else None
     # A C call, no aten op: the range lets a profile count the GEMM (with its fused epilogue) apart from the packing
     # (the step profile of benchmarks/step_profile.py).
-    with profiler_range(f"bitnet_ao.gemm:{route}"):
+    with kernel_range(f"{GEMM_RANGE_PREFIX}:{route}"):
         failed = entry(
             *a_args, *b_args,
             *(t.data_ptr() if t is not None else None for t in scales), bias.data_ptr() if bias is not None else None,

@@ -11,7 +11,6 @@ Checked on torch 2.13.0 and Triton 3.9.0 (:data:`CHECKED_ON`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import types
@@ -58,12 +57,6 @@ def _plain_dispatch_keys(device_type: str) -> tuple:
         return torch._C._dispatch_keys(torch.empty(0, device=device_type)), inference
 
 
-def profiler_range(name: str) -> Any:
-    """``torch.profiler.record_function(name)`` while a profiler records (:func:`profiler_enabled`), else a context
-    that does nothing: a range opened with no profiler still costs ~6-12 µs (torch 2.13.0), on every kernel call."""
-    return torch.profiler.record_function(name) if profiler_enabled() else contextlib.nullcontext()
-
-
 def profiler_enabled() -> bool:
     """Whether a ``torch.profiler`` (or autograd profiler) session is recording on this thread (torch 2.13.0:
     ``torch.autograd._profiler_enabled``, 0.1 µs): opening a ``record_function`` range costs ~6 µs even with no
@@ -104,12 +97,16 @@ def onednn_int8_linear_available() -> bool:
     return hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def onednn_int8_linear(a_u8: Tensor, zero_point: int, weight_s8: Tensor) -> Tensor:
-    """``(a_u8 - zero_point) @ weight_s8.T`` as float32, by oneDNN's u8 x s8 linear (torch 2.13.0:
-    ``torch.ops.onednn.qlinear_prepack`` + ``qlinear_pointwise``, the ops inductor's int8 lowering uses), with
-    unit scales so the output is the integer sum itself. ``weight_s8`` is ``(N, K)``, prepacked on every call."""
-    n = weight_s8.shape[0]
-    packed = torch.ops.onednn.qlinear_prepack(weight_s8, None)
+def onednn_int8_prepack(weight_s8: Tensor) -> Tensor:
+    """``weight_s8`` (int8, ``(N, K)``) in oneDNN's blocked layout for :func:`onednn_int8_linear` (torch 2.13.0:
+    ``torch.ops.onednn.qlinear_prepack``, the op inductor's int8 lowering uses)."""
+    return torch.ops.onednn.qlinear_prepack(weight_s8, None)
+
+
+def onednn_int8_linear(a_u8: Tensor, zero_point: int, packed: Tensor, n: int) -> Tensor:
+    """``(a_u8 - zero_point) @ weight_s8.T`` as float32 from ``packed`` = :func:`onednn_int8_prepack` of the
+    ``(n, K)`` ``weight_s8``, by oneDNN's u8 x s8 linear (torch 2.13.0: ``torch.ops.onednn.qlinear_pointwise``), with
+    unit scales so the output is the integer sum itself."""
     ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
     return torch.ops.onednn.qlinear_pointwise(
         a_u8, 1.0, zero_point, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""

@@ -23,6 +23,7 @@ ORDER = [
     # kernels (self-contained: nothing from bitnet_ao outside them): their private torch/Triton APIs, the numerics
     # contract as code, the backends, the custom ops
     "bitnet_ao.kernels.private_api",
+    "bitnet_ao.kernels.ranges",
     "bitnet_ao.kernels.reference",
     "bitnet_ao.kernels.cpu_build",
     "bitnet_ao.kernels.scratch",

@@ -71,6 +71,15 @@ def test_comparison_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
         p = r["step_profile"]
         assert sum(p[c] for c in step_profile.CATEGORIES) == pytest.approx(p["step_s"], rel=1e-6), r["name"]
         assert (p["int8_matmul"] > 0) == r["spec"]["quantize"] and (p["bitnet_passes"] > 0) == r["spec"]["quantize"]
+        # An eager CPU run: the GEMMs, passes and step time are the timed steps' (a subset of the wall time its
+        # tokens/s divides by), the profile's own split beside them.
+        assert set(p["profiled"]) == {*step_profile.CATEGORIES, "step_s", "passes_vs_int8"}
+        tokens = results["args"]["batch_size"] * results["args"]["seq_len"]
+        assert 0 < p["step_s"] <= tokens / r["tokens_per_s"]
+        ranges = p["ranges"]  # each timed range per step: the int8 GEMMs are the GEMM ranges, in BitNet's run only
+        gemm_ranges = sum(t for name, t in ranges.items() if name.startswith("bitnet_ao.gemm:"))
+        assert gemm_ranges == pytest.approx(p["int8_matmul"], rel=1e-9, abs=1e-12)
+        assert ("bitnet_ao.linear" in ranges) == r["spec"]["quantize"]
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
