@@ -238,14 +238,14 @@ def _run(
     route: str = "vnni",
 ) -> Tensor:
     """Call a C entry point ``(*a_args, *b_args, row_scale, col_scale, scale, bias, out_code, out, threads)`` and
-    return its ``(M, N)`` output; ``route`` names the profiler range around the call."""
+    return its ``(M, N)`` output; ``route`` names the GEMM range around the call (``kernels/ranges.py``)."""
     m, n = shape
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
     scales = [t.float().contiguous() if t is not None else None for t in (row_scale, col_scale, scale)]
     bias = bias.to(out_dtype).contiguous() if bias is not None else None
-    # A C call, no aten op: the range lets a profile count the GEMM (with its fused epilogue) apart from the packing
-    # (the step profile of benchmarks/step_profile.py).
+    # The range lets a step profile (benchmarks/step_profile.py) count the GEMM, with its fused epilogue, apart from
+    # the packing.
     with kernel_range(f"{GEMM_RANGE_PREFIX}:{route}"):
         failed = entry(
             *a_args, *b_args,
