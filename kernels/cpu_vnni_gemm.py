@@ -184,7 +184,7 @@ def scaled_mm_prepacked(
         a = _rows(a)
         a_args = (a.data_ptr(), a.stride(0), None, m, k)
     return _run(library.bitnet_vnni_scaled_mm, a_args, b_args, (m, n), row_scale, col_scale, scale, bias, out_dtype,
-                out, "amx" if amx else "vnni")  # fmt: skip
+                out, amx)  # fmt: skip
 
 
 def scaled_mm_i2(
@@ -207,7 +207,7 @@ def scaled_mm_i2(
     n = b_packed.shape[0]
     return _run(library.bitnet_vnni_scaled_mm_i2, (a.data_ptr(), a.stride(0), m, k), (b_packed.data_ptr(),
                 b_packed.shape[1], n, int(amx)), (m, n), row_scale, col_scale, scale, bias, out_dtype, None,
-                "amx" if amx else "vnni")  # fmt: skip
+                amx)  # fmt: skip
 
 
 def _loaded(amx: bool = False) -> ctypes.CDLL:
@@ -235,10 +235,11 @@ def _run(
     bias: Tensor | None,
     out_dtype: torch.dtype,
     out: Tensor | None,
-    route: str = "vnni",
+    amx: bool = False,
 ) -> Tensor:
     """Call a C entry point ``(*a_args, *b_args, row_scale, col_scale, scale, bias, out_code, out, threads)`` and
-    return its ``(M, N)`` output; ``route`` names the GEMM range around the call (``kernels/ranges.py``)."""
+    return its ``(M, N)`` output, in the GEMM range (``kernels/ranges.py``) of route ``amx`` or ``vnni``."""
+    route = "amx" if amx else "vnni"
     m, n = shape
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype)
